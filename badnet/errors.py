@@ -1,0 +1,26 @@
+"""Errors that carry a message meant for the user.
+
+``main.py`` prints the message of any ``BadnetError`` on one line and exits
+with status 1 instead of showing a traceback: every check of user input (files,
+shapes, config values) raises one of these.
+"""
+
+
+class BadnetError(Exception):
+  """An error caused by user input, with a message that says what to fix."""
+
+
+class ConfigError(BadnetError):
+  """A config value is out of range or inconsistent with another."""
+
+
+class DataError(BadnetError):
+  """A data or image file is missing, unreadable or malformed."""
+
+
+class ModelFileError(BadnetError):
+  """A Keras model/weights file is missing, unreadable or of the wrong architecture."""
+
+
+class WorkdirError(BadnetError):
+  """The working directory cannot be used."""

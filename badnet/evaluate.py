@@ -1,0 +1,154 @@
+"""Jitted, sharded evaluation: predictions, accuracy, attack success rate.
+
+Every evaluation runs the same way on one CPU, a GPU or a TPU host: a 1-D
+``Mesh`` over the local devices with the batch split on its ``data`` axis and
+params replicated. Batches have one fixed size (a multiple of the device
+count), the last one padded, so each function compiles once; padded rows are
+dropped (or masked out of sums) before anything is counted. Results come back
+to the host, which divides.
+"""
+
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from badnet import model as model_lib
+
+Params = model_lib.Params
+DEFAULT_BATCH_SIZE = 512
+
+
+@functools.cache
+def data_mesh() -> Mesh:
+  """A 1-D mesh over all local devices, axis ``data``."""
+  return Mesh(np.array(jax.local_devices()), ('data',))
+
+
+def _global_batch_size(batch_size: int, mesh: Mesh) -> int:
+  """``batch_size`` rounded up to a multiple of the number of devices."""
+  if batch_size < 1:
+    raise ValueError(f'batch_size must be positive, got {batch_size}')
+  devices = mesh.devices.size
+  return -(-batch_size // devices) * devices
+
+
+def _padded_batches(arrays: tuple[np.ndarray, ...], batch_size: int
+                    ) -> Iterator[tuple[tuple[np.ndarray, ...], int]]:
+  """Yields fixed-size batches of ``arrays`` (padded with zeros) and the real row count."""
+  count = len(arrays[0])
+  for start in range(0, count, batch_size):
+    rows = min(batch_size, count - start)
+    batch = []
+    for array in arrays:
+      chunk = array[start:start + rows]
+      if rows < batch_size:
+        pad = np.zeros((batch_size - rows, *chunk.shape[1:]), chunk.dtype)
+        chunk = np.concatenate([chunk, pad])
+      batch.append(chunk)
+    yield tuple(batch), rows
+
+
+def map_batches(fn: Callable[..., Any], replicated: Any, arrays: tuple[np.ndarray, ...],
+                batch_size: int = DEFAULT_BATCH_SIZE) -> Any:
+  """Applies ``fn(replicated, *batch)`` over batches and concatenates per-row outputs.
+
+  Args:
+    fn: a pure function returning a pytree of per-row arrays [B, ...].
+    replicated: a pytree (usually params) copied to every device.
+    arrays: host arrays with the same leading size N, split on the mesh.
+    batch_size: rows per step (rounded up to a multiple of the device count).
+
+  Returns:
+    The pytree of per-row outputs over all N rows, as numpy arrays.
+  """
+  mesh = data_mesh()
+  batch_size = _global_batch_size(batch_size, mesh)
+  rows_sharding = NamedSharding(mesh, P('data'))
+  replicated = jax.device_put(replicated, NamedSharding(mesh, P()))
+  step = _jitted(fn, rows_sharding)
+  outputs = []
+  for batch, rows in _padded_batches(arrays, batch_size):
+    batch = jax.device_put(batch, rows_sharding)
+    outputs.append((step(replicated, *batch), rows))  # dispatch is asynchronous
+  pieces = [jax.tree.map(lambda leaf, r=rows: np.asarray(leaf)[:r], out)
+            for out, rows in outputs]
+  return jax.tree.map(lambda *leaves: np.concatenate(leaves), *pieces)
+
+
+@functools.cache
+def _jitted(fn: Callable[..., Any], rows_sharding: NamedSharding) -> Callable[..., Any]:
+  # Cached so repeated evaluations with the same fn reuse one compilation.
+  return jax.jit(fn, out_shardings=rows_sharding)
+
+
+# Module-level step functions, so each compiles once per shape (not per call).
+def _classes(params: Params, images: jax.Array) -> jax.Array:
+  return jnp.argmax(model_lib.logits_fn(params, images), axis=-1)
+
+
+def _masked_classes(params_and_mask: tuple[Params, jax.Array], images: jax.Array) -> jax.Array:
+  params, channel_mask = params_and_mask
+  return jnp.argmax(model_lib.logits_fn(params, images, channel_mask), axis=-1)
+
+
+def predict(params: Params, images: np.ndarray, batch_size: int = DEFAULT_BATCH_SIZE,
+            channel_mask: np.ndarray | None = None) -> np.ndarray:
+  """Predicted classes (int [N]) of ``images`` under ``params``."""
+  if channel_mask is None:
+    return map_batches(_classes, params, (images,), batch_size)
+  return map_batches(_masked_classes, (params, np.asarray(channel_mask, np.float32)),
+                     (images,), batch_size)
+
+
+def percent(hits: np.ndarray) -> float:
+  """Percentage of True entries (0 for an empty array)."""
+  return 100.0 * float(np.mean(hits)) if len(hits) else 0.0
+
+
+def accuracy(params: Params, images: np.ndarray, labels: np.ndarray,
+             batch_size: int = DEFAULT_BATCH_SIZE,
+             channel_mask: np.ndarray | None = None) -> float:
+  """Clean accuracy in percent."""
+  return percent(predict(params, images, batch_size, channel_mask) == labels)
+
+
+def attack_success_rate(params: Params, poisoned_images: np.ndarray,
+                        target_labels: np.ndarray, batch_size: int = DEFAULT_BATCH_SIZE,
+                        channel_mask: np.ndarray | None = None) -> float:
+  """ASR in percent: poisoned inputs classified as the attacker's target.
+
+  In the CSAW poisoned files the label of each input is the target, so this
+  is the accuracy on the poisoned set.
+  """
+  return accuracy(params, poisoned_images, target_labels, batch_size, channel_mask)
+
+
+def _level_classes(params_and_masks: tuple[Params, jax.Array], images: jax.Array) -> jax.Array:
+  """Classes [B, L] of a batch at every pruning level, from pool_3 computed once."""
+  params, masks = params_and_masks
+  pool_3 = model_lib.features_fn(params, images)
+
+  def one_level(carry, mask):
+    # A scan keeps only one level's [B, classes] logits alive at a time.
+    return carry, jnp.argmax(model_lib.head_fn(params, pool_3, mask), axis=-1)
+
+  _, classes = jax.lax.scan(one_level, None, masks)
+  return classes.T
+
+
+def sweep_predictions(params: Params, masks: np.ndarray, images: np.ndarray,
+                      batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
+  """Predicted classes (int32 [N, L]) of ``images`` under each of L channel masks.
+
+  conv_1..pool_3 run once per image; only the head runs per level. The result
+  is what the naive loop (zero conv_3's kernel and bias for the masked
+  channels, predict again) gives, because a zeroed conv_3 channel is an
+  all-zero pool_3 channel.
+  """
+  masks = np.asarray(masks, np.float32)
+  return map_batches(_level_classes, (params, masks), (images,), batch_size)

@@ -1,0 +1,53 @@
+"""GoodNet: the backdoored net B and its pruned copy B' composed into one classifier.
+
+G(x) = argmax B(x) where B and B' agree, else N (the number of classes), which
+means "backdoored input detected". Classes 0..N-1 are B's.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from badnet import evaluate
+from badnet import model as model_lib
+
+Params = model_lib.Params
+
+
+def combine(classes_b: jax.Array, classes_b_prime: jax.Array, num_classes: int) -> jax.Array:
+  """GoodNet's class from the two nets' classes: B's where they agree, else N."""
+  return jnp.where(classes_b == classes_b_prime, classes_b, num_classes)
+
+
+def goodnet(params_b: Params, params_b_prime: Params, images: jax.Array) -> jax.Array:
+  """GoodNet's class in 0..N for each image (a pure, jittable function)."""
+  classes_b = jnp.argmax(model_lib.logits_fn(params_b, images), axis=-1)
+  classes_b_prime = jnp.argmax(model_lib.logits_fn(params_b_prime, images), axis=-1)
+  return combine(classes_b, classes_b_prime, model_lib.num_classes_of(params_b))
+
+
+def _goodnet_step(both: tuple[Params, Params], images: jax.Array) -> jax.Array:
+  return goodnet(both[0], both[1], images)
+
+
+def predict(params_b: Params, params_b_prime: Params, images: np.ndarray,
+            batch_size: int = evaluate.DEFAULT_BATCH_SIZE) -> np.ndarray:
+  """GoodNet's classes (int [N]) for host images, batched and sharded."""
+  return evaluate.map_batches(_goodnet_step, (params_b, params_b_prime), (images,), batch_size)
+
+
+def metrics(clean_classes: np.ndarray, clean_labels: np.ndarray,
+            poisoned_classes: np.ndarray, target_labels: np.ndarray,
+            num_classes: int) -> dict[str, float]:
+  """GoodNet's figures in percent.
+
+  clean_acc: clean inputs given their label; asr: poisoned inputs given the
+  attacker's target; detection_rate: poisoned inputs flagged N; false_alarm_rate:
+  clean inputs flagged N.
+  """
+  return {
+      'clean_acc': evaluate.percent(clean_classes == clean_labels),
+      'asr': evaluate.percent(poisoned_classes == target_labels),
+      'detection_rate': evaluate.percent(poisoned_classes == num_classes),
+      'false_alarm_rate': evaluate.percent(clean_classes == num_classes),
+  }

@@ -1,0 +1,162 @@
+"""The pruning defence and GoodNet, end to end: sweep, thresholds, reports, repaired nets."""
+
+import dataclasses
+import math
+import pathlib
+import time
+
+from absl import logging
+import ml_collections
+import numpy as np
+
+from badnet import data, evaluate, goodnet, keras_io, model, prune, report
+from badnet import workdir as workdir_lib
+from badnet.errors import ConfigError, DataError
+from badnet.jobs import common
+
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+  model_path: pathlib.Path
+  paths: dict[str, pathlib.Path]  # keys of common.CSAW_FILES
+  synthetic: bool
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Rejects bad config values before any work is done."""
+  common.check_batch_size(config)
+  thresholds = config.thresholds
+  if isinstance(thresholds, (int, float)):
+    thresholds = (thresholds,)
+  if not thresholds:
+    raise ConfigError('config.thresholds is empty; give at least one X in (0, 100]')
+  for x in thresholds:
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or not (
+        0 < x <= 100):
+      raise ConfigError(f'config.thresholds: {x!r} is not in (0, 100] '
+                        f'(X is a drop in clean accuracy, in percentage points)')
+  if config.order not in prune.ORDERS:
+    raise ConfigError(f'config.order: unknown order {config.order!r}; expected one of '
+                      f'{", ".join(prune.ORDERS)}')
+
+
+def _thresholds(config: ml_collections.ConfigDict) -> list[float]:
+  values = config.thresholds
+  values = (values,) if isinstance(values, (int, float)) else values
+  return sorted({float(x) for x in values})
+
+
+def _label(x: float) -> str:
+  """'2' for 2.0, '2.5' for 2.5: the key of a threshold in results and file names."""
+  return f'{x:g}'
+
+
+def resolve_inputs(config: ml_collections.ConfigDict, out: pathlib.Path) -> Inputs:
+  """The model and the four data files, from the config or the shipped benchmark."""
+  overrides = {key: config.data[key] for key in common.CSAW_FILES}
+  if not config.model and not config.data.dir and not any(overrides.values()):
+    model_path, data_dir = common.shipped_benchmark(out)
+    synthetic = True
+  else:
+    if not config.model:
+      raise ConfigError('config.model is empty; give the backdoored net (.h5), or leave '
+                        'model and data empty to run on the shipped synthetic benchmark')
+    model_path, data_dir, synthetic = pathlib.Path(config.model), config.data.dir, False
+  paths = {}
+  for key, relative in common.CSAW_FILES.items():
+    if overrides[key]:
+      paths[key] = pathlib.Path(overrides[key])
+    elif data_dir:
+      paths[key] = pathlib.Path(data_dir) / relative
+    else:
+      raise ConfigError(f'no path for the {key.replace("_", " ")} file: set config.data.dir '
+                        f'(CSAW layout: {relative}) or config.data.{key}')
+  return Inputs(pathlib.Path(model_path), paths, synthetic)
+
+
+def _level_metrics(classes: np.ndarray, labels: np.ndarray) -> np.ndarray:
+  """Percent of rows whose class equals the label, at each level (classes [N, L])."""
+  return 100.0 * (classes == labels[:, None]).mean(axis=0)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs the defence; writes sweep.csv, results.json/.md, plots and repaired nets."""
+  check_config(config)
+  out = workdir_lib.prepare(workdir)
+  inputs = resolve_inputs(config, out)
+  workdir_lib.write_config(out, config, 'prune')
+  params = keras_io.read_params(inputs.model_path)
+  num_classes = model.num_classes_of(params)
+  splits = {key: data.load_csaw_h5(path, num_classes) for key, path in inputs.paths.items()}
+  logging.info('Loaded %s and %s.', inputs.model_path,
+               ', '.join(f'{k}: {len(v)} images' for k, v in splits.items()))
+  batch = config.batch_size
+
+  start = time.perf_counter()
+  activations = prune.mean_activations(params, splits['clean_valid'].images, batch)
+  order = prune.pruning_order(activations, config.order, config.seed)
+  masks = prune.prefix_masks(order)
+  print(f'Sweeping {len(order)} conv_3 channels, {config.order} mean activation first...',
+        flush=True)
+  clean_acc = _level_metrics(
+      evaluate.sweep_predictions(params, masks, splits['clean_valid'].images, batch),
+      splits['clean_valid'].labels)
+  asr = _level_metrics(
+      evaluate.sweep_predictions(params, masks, splits['poisoned_valid'].images, batch),
+      splits['poisoned_valid'].labels)
+  logging.info('Sweep done in %.1f s.', time.perf_counter() - start)
+  report.write_sweep_csv(out / 'sweep.csv', order, clean_acc, asr)
+
+  thresholds = _thresholds(config)
+  levels = {x: prune.select_level(clean_acc, x, config.relative) for x in thresholds}
+  results = {'model': str(inputs.model_path), 'synthetic_benchmark': inputs.synthetic,
+             'order': config.order, 'relative': config.relative,
+             'base': {'valid': {'clean_acc': float(clean_acc[0]), 'asr': float(asr[0])}},
+             'thresholds': {}}
+  results['base']['test'], results['thresholds'] = _test_figures(
+      params, masks, order, levels, splits, num_classes, batch, config.relative)
+  for x, level in levels.items():
+    if level is None:
+      logging.warning('No pruning level drops clean accuracy by %s points.', _label(x))
+      continue
+    path = out / 'models' / f'repaired_X={_label(x)}.h5'
+    keras_io.write_keras(path, prune.prune(params, masks[level]), full_model=True)
+  report.write_results(out, results, order, clean_acc, asr, levels)
+  print(report.summary(results), flush=True)
+  return results
+
+
+def _test_figures(params, masks, order, levels, splits, num_classes, batch, relative):
+  """B, B'_X and G_X on the test split, from one pass over each test file."""
+  reached = sorted({level for level in levels.values() if level is not None})
+  test_masks = masks[[0, *reached]]
+  clean = splits['clean_test']
+  poisoned = splits['poisoned_test']
+  clean_classes = evaluate.sweep_predictions(params, test_masks, clean.images, batch)
+  poisoned_classes = evaluate.sweep_predictions(params, test_masks, poisoned.images, batch)
+  base = {'clean_acc': evaluate.percent(clean_classes[:, 0] == clean.labels),
+          'asr': evaluate.percent(poisoned_classes[:, 0] == poisoned.labels)}
+  figures = {}
+  for x, level in levels.items():
+    entry = {'drop': x, 'relative': relative, 'reached': level is not None}
+    if level is None:
+      figures[_label(x)] = {**entry, 'channels_pruned': None, 'pruned_channels': None,
+                            'repaired': None, 'goodnet': None}
+      continue
+    column = 1 + reached.index(level)
+    g_clean = np.asarray(goodnet.combine(clean_classes[:, 0], clean_classes[:, column],
+                                         num_classes))
+    g_poisoned = np.asarray(goodnet.combine(poisoned_classes[:, 0],
+                                            poisoned_classes[:, column], num_classes))
+    figures[_label(x)] = {
+        **entry,
+        'channels_pruned': level,
+        'pruned_channels': [int(c) for c in order[:level]],
+        'repaired': {
+            'clean_acc': evaluate.percent(clean_classes[:, column] == clean.labels),
+            'asr': evaluate.percent(poisoned_classes[:, column] == poisoned.labels)},
+        'goodnet': goodnet.metrics(g_clean, clean.labels, g_poisoned, poisoned.labels,
+                                   num_classes),
+        'model_file': f'models/repaired_X={_label(x)}.h5',
+    }
+  return base, figures

@@ -1,0 +1,121 @@
+"""The CSAW-HackML-2020 DeepID network as a Flax Linen module.
+
+Layer names are the Keras layer names, so ``params['conv_3']['kernel']`` is what
+Keras calls ``conv_3/kernel:0``. Kernels use the Keras layouts (HWIO for convs,
+(in, out) for dense layers), and flattening is row-major over (H, W, C) like
+Keras' ``Flatten`` on channels-last tensors, so weights port without any
+transposition.
+
+The network is split in two at pool_3, the layer the pruning defence observes:
+``features`` (conv_1 .. pool_3) and ``head`` (everything after, with an optional
+per-channel mask on pool_3). Masking channel c of pool_3 is exactly what zeroing
+conv_3's kernel slice and bias for c does, because relu(0) = 0 and max-pooling
+zeros gives zero.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+IMAGE_SHAPE = (55, 47, 3)  # height, width, channels (NHWC without N)
+CSAW_NUM_CLASSES = 1283
+FEATURE_LAYER = 'conv_3'  # the layer whose channels are pruned
+Params = dict[str, Any]
+
+
+def _max_pool(x: jax.Array) -> jax.Array:
+  return nn.max_pool(x, window_shape=(2, 2), strides=(2, 2), padding='VALID')
+
+
+def _flatten(x: jax.Array) -> jax.Array:
+  return x.reshape(x.shape[0], -1)
+
+
+class DeepID(nn.Module):
+  """DeepID as trained in the CSAW lab: raw 0..255 pixels in, logits out.
+
+  Attributes:
+    num_classes: size of the output layer (1283 for YouTube Face).
+  """
+
+  num_classes: int = CSAW_NUM_CLASSES
+
+  def setup(self):
+    conv = lambda f, k: nn.Conv(f, (k, k), padding='VALID')
+    # Attribute names become parameter names: they must be the Keras names.
+    self.conv_1 = conv(20, 4)
+    self.conv_2 = conv(40, 3)
+    self.conv_3 = conv(60, 3)
+    self.conv_4 = conv(80, 2)
+    self.fc_1 = nn.Dense(160)
+    self.fc_2 = nn.Dense(160)
+    self.output = nn.Dense(self.num_classes)
+
+  def features(self, images: jax.Array) -> jax.Array:
+    """pool_3 activations, [N, 5, 4, 60], from images [N, 55, 47, 3]."""
+    x = jnp.asarray(images, jnp.float32)
+    x = _max_pool(nn.relu(self.conv_1(x)))
+    x = _max_pool(nn.relu(self.conv_2(x)))
+    return _max_pool(nn.relu(self.conv_3(x)))
+
+  def head(self, pool_3: jax.Array,
+           channel_mask: jax.Array | None = None) -> jax.Array:
+    """Logits from pool_3 activations; ``channel_mask`` [60] keeps (1) or prunes (0)."""
+    if channel_mask is not None:
+      pool_3 = pool_3 * jnp.asarray(channel_mask, pool_3.dtype)
+    fc_1 = self.fc_1(_flatten(pool_3))
+    fc_2 = self.fc_2(_flatten(nn.relu(self.conv_4(pool_3))))
+    return self.output(nn.relu(fc_1 + fc_2))
+
+  def __call__(self, images: jax.Array, channel_mask: jax.Array | None = None,
+               return_features: bool = False):
+    """Logits [N, num_classes] (pre-softmax), and pool_3 if ``return_features``."""
+    pool_3 = self.features(images)
+    logits = self.head(pool_3, channel_mask)
+    return (logits, pool_3) if return_features else logits
+
+
+def init_params(num_classes: int = CSAW_NUM_CLASSES, seed: int = 0) -> Params:
+  """Freshly initialised parameters as a plain nested dict."""
+  model = DeepID(num_classes)
+  dummy = jnp.zeros((1, *IMAGE_SHAPE), jnp.float32)
+  return model.init(jax.random.key(seed), dummy)['params']
+
+
+def param_shapes(num_classes: int) -> dict[str, dict[str, tuple[int, ...]]]:
+  """Shape of every parameter, keyed like the params pytree (no computation)."""
+  model = DeepID(num_classes)
+  dummy = jax.ShapeDtypeStruct((1, *IMAGE_SHAPE), jnp.float32)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), dummy)['params']
+  return {layer: {name: tuple(leaf.shape) for name, leaf in weights.items()}
+          for layer, weights in shapes.items()}
+
+
+def num_channels(params: Params) -> int:
+  """Number of prunable channels (conv_3 filters)."""
+  return int(params[FEATURE_LAYER]['bias'].shape[0])
+
+
+def num_classes_of(params: Params) -> int:
+  return int(params['output']['bias'].shape[0])
+
+
+def logits_fn(params: Params, images: jax.Array,
+              channel_mask: jax.Array | None = None) -> jax.Array:
+  """Pure apply: logits of ``images`` under ``params`` (and an optional mask)."""
+  return DeepID(num_classes_of(params)).apply({'params': params}, images, channel_mask)
+
+
+def features_fn(params: Params, images: jax.Array) -> jax.Array:
+  """Pure apply: pool_3 activations."""
+  return DeepID(num_classes_of(params)).apply(
+      {'params': params}, images, method=DeepID.features)
+
+
+def head_fn(params: Params, pool_3: jax.Array,
+            channel_mask: jax.Array | None = None) -> jax.Array:
+  """Pure apply: logits from pool_3 activations."""
+  return DeepID(num_classes_of(params)).apply(
+      {'params': params}, pool_3, channel_mask, method=DeepID.head)

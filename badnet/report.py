@@ -1,0 +1,124 @@
+"""Reports of a pruning run: sweep.csv, results.json, results.md and plots."""
+
+import csv
+import io
+import pathlib
+
+import matplotlib
+
+matplotlib.use('Agg')  # files only; no display is needed or assumed
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+import numpy as np
+
+from badnet import workdir as workdir_lib
+
+
+def write_sweep_csv(path: pathlib.Path, order: np.ndarray, clean_acc: np.ndarray,
+                    asr: np.ndarray) -> None:
+  """One row per level 0..C: step, channel pruned at that step, fraction, accuracies (%)."""
+  buffer = io.StringIO()
+  writer = csv.writer(buffer, lineterminator='\n')
+  writer.writerow(['step', 'channel', 'fraction_pruned', 'clean_acc', 'asr'])
+  num_channels = len(order)
+  for step in range(num_channels + 1):
+    channel = '' if step == 0 else int(order[step - 1])
+    writer.writerow([step, channel, f'{step / num_channels:.6f}', f'{clean_acc[step]:.4f}',
+                     f'{asr[step]:.4f}'])
+  workdir_lib.write_text(path, buffer.getvalue())
+
+
+def _fmt(value: float | None) -> str:
+  return '—' if value is None else f'{value:.2f}'
+
+
+def markdown(results: dict) -> str:
+  """results.json as readable tables."""
+  base = results['base']
+  lines = [
+      '# Pruning defence results', '',
+      f'Model: `{results["model"]}`' + (' (shipped synthetic benchmark)'
+                                        if results.get('synthetic_benchmark') else ''),
+      f'Order: {results["order"]} mean activation; drop X in '
+      f'{"percent of the base accuracy" if results["relative"] else "percentage points"}.', '',
+      '| net | split | clean acc % | ASR % |', '|---|---|---:|---:|',
+      f'| B | valid | {_fmt(base["valid"]["clean_acc"])} | {_fmt(base["valid"]["asr"])} |',
+      f'| B | test | {_fmt(base["test"]["clean_acc"])} | {_fmt(base["test"]["asr"])} |', '',
+      'On the test split:', '',
+      '| X | channels pruned | B\' clean % | B\' ASR % | G clean % | G ASR % | '
+      'G detection % | G false alarm % |',
+      '|---:|---:|---:|---:|---:|---:|---:|---:|',
+  ]
+  for x, entry in results['thresholds'].items():
+    if not entry['reached']:
+      lines.append(f'| {x} | not reached | — | — | — | — | — | — |')
+      continue
+    repaired, good = entry['repaired'], entry['goodnet']
+    lines.append(
+        f'| {x} | {entry["channels_pruned"]} | {_fmt(repaired["clean_acc"])} | '
+        f'{_fmt(repaired["asr"])} | {_fmt(good["clean_acc"])} | {_fmt(good["asr"])} | '
+        f'{_fmt(good["detection_rate"])} | {_fmt(good["false_alarm_rate"])} |')
+  return '\n'.join(lines) + '\n'
+
+
+def summary(results: dict) -> str:
+  """The short table the prune job prints."""
+  return markdown(results)
+
+
+def _save(figure: plt.Figure, path: pathlib.Path) -> None:
+  with workdir_lib.atomic_path(path) as tmp:
+    figure.savefig(tmp, format='png', dpi=120, bbox_inches='tight')
+  plt.close(figure)
+
+
+def plot_sweep(path: pathlib.Path, clean_acc: np.ndarray, asr: np.ndarray,
+               levels: dict[float, int | None]) -> None:
+  """Clean accuracy and ASR against the fraction of channels pruned, thresholds marked."""
+  fraction = np.arange(len(clean_acc)) / (len(clean_acc) - 1)
+  figure, axes = plt.subplots(figsize=(7, 4.2))
+  axes.plot(fraction, clean_acc, label='clean accuracy (valid)', color='tab:blue')
+  axes.plot(fraction, asr, label='attack success rate (valid)', color='tab:red')
+  for x, level in levels.items():
+    if level is not None:
+      axes.axvline(fraction[level], color='grey', linestyle=':', linewidth=1)
+      axes.annotate(f'X={x:g}', (fraction[level], 3), rotation=90, fontsize=8,
+                    ha='right', va='bottom', color='dimgrey')
+  axes.set_xlabel('fraction of conv_3 channels pruned')
+  axes.set_ylabel('%')
+  axes.set_ylim(-2, 102)
+  axes.set_title('Pruning sweep')
+  axes.legend(loc='lower left')
+  axes.grid(alpha=0.3)
+  _save(figure, path)
+
+
+def plot_thresholds(path: pathlib.Path, results: dict) -> None:
+  """B, B'_X and G_X side by side on the test split."""
+  names = ['B']
+  clean = [results['base']['test']['clean_acc']]
+  attack = [results['base']['test']['asr']]
+  for x, entry in results['thresholds'].items():
+    if entry['reached']:
+      names += [f"B'  X={x}", f'G  X={x}']
+      clean += [entry['repaired']['clean_acc'], entry['goodnet']['clean_acc']]
+      attack += [entry['repaired']['asr'], entry['goodnet']['asr']]
+  positions = np.arange(len(names))
+  figure, axes = plt.subplots(figsize=(max(6, 1.1 * len(names)), 4.2))
+  axes.bar(positions - 0.2, clean, 0.4, label='clean accuracy (test)', color='tab:blue')
+  axes.bar(positions + 0.2, attack, 0.4, label='attack success rate (test)', color='tab:red')
+  axes.set_xticks(positions, names, rotation=30, ha='right')
+  axes.set_ylabel('%')
+  axes.set_ylim(0, 105)
+  axes.set_title('Backdoored net B, pruned B\'_X and GoodNet G_X')
+  axes.legend(loc='upper right', fontsize=8)
+  axes.grid(axis='y', alpha=0.3)
+  _save(figure, path)
+
+
+def write_results(out: pathlib.Path, results: dict, order: np.ndarray, clean_acc: np.ndarray,
+                  asr: np.ndarray, levels: dict[float, int | None]) -> None:
+  """results.json, results.md, plots/sweep.png and plots/thresholds.png."""
+  workdir_lib.write_json(out / 'results.json', results)
+  workdir_lib.write_text(out / 'results.md', markdown(results))
+  plot_sweep(out / 'plots' / 'sweep.png', clean_acc, asr, levels)
+  plot_thresholds(out / 'plots' / 'thresholds.png', results)

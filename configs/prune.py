@@ -1,0 +1,50 @@
+"""The pruning defence and GoodNet (the CSAW-HackML lab3 job).
+
+    python main.py --config=configs/prune.py --workdir=workdir/prune
+
+With no model or data it runs on the shipped synthetic benchmark and says so
+in its first line. On the real CSAW lab3 data (see README.md for where to put it):
+
+    python main.py --config=configs/prune.py --config.model=models/bd_net.h5 \
+        --config.data.dir=data --workdir=workdir/lab3
+
+It logs progress, then prints a table like (published lab3 figures, test split):
+
+    | X | channels pruned | B' clean % | B' ASR % | G clean % | G ASR % | ...
+    | 2 | 45 | 95.74 | 100.00 | 95.90 | 100.00 | ...
+    | 4 | 48 | 92.12 |  99.98 | ...
+    | 10 | 52 | 84.33 | 77.21 | ...
+
+and writes to the workdir: sweep.csv, results.json, results.md, plots/sweep.png,
+plots/thresholds.png, models/repaired_X=<X>.h5 (full Keras models) and config.json.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.job = 'prune'
+  # The backdoored net B: Keras .h5, weights-only or full model. Empty (and no
+  # data given): the shipped synthetic benchmark.
+  config.model = ''
+  config.data = ml_collections.ConfigDict()
+  # A folder in the CSAW lab3 layout: cl/valid.h5, cl/test.h5, bd/bd_valid.h5,
+  # bd/bd_test.h5. Each file can be overridden by the fields below.
+  config.data.dir = ''
+  config.data.clean_valid = ''     # clean validation images: the ranking and the sweep
+  config.data.clean_test = ''      # clean test images: the reported figures
+  config.data.poisoned_valid = ''  # poisoned validation images (labels = target): sweep ASR
+  config.data.poisoned_test = ''   # poisoned test images (labels = target): reported ASR
+  # X values: B'_X is the first level whose clean validation accuracy is at
+  # least X below B's. Each in (0, 100].
+  config.thresholds = (2.0, 4.0, 10.0, 30.0)
+  # False: X in absolute percentage points; True: X percent of B's accuracy.
+  config.relative = False
+  # Pruning order by mean activation on clean validation data:
+  # 'increasing' (dormant first, the default), 'decreasing' or 'random'.
+  config.order = 'increasing'
+  config.seed = 0  # seed of the 'random' order
+  # Images per step, over all devices (rounded up to a multiple of the device count).
+  config.batch_size = 512
+  return config
