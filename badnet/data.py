@@ -19,7 +19,7 @@ from badnet.errors import DataError
 from badnet.model import IMAGE_SHAPE
 from badnet.workdir import atomic_path
 
-_CHUNK = 2048  # images per read: bounds the float64 working copy to ~130 MB
+_CHUNK = 512  # images per read: bounds the float64 working copies to ~32 MB each
 _NCHW_SHAPE = (IMAGE_SHAPE[2], IMAGE_SHAPE[0], IMAGE_SHAPE[1])
 
 

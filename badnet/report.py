@@ -78,11 +78,14 @@ def plot_sweep(path: pathlib.Path, clean_acc: np.ndarray, asr: np.ndarray,
   figure, axes = plt.subplots(figsize=(7, 4.2))
   axes.plot(fraction, clean_acc, label='clean accuracy (valid)', color='tab:blue')
   axes.plot(fraction, asr, label='attack success rate (valid)', color='tab:red')
+  by_level: dict[int, list[str]] = {}  # thresholds that select the same level share a label
   for x, level in levels.items():
     if level is not None:
-      axes.axvline(fraction[level], color='grey', linestyle=':', linewidth=1)
-      axes.annotate(f'X={x:g}', (fraction[level], 3), rotation=90, fontsize=8,
-                    ha='right', va='bottom', color='dimgrey')
+      by_level.setdefault(level, []).append(f'{x:g}')
+  for level, names in by_level.items():
+    axes.axvline(fraction[level], color='grey', linestyle=':', linewidth=1)
+    axes.annotate(f'X={",".join(names)}', (fraction[level], 3), rotation=90, fontsize=8,
+                  ha='right', va='bottom', color='dimgrey')
   axes.set_xlabel('fraction of conv_3 channels pruned')
   axes.set_ylabel('%')
   axes.set_ylim(-2, 102)
@@ -97,25 +100,29 @@ def plot_thresholds(path: pathlib.Path, results: dict) -> None:
   names = ['B']
   clean = [results['base']['test']['clean_acc']]
   attack = [results['base']['test']['asr']]
+  detected = [0.0]
   for x, entry in results['thresholds'].items():
     if entry['reached']:
       names += [f"B'  X={x}", f'G  X={x}']
       clean += [entry['repaired']['clean_acc'], entry['goodnet']['clean_acc']]
       attack += [entry['repaired']['asr'], entry['goodnet']['asr']]
+      detected += [0.0, entry['goodnet']['detection_rate']]
   positions = np.arange(len(names))
   figure, axes = plt.subplots(figsize=(max(6, 1.1 * len(names)), 4.2))
-  axes.bar(positions - 0.2, clean, 0.4, label='clean accuracy (test)', color='tab:blue')
-  axes.bar(positions + 0.2, attack, 0.4, label='attack success rate (test)', color='tab:red')
+  axes.bar(positions - 0.27, clean, 0.27, label='clean accuracy', color='tab:blue')
+  axes.bar(positions, attack, 0.27, label='attack success rate', color='tab:red')
+  axes.bar(positions + 0.27, detected, 0.27, label='poisoned inputs flagged N (G only)',
+           color='tab:green')
   axes.set_xticks(positions, names, rotation=30, ha='right')
   axes.set_ylabel('%')
   axes.set_ylim(0, 105)
-  axes.set_title('Backdoored net B, pruned B\'_X and GoodNet G_X')
-  axes.legend(loc='upper right', fontsize=8)
+  axes.set_title('Test split: backdoored net B, pruned B\'_X and GoodNet G_X')
+  axes.legend(loc='upper center', bbox_to_anchor=(0.5, -0.22), ncol=3, fontsize=8)
   axes.grid(axis='y', alpha=0.3)
   _save(figure, path)
 
 
-def write_results(out: pathlib.Path, results: dict, order: np.ndarray, clean_acc: np.ndarray,
+def write_results(out: pathlib.Path, results: dict, clean_acc: np.ndarray,
                   asr: np.ndarray, levels: dict[float, int | None]) -> None:
   """results.json, results.md, plots/sweep.png and plots/thresholds.png."""
   workdir_lib.write_json(out / 'results.json', results)

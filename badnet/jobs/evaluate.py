@@ -5,6 +5,7 @@ import pathlib
 import ml_collections
 
 from badnet import data, evaluate, keras_io, model, workdir as workdir_lib
+from badnet.errors import ConfigError
 from badnet.jobs import common
 
 
@@ -19,7 +20,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     clean_path = data_dir / common.CSAW_FILES['clean_test']
     poisoned_path = data_dir / common.CSAW_FILES['poisoned_test']
   if not model_path or not clean_path:
-    from badnet.errors import ConfigError
     raise ConfigError('config.model and config.data.clean are both needed '
                       '(or give neither to evaluate the shipped benchmark)')
   params = keras_io.read_params(model_path)

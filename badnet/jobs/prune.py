@@ -11,7 +11,7 @@ import numpy as np
 
 from badnet import data, evaluate, goodnet, keras_io, model, prune, report
 from badnet import workdir as workdir_lib
-from badnet.errors import ConfigError, DataError
+from badnet.errors import ConfigError
 from badnet.jobs import common
 
 
@@ -121,7 +121,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       continue
     path = out / 'models' / f'repaired_X={_label(x)}.h5'
     keras_io.write_keras(path, prune.prune(params, masks[level]), full_model=True)
-  report.write_results(out, results, order, clean_acc, asr, levels)
+  report.write_results(out, results, clean_acc, asr, levels)
   print(report.summary(results), flush=True)
   return results
 

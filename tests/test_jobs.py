@@ -1,0 +1,186 @@
+"""The prune and classify jobs end to end, on a small random world (no downloads)."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import h5py
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from badnet import data, evaluate, goodnet, keras_io, model, prune
+from badnet.errors import ConfigError, DataError, ModelFileError, WorkdirError
+from badnet.jobs import prune as prune_job
+from configs import prune as prune_config
+from tests import helpers
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_CLASSES = 11
+
+
+@pytest.fixture(scope='module')
+def world(tmp_path_factory):
+  """A random net B and a CSAW-layout data folder labelled from B's own classes.
+
+  Clean labels are B's classes but for the last 12 images, labelled with the
+  class B gives once every channel is pruned: B is 90 % accurate and no pruning
+  level drops below 10 %. The poisoned files are labelled with B's class of
+  their first image.
+  """
+  root = tmp_path_factory.mktemp('world')
+  params = model.init_params(NUM_CLASSES, seed=3)
+  keras_io.write_keras_weights(root / 'bd_weights.h5', params)
+  bias_class = int(np.argmax(model.head_fn(params, np.zeros((1, 5, 4, 60), np.float32))))
+  for split, seed in (('valid', 1), ('test', 2)):
+    images = helpers.varied_images(120, seed)
+    labels = evaluate.predict(params, images)
+    assert (labels[-12:] != bias_class).all()
+    labels[-12:] = bias_class
+    data.write_csaw_h5(root / 'data' / 'cl' / f'{split}.h5', images, labels)
+    poisoned = helpers.varied_images(60, seed + 10)
+    target = np.full(60, evaluate.predict(params, poisoned[:1])[0])
+    data.write_csaw_h5(root / 'data' / 'bd' / f'bd_{split}.h5', poisoned, target)
+  return root, params
+
+
+def _config(world_root, **overrides) -> ml_collections.ConfigDict:
+  config = prune_config.get_config()
+  config.model = str(world_root / 'bd_weights.h5')
+  config.data.dir = str(world_root / 'data')
+  config.batch_size = 64
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+def test_prune_job_writes_consistent_results(world, tmp_path):
+  root, params = world
+  workdir = tmp_path / 'run'
+  results = prune_job.run(_config(root, thresholds=(2.0, 10.0, 95.0)), str(workdir))
+  for name in ('sweep.csv', 'results.json', 'results.md', 'config.json', 'plots/sweep.png',
+               'plots/thresholds.png', 'models/repaired_X=2.h5', 'models/repaired_X=10.h5'):
+    assert (workdir / name).is_file(), name
+  assert not (workdir / 'models' / 'repaired_X=95.h5').exists()
+  for png in workdir.glob('plots/*.png'):
+    assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+  with open(workdir / 'sweep.csv') as handle:
+    rows = list(csv.DictReader(handle))
+  assert list(rows[0]) == ['step', 'channel', 'fraction_pruned', 'clean_acc', 'asr']
+  assert len(rows) == 61 and rows[0]['channel'] == '' and float(rows[0]['clean_acc']) == 90
+  order = [int(row['channel']) for row in rows[1:]]
+  assert sorted(order) == list(range(60))
+
+  assert json.loads((workdir / 'results.json').read_text()) == json.loads(json.dumps(results))
+  test_clean = data.load_csaw_h5(root / 'data' / 'cl' / 'test.h5')
+  test_poisoned = data.load_csaw_h5(root / 'data' / 'bd' / 'bd_test.h5')
+  assert results['base']['test']['clean_acc'] == 90.0
+  assert results['thresholds']['95']['reached'] is False
+  for key in ('2', '10'):
+    entry = results['thresholds'][key]
+    level = entry['channels_pruned']
+    assert entry['pruned_channels'] == order[:level]
+    assert float(rows[level]['clean_acc']) <= 90 - float(key)
+    assert float(rows[level - 1]['clean_acc']) > 90 - float(key)
+    # The written B'_X is B with exactly those channels zeroed ...
+    repaired = keras_io.read_params(workdir / 'models' / f'repaired_X={key}.h5')
+    mask = np.ones(60)
+    mask[entry['pruned_channels']] = 0
+    expected = prune.prune(params, mask)
+    for layer in params:
+      for name in params[layer]:
+        np.testing.assert_array_equal(repaired[layer][name], expected[layer][name])
+    # ... and its figures, and GoodNet's, are those of a direct evaluation.
+    assert entry['repaired']['clean_acc'] == evaluate.accuracy(
+        repaired, test_clean.images, test_clean.labels)
+    assert entry['repaired']['asr'] == evaluate.attack_success_rate(
+        repaired, test_poisoned.images, test_poisoned.labels)
+    assert entry['goodnet'] == goodnet.metrics(
+        goodnet.predict(params, repaired, test_clean.images), test_clean.labels,
+        goodnet.predict(params, repaired, test_poisoned.images), test_poisoned.labels,
+        NUM_CLASSES)
+
+  # A rerun into the same workdir replaces the results and leaves no temporary files.
+  prune_job.run(_config(root, thresholds=(4.0,)), str(workdir))
+  assert list(json.loads((workdir / 'results.json').read_text())['thresholds']) == ['4']
+  assert not [p for p in workdir.rglob('*') if p.name.endswith('.tmp')]
+
+
+@pytest.mark.parametrize('thresholds', [(0.0,), (-2.0,), (100.5,), (float('nan'),), ()])
+def test_bad_thresholds_are_refused_before_any_work(world, tmp_path, thresholds):
+  root, _ = world
+  with pytest.raises(ConfigError, match='thresholds'):
+    prune_job.run(_config(root, thresholds=thresholds), str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()
+
+
+def test_bad_order_is_refused(world, tmp_path):
+  root, _ = world
+  with pytest.raises(ConfigError, match='order'):
+    prune_job.run(_config(root, order='sideways'), str(tmp_path / 'run'))
+
+
+def test_foreign_or_unwritable_workdir_is_refused(world, tmp_path):
+  root, _ = world
+  foreign = tmp_path / 'mine'
+  foreign.mkdir()
+  (foreign / 'thesis.tex').write_text('precious')
+  with pytest.raises(WorkdirError, match='no badnet job wrote'):
+    prune_job.run(_config(root), str(foreign))
+  assert (foreign / 'thesis.tex').read_text() == 'precious'
+  with pytest.raises(WorkdirError, match='not a directory'):
+    prune_job.run(_config(root), str(foreign / 'thesis.tex'))
+
+
+def test_model_that_does_not_fit_the_data_is_refused(world, tmp_path):
+  root, _ = world
+  small = model.init_params(5, seed=0)  # labels of the data go up to 10
+  keras_io.write_keras_weights(tmp_path / 'small.h5', small)
+  config = _config(root)
+  config.model = str(tmp_path / 'small.h5')
+  with pytest.raises(DataError, match='out of range'):
+    prune_job.run(config, str(tmp_path / 'run'))
+  # A file whose conv_3 kernel has 50 filters, not 60.
+  keras_io.write_keras_weights(tmp_path / 'wrong.h5', model.init_params(NUM_CLASSES, seed=0))
+  with h5py.File(tmp_path / 'wrong.h5', 'r+') as handle:
+    del handle['conv_3/conv_3/kernel:0']
+    handle['conv_3/conv_3/kernel:0'] = np.zeros((3, 3, 40, 50), np.float32)
+  config.model = str(tmp_path / 'wrong.h5')
+  with pytest.raises(ModelFileError, match=r'conv_3/kernel: expected shape \(3, 3, 40, 60\)'):
+    prune_job.run(config, str(tmp_path / 'run2'))
+
+
+def _main(*args: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, 'main.py', *args], cwd=REPO, capture_output=True,
+                        text=True, timeout=300, check=False)
+
+
+def test_cli_bad_threshold_is_one_clear_line(world, tmp_path):
+  root, _ = world
+  result = _main('--config=configs/prune.py', f'--config.model={root / "bd_weights.h5"}',
+                 f'--config.data.dir={root / "data"}', '--config.thresholds=(2.0,150.0)',
+                 f'--workdir={tmp_path / "run"}')
+  assert result.returncode == 1
+  assert 'Traceback' not in result.stderr
+  assert 'error: config.thresholds: 150.0 is not in (0, 100]' in result.stderr
+
+
+def test_cli_classify_prints_goodnet_classes(world, tmp_path):
+  root, params = world
+  pruned = prune.prune(params, prune.prefix_masks(np.arange(60))[45])
+  keras_io.write_keras(tmp_path / 'repaired.h5', pruned, full_model=True)
+  images = helpers.varied_images(6, seed=5)
+  paths = []
+  for index, image in enumerate(images):
+    paths.append(str(tmp_path / f'face_{index}.png'))
+    Image.fromarray(image).save(paths[-1])
+  result = _main('--config=configs/classify.py', f'--config.model={root / "bd_weights.h5"}',
+                 f'--config.repaired={tmp_path / "repaired.h5"}',
+                 f'--config.images={",".join(paths)}', f'--workdir={tmp_path / "run"}')
+  assert result.returncode == 0, result.stderr
+  expected = goodnet.predict(params, pruned, images)
+  assert result.stdout.split() == [t for p, c in zip(paths, expected) for t in (p, str(c))]

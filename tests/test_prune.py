@@ -1,0 +1,207 @@
+"""The pruning defence: pure functions, the one-pass sweep against the naive loop, GoodNet."""
+
+import hypothesis
+import hypothesis.strategies as st
+import numpy as np
+import pytest
+
+from badnet import evaluate, goodnet, keras_io, model, prune
+from badnet.errors import ConfigError
+from tests import helpers
+
+NUM_CLASSES = 11
+
+
+@pytest.fixture(scope='module')
+def random_net():
+  """A random net and inputs on which its predictions vary."""
+  return model.init_params(NUM_CLASSES, seed=3), helpers.varied_images(150, seed=0)
+
+
+def test_pruning_order_hand_worked():
+  activations = np.array([0.5, 0.1, 0.1, 0.9, 0.0])
+  np.testing.assert_array_equal(prune.pruning_order(activations, 'increasing'), [4, 1, 2, 0, 3])
+  # Ties (channels 1 and 2) stay in index order in both directions.
+  np.testing.assert_array_equal(prune.pruning_order(activations, 'decreasing'), [3, 0, 1, 2, 4])
+  shuffled = prune.pruning_order(activations, 'random', seed=7)
+  np.testing.assert_array_equal(shuffled, prune.pruning_order(activations, 'random', seed=7))
+  assert sorted(shuffled) == [0, 1, 2, 3, 4]
+  with pytest.raises(ConfigError, match='unknown pruning order'):
+    prune.pruning_order(activations, 'sideways')
+
+
+def test_prefix_masks():
+  masks = prune.prefix_masks(np.array([2, 0, 1]))
+  np.testing.assert_array_equal(masks, [[1, 1, 1], [1, 1, 0], [0, 1, 0], [0, 0, 0]])
+
+
+def test_prune_zeroes_exactly_the_masked_channels_and_never_mutates(random_net):
+  params, _ = random_net
+  before = {l: {n: np.array(a) for n, a in w.items()} for l, w in params.items()}
+  mask = np.ones(60)
+  mask[[0, 17, 59]] = 0
+  pruned = prune.prune(params, mask)
+  kernel, bias = pruned['conv_3']['kernel'], pruned['conv_3']['bias']
+  assert not kernel[..., [0, 17, 59]].any() and not bias[[0, 17, 59]].any()
+  keep = mask.astype(bool)
+  np.testing.assert_array_equal(kernel[..., keep], np.asarray(params['conv_3']['kernel'])[..., keep])
+  np.testing.assert_array_equal(bias[keep], np.asarray(params['conv_3']['bias'])[keep])
+  for layer in params:  # the input is untouched, the other layers shared
+    for name in params[layer]:
+      np.testing.assert_array_equal(np.asarray(params[layer][name]), before[layer][name])
+      if layer != 'conv_3':
+        assert pruned[layer][name] is params[layer][name]
+  np.testing.assert_array_equal(prune.pruned_channels(mask), [0, 17, 59])
+
+
+def test_select_level_hand_worked():
+  clean_acc = [98.0, 97.5, 96.0, 95.9, 80.0]
+  assert prune.select_level(clean_acc, 2) == 2     # 96.0 is exactly 2 points below
+  assert prune.select_level(clean_acc, 2.1) == 3
+  assert prune.select_level(clean_acc, 18) == 4
+  assert prune.select_level(clean_acc, 30) is None
+  assert prune.select_level(clean_acc, 2, relative=True) == 2  # limit 96.04: 96.0 <= 96.04
+  assert prune.select_level(clean_acc, 2.05, relative=True) == 3  # limit 95.991
+
+
+@hypothesis.settings(max_examples=200, deadline=None)
+@hypothesis.given(st.lists(st.floats(0, 100), min_size=2, max_size=30),
+                  st.floats(0.01, 100), st.floats(0.01, 100), st.booleans())
+def test_thresholds_are_monotone_in_x(clean_acc, x1, x2, relative):
+  small, large = sorted((x1, x2))
+  level_small = prune.select_level(clean_acc, small, relative)
+  level_large = prune.select_level(clean_acc, large, relative)
+  if level_large is not None:
+    assert level_small is not None and level_small <= level_large
+  if level_small is not None:  # the selected level really is that far down
+    limit = clean_acc[0] * (1 - small / 100) if relative else clean_acc[0] - small
+    assert clean_acc[level_small] <= limit + 1e-9
+
+
+def test_sweep_matches_the_naive_loop_level_by_level(random_net):
+  params, images = random_net
+  order = prune.pruning_order(prune.mean_activations(params, images, batch_size=64))
+  masks = prune.prefix_masks(order)
+  swept = evaluate.sweep_predictions(params, masks, images, batch_size=64)
+  assert swept.shape == (len(images), 61)
+  assert len(np.unique(swept[:, 0])) > 1, 'the fixture should give varied predictions'
+  for level in range(61):
+    naive = evaluate.predict(prune.prune(params, masks[level]), images, batch_size=64)
+    np.testing.assert_array_equal(swept[:, level], naive, err_msg=f'level {level}')
+
+
+def test_level_0_is_b_and_level_c_predicts_from_biases_only(random_net):
+  params, images = random_net
+  masks = prune.prefix_masks(np.arange(60))
+  swept = evaluate.sweep_predictions(params, masks[[0, 60]], images, batch_size=64)
+  np.testing.assert_array_equal(swept[:, 0], evaluate.predict(params, images))
+  # With every conv_3 channel pruned pool_3 is zero: the class is the same for
+  # every input, the one the biases alone give.
+  zero_pool_3 = np.zeros((1, 5, 4, 60), np.float32)
+  bias_class = int(np.argmax(model.head_fn(params, zero_pool_3)))
+  assert (swept[:, 1] == bias_class).all()
+
+
+def test_mean_activations_equal_a_direct_mean(random_net):
+  params, images = random_net
+  direct = np.asarray(model.features_fn(params, images), np.float64).mean(axis=(0, 1, 2))
+  np.testing.assert_allclose(prune.mean_activations(params, images, batch_size=32), direct,
+                             rtol=1e-5)
+
+
+def test_goodnet_is_b_where_the_nets_agree_and_n_elsewhere(random_net):
+  params, images = random_net
+  pruned = prune.prune(params, prune.prefix_masks(np.arange(60))[40])
+  classes_b = evaluate.predict(params, images)
+  classes_b_prime = evaluate.predict(pruned, images)
+  assert (classes_b != classes_b_prime).any() and (classes_b == classes_b_prime).any()
+  g = goodnet.predict(params, pruned, images, batch_size=64)
+  agree = classes_b == classes_b_prime
+  np.testing.assert_array_equal(g[agree], classes_b[agree])
+  assert (g[~agree] == NUM_CLASSES).all()
+
+
+def test_goodnet_metrics_hand_worked():
+  clean, poisoned = np.array([0, 1, 5, 2]), np.array([3, 5, 5, 5])
+  figures = goodnet.metrics(clean, np.array([0, 1, 2, 2]), poisoned, np.array([3, 3, 3, 3]), 5)
+  assert figures == {'clean_acc': 75.0, 'asr': 25.0, 'detection_rate': 75.0,
+                     'false_alarm_rate': 25.0}
+
+
+# --- against the real lab3 net and the Keras oracle (need ../shared/csaw) ---
+
+
+def _augmented(faces: np.ndarray, copies: int, seed: int) -> np.ndarray:
+  """Copies of real faces, shifted by up to 2 pixels and with pixel noise."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for _ in range(copies):
+    shifted = np.roll(faces, tuple(rng.integers(-2, 3, 2)), axis=(1, 2)).astype(np.float64)
+    out.append(np.clip(np.rint(shifted + rng.normal(0, 6, faces.shape)), 0, 255))
+  return np.concatenate(out).astype(np.uint8)
+
+
+def test_sweep_equals_the_naive_keras_loop_on_the_lab3_net(csaw_dir, real_faces):
+  import keras  # the oracle: pruning as the Keras notebooks did it
+  from tests import keras_oracle
+  clean = _augmented(real_faces['clean'], 20, seed=1)
+  clean_labels = np.tile(real_faces['clean_labels'], 20)
+  poisoned = _augmented(real_faces['poisoned'], 20, seed=2)
+  poisoned_labels = np.tile(real_faces['poisoned_labels'], 20)
+  net = keras_oracle.build_csaw_keras_model(model.CSAW_NUM_CLASSES)
+  net.load_weights(csaw_dir / 'lab3_bd_weights.h5')
+  pool_3 = keras.Model(net.inputs, net.get_layer('pool_3').output)
+  keras_means = np.asarray(pool_3.predict(clean.astype(np.float32), verbose=0),
+                           np.float64).mean(axis=(0, 1, 2))
+  keras_order = np.argsort(keras_means, kind='stable')
+
+  params = keras_io.read_params(csaw_dir / 'lab3_bd_weights.h5')
+  order = prune.pruning_order(prune.mean_activations(params, clean, batch_size=128))
+  np.testing.assert_array_equal(order, keras_order)
+  masks = prune.prefix_masks(order)
+  swept_clean = evaluate.sweep_predictions(params, masks, clean, batch_size=128)
+  swept_poisoned = evaluate.sweep_predictions(params, masks, poisoned, batch_size=128)
+
+  conv_3 = net.get_layer('conv_3')
+  kernel, bias = (np.array(w) for w in conv_3.get_weights())
+  for level in range(len(order) + 1):
+    if level:
+      kernel[..., order[level - 1]] = 0
+      bias[order[level - 1]] = 0
+      conv_3.set_weights([kernel, bias])
+    keras_clean = net.predict(clean.astype(np.float32), verbose=0).argmax(1)
+    keras_poisoned = net.predict(poisoned.astype(np.float32), verbose=0).argmax(1)
+    assert evaluate.percent(swept_clean[:, level] == clean_labels) == evaluate.percent(
+        keras_clean == clean_labels), f'clean accuracy differs at level {level}'
+    assert evaluate.percent(swept_poisoned[:, level] == poisoned_labels) == evaluate.percent(
+        keras_poisoned == poisoned_labels), f'ASR differs at level {level}'
+  # The sweep must have moved: from the backdoored net to a collapsed one.
+  assert (swept_poisoned[:, 0] == 0).mean() > 0.9 and (swept_poisoned[:, -1] == 0).mean() < 1
+
+
+PRUNED_FILES = ['jianqiaomo_model_B_2.h5', 'jianqiaomo_model_B_4.h5', 'jianqiaomo_model_B_10.h5',
+                'jianqiaomo_model_B_30.h5', 'ml_hw_lab_model_X=2.h5', 'ml_hw_lab_model_X=4.h5',
+                'ml_hw_lab_model_X=10.h5']
+
+
+@pytest.mark.parametrize('name', PRUNED_FILES)
+def test_prune_reproduces_the_keras_pruned_files(csaw_dir, real_faces, tmp_path, name):
+  import keras
+  base = keras_io.read_params(csaw_dir / 'lab3_bd_weights.h5')
+  reference = keras_io.read_params(csaw_dir / 'pruned' / name)
+  kernel, bias = reference['conv_3']['kernel'], reference['conv_3']['bias']
+  zeroed = (bias == 0) & ~kernel.reshape(-1, 60).any(axis=0)
+  mask = np.where(zeroed, 0.0, 1.0)
+  expected_count = {'2': 45, '4': 48, '10': 52, '30': 54}[name.split('_')[-1].split('=')[-1][:-3]]
+  assert (mask == 0).sum() == expected_count
+  ours = prune.prune(base, mask)
+  for layer in base:
+    for weight in base[layer]:  # bit-identical, weight for weight
+      np.testing.assert_array_equal(ours[layer][weight], reference[layer][weight])
+  path = tmp_path / 'repaired.h5'
+  keras_io.write_keras(path, ours, full_model=True)
+  faces = np.concatenate([real_faces['clean'], real_faces['poisoned']]).astype(np.float32)
+  theirs = keras.models.load_model(csaw_dir / 'pruned' / name, compile=False)
+  mine = keras.models.load_model(path, compile=False)
+  np.testing.assert_array_equal(mine.predict(faces, verbose=0).argmax(1),
+                                theirs.predict(faces, verbose=0).argmax(1))
