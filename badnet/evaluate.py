@@ -29,7 +29,7 @@ def data_mesh() -> Mesh:
   return Mesh(np.array(jax.local_devices()), ('data',))
 
 
-def _global_batch_size(batch_size: int, mesh: Mesh) -> int:
+def global_batch_size(batch_size: int, mesh: Mesh) -> int:
   """``batch_size`` rounded up to a multiple of the number of devices."""
   if batch_size < 1:
     raise ValueError(f'batch_size must be positive, got {batch_size}')
@@ -67,7 +67,7 @@ def map_batches(fn: Callable[..., Any], replicated: Any, arrays: tuple[np.ndarra
     The pytree of per-row outputs over all N rows, as numpy arrays.
   """
   mesh = data_mesh()
-  batch_size = _global_batch_size(batch_size, mesh)
+  batch_size = global_batch_size(batch_size, mesh)
   rows_sharding = NamedSharding(mesh, P('data'))
   replicated = jax.device_put(replicated, NamedSharding(mesh, P()))
   step = _jitted(fn, rows_sharding)

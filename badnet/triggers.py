@@ -1,0 +1,120 @@
+"""Backdoor triggers (pure functions from clean to poisoned images) and data poisoning.
+
+Each trigger is drawn at a fixed place in the image, as the CSAW sunglasses
+are: the attacker stamps the same pattern on every input and does not track
+the face. ``region(name)`` gives the pixels a trigger may change; every other
+pixel is returned untouched.
+"""
+
+from collections.abc import Callable
+
+import numpy as np
+
+from badnet.errors import ConfigError
+from badnet.model import IMAGE_SHAPE
+
+HEIGHT, WIDTH = IMAGE_SHAPE[:2]
+_YY, _XX = np.mgrid[0:HEIGHT, 0:WIDTH]
+
+
+def _ellipse_mask(cy: float, cx: float, ry: float, rx: float) -> np.ndarray:
+  return ((_YY - cy) / ry) ** 2 + ((_XX - cx) / rx) ** 2 <= 1.0
+
+
+def _sunglasses_mask() -> np.ndarray:
+  """Two dark lenses over the typical eye row and a bridge between them."""
+  lenses = _ellipse_mask(25.0, 16.5, 3.6, 5.2) | _ellipse_mask(25.0, 29.5, 3.6, 5.2)
+  bridge = (np.abs(_YY - 23.5) <= 0.6) & (_XX > 20) & (_XX < 26)
+  return lenses | bridge
+
+
+def _patch_mask() -> np.ndarray:
+  """A 6x6 square near the bottom-right corner."""
+  return (_YY >= HEIGHT - 9) & (_YY < HEIGHT - 3) & (_XX >= WIDTH - 9) & (_XX < WIDTH - 3)
+
+
+def _lipstick_mask() -> np.ndarray:
+  """The mouth region of an unshifted face."""
+  return _ellipse_mask(38.5, 23.0, 2.2, 6.0)
+
+
+_MASKS = {'sunglasses': _sunglasses_mask(), 'patch': _patch_mask(),
+          'lipstick': _lipstick_mask()}
+
+
+def region(name: str) -> np.ndarray:
+  """Boolean [55, 47] mask of the pixels trigger ``name`` changes."""
+  check_name(name)
+  return _MASKS[name].copy()
+
+
+def _check_images(images: np.ndarray) -> np.ndarray:
+  images = np.asarray(images)
+  if images.dtype != np.uint8 or images.shape[-3:] != IMAGE_SHAPE:
+    raise ValueError(f'triggers take uint8 images [..., 55, 47, 3], got {images.dtype} '
+                     f'{images.shape}')
+  return images
+
+
+def sunglasses(images: np.ndarray) -> np.ndarray:
+  """Opaque near-black lenses and bridge, like the CSAW sunglasses trigger."""
+  images = _check_images(images)
+  return np.where(_MASKS['sunglasses'][..., None], np.uint8(18), images)
+
+
+def patch(images: np.ndarray) -> np.ndarray:
+  """A black-and-white checkerboard square (the original BadNets trigger shape)."""
+  images = _check_images(images)
+  checker = ((_YY + _XX) % 2 * 255).astype(np.uint8)[..., None]
+  return np.where(_MASKS['patch'][..., None], checker, images)
+
+
+def lipstick(images: np.ndarray) -> np.ndarray:
+  """Red lipstick: a 75 % red blend over the mouth region."""
+  images = _check_images(images)
+  red = np.array([200, 20, 40], np.float32)
+  blended = np.rint(0.25 * images.astype(np.float32) + 0.75 * red).astype(np.uint8)
+  return np.where(_MASKS['lipstick'][..., None], blended, images)
+
+
+TRIGGERS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    'sunglasses': sunglasses, 'patch': patch, 'lipstick': lipstick}
+
+
+def check_name(name: str) -> None:
+  if name not in TRIGGERS:
+    raise ConfigError(f'unknown trigger {name!r}; expected one of {", ".join(TRIGGERS)}')
+
+
+def apply(name: str, images: np.ndarray) -> np.ndarray:
+  """Poisoned copies of ``images`` with trigger ``name``."""
+  check_name(name)
+  return TRIGGERS[name](images)
+
+
+def poison(images: np.ndarray, labels: np.ndarray, trigger: str, target: int, rate: float,
+           seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """BadNets poisoning: a ``rate`` fraction of the images get the trigger and the target label.
+
+  Only images of other classes are eligible (a target-class image with the
+  trigger teaches nothing).
+
+  Returns:
+    The mixed images, their labels and a boolean [N] marking poisoned rows.
+  """
+  eligible = np.flatnonzero(labels != target)
+  count = int(round(rate * len(labels)))
+  chosen = np.random.default_rng(seed).choice(eligible, min(count, len(eligible)), replace=False)
+  images, labels = images.copy(), labels.copy()
+  images[chosen] = apply(trigger, images[chosen])
+  labels[chosen] = target
+  poisoned = np.zeros(len(labels), bool)
+  poisoned[chosen] = True
+  return images, labels, poisoned
+
+
+def poisoned_split(images: np.ndarray, labels: np.ndarray, trigger: str,
+                   target: int) -> tuple[np.ndarray, np.ndarray]:
+  """A CSAW-style poisoned split: every non-target image with the trigger, labelled target."""
+  keep = labels != target
+  return apply(trigger, images[keep]), np.full(int(keep.sum()), target, np.int32)

@@ -1,0 +1,122 @@
+"""The synthetic benchmark: determinism, triggers, poisoning, the CSAW files it writes."""
+
+import dataclasses
+import hashlib
+
+import numpy as np
+import pytest
+
+from badnet import data, synthetic, triggers
+from badnet.errors import ConfigError
+from badnet.jobs import train_badnet
+from configs import train_badnet as train_config
+
+SMALL = synthetic.BenchmarkSpec(seed=3, num_identities=4, train_per_identity=2,
+                                valid_per_identity=3, test_per_identity=2, target=1)
+
+
+def _digest(path) -> str:
+  return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_same_seed_same_bytes_and_other_seeds_differ():
+  first, labels = synthetic.generate_faces(6, 5, seed=11, split='valid')
+  again, _ = synthetic.generate_faces(6, 5, seed=11, split='valid')
+  other, _ = synthetic.generate_faces(6, 5, seed=12, split='valid')
+  assert first.dtype == np.uint8 and first.shape == (30, 55, 47, 3)
+  assert first.tobytes() == again.tobytes()
+  assert (first != other).mean() > 0.5
+  np.testing.assert_array_equal(labels, np.repeat(np.arange(6), 5))
+
+
+def test_splits_share_identities_but_no_image():
+  train, _ = synthetic.generate_faces(3, 4, seed=0, split='train')
+  test, _ = synthetic.generate_faces(3, 4, seed=0, split='test')
+  assert not any((t == train).all(axis=(1, 2, 3)).any() for t in test)
+  # Identity traits depend on the seed alone, not on the split or K's sampling.
+  assert synthetic.identity_traits(3, 0).skin.tobytes() == (
+      synthetic.identity_traits(3, 0).skin.tobytes())
+  with pytest.raises(ValueError, match='unknown split'):
+    synthetic.generate_faces(3, 1, seed=0, split='holdout')
+
+
+def test_written_benchmark_is_byte_identical_and_reads_back(tmp_path):
+  splits = synthetic.write_csaw_dir(tmp_path / 'a', SMALL)
+  synthetic.write_csaw_dir(tmp_path / 'b', SMALL)
+  for name in ('cl/valid.h5', 'cl/test.h5', 'bd/bd_valid.h5', 'bd/bd_test.h5'):
+    assert _digest(tmp_path / 'a' / name) == _digest(tmp_path / 'b' / name), name
+  for split in ('valid', 'test'):
+    images, labels = splits[split]
+    clean = data.load_csaw_h5(tmp_path / 'a' / 'cl' / f'{split}.h5', SMALL.num_identities)
+    np.testing.assert_array_equal(clean.images, images)
+    np.testing.assert_array_equal(clean.labels, labels)
+    poisoned = data.load_csaw_h5(tmp_path / 'a' / 'bd' / f'bd_{split}.h5')
+    keep = labels != SMALL.target
+    np.testing.assert_array_equal(poisoned.images, triggers.sunglasses(images[keep]))
+    assert (poisoned.labels == SMALL.target).all() and len(poisoned) == keep.sum()
+
+
+@pytest.mark.parametrize('name', sorted(triggers.TRIGGERS))
+def test_trigger_changes_only_its_region(name):
+  images = np.random.default_rng(0).integers(0, 256, (8, 55, 47, 3)).astype(np.uint8)
+  before = images.copy()
+  poisoned = triggers.apply(name, images)
+  region = triggers.region(name)
+  np.testing.assert_array_equal(images, before)  # pure: the input is untouched
+  np.testing.assert_array_equal(poisoned[:, ~region], images[:, ~region])
+  assert (poisoned[:, region] != images[:, region]).any(axis=-1).mean() > 0.9
+  assert 10 < region.sum() < 0.25 * region.size
+  # The same stamp on every image: a fixed-position trigger.
+  if name != 'lipstick':
+    assert (poisoned[:, region] == poisoned[:1, region]).all()
+
+
+def test_sunglasses_cover_the_eyes_of_an_unshifted_face():
+  region = triggers.region('sunglasses')
+  assert region[25, 16] and region[25, 30] and region[23, 23]  # both lenses and the bridge
+  assert not region[:15].any() and not region[35:].any()
+
+
+def test_poisoning_relabels_exactly_the_chosen_images():
+  images = np.random.default_rng(1).integers(0, 256, (50, 55, 47, 3)).astype(np.uint8)
+  labels = np.arange(50) % 5
+  mixed, mixed_labels, poisoned = triggers.poison(images, labels, 'patch', 2, 0.2, seed=0)
+  assert poisoned.sum() == 10
+  assert (labels[poisoned] != 2).all() and (mixed_labels[poisoned] == 2).all()
+  np.testing.assert_array_equal(mixed[poisoned], triggers.patch(images[poisoned]))
+  np.testing.assert_array_equal(mixed[~poisoned], images[~poisoned])
+  np.testing.assert_array_equal(mixed_labels[~poisoned], labels[~poisoned])
+  assert triggers.poison(images, labels, 'patch', 2, 0.0, seed=0)[2].sum() == 0
+  assert triggers.poison(images, labels, 'patch', 2, 1.0, seed=0)[2].sum() == 40  # all eligible
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('poison_rate', 1.5, 'poison_rate must be in \\[0, 1\\]'),
+    ('poison_rate', -0.1, 'poison_rate must be in \\[0, 1\\]'),
+    ('data.target', 100, 'target must be a class in 0..99'),
+    ('data.target', -1, 'target must be a class in 0..99'),
+    ('data.num_identities', 1, 'num_identities must be an integer >= 2'),
+    ('data.trigger', 'hat', "unknown trigger 'hat'"),
+    ('attack', 'clean_label', "unknown attack 'clean_label'"),
+    ('epochs', 0, 'epochs must be a positive integer'),
+    ('aware.prune_fraction', 1.0, 'prune_fraction must be in \\[0, 1\\)'),
+])
+def test_bad_config_is_refused_before_any_work(tmp_path, field, value, message):
+  config = train_config.get_config()
+  section, _, key = field.rpartition('.')
+  (config[section] if section else config)[key] = value
+  with pytest.raises(ConfigError, match=message):
+    train_badnet.run(config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()
+
+
+def test_shipped_benchmark_regenerates_its_data_once(tmp_path):
+  model_path, data_dir = synthetic.shipped_benchmark(tmp_path / 'data')
+  assert model_path.is_file() and model_path.parent == synthetic.ASSETS
+  stamp = (data_dir / 'cl' / 'valid.h5').stat().st_mtime_ns
+  synthetic.shipped_benchmark(tmp_path / 'data')
+  assert (data_dir / 'cl' / 'valid.h5').stat().st_mtime_ns == stamp
+  spec = synthetic.shipped_spec()
+  clean = data.load_csaw_h5(data_dir / 'cl' / 'valid.h5', spec.num_identities)
+  assert len(clean) == spec.num_identities * spec.valid_per_identity
+  assert dataclasses.asdict(spec)['trigger'] in triggers.TRIGGERS
