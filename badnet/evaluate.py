@@ -61,13 +61,15 @@ def map_batches(fn: Callable[..., Any], replicated: Any, arrays: tuple[np.ndarra
     fn: a pure function returning a pytree of per-row arrays [B, ...].
     replicated: a pytree (usually params) copied to every device.
     arrays: host arrays with the same leading size N, split on the mesh.
-    batch_size: rows per step (rounded up to a multiple of the device count).
+    batch_size: rows per step (at most N, rounded up to a multiple of the
+      device count).
 
   Returns:
     The pytree of per-row outputs over all N rows, as numpy arrays.
   """
   mesh = data_mesh()
-  batch_size = global_batch_size(batch_size, mesh)
+  # Fewer rows than a batch (a handful of image files): a smaller batch, not padding.
+  batch_size = global_batch_size(min(batch_size, len(arrays[0])), mesh)
   rows_sharding = NamedSharding(mesh, P('data'))
   replicated = jax.device_put(replicated, NamedSharding(mesh, P()))
   step = _jitted(fn, rows_sharding)

@@ -82,15 +82,16 @@ def plot_sweep(path: pathlib.Path, clean_acc: np.ndarray, asr: np.ndarray,
   for x, level in levels.items():
     if level is not None:
       by_level.setdefault(level, []).append(f'{x:g}')
-  for level, names in by_level.items():
+  for index, (level, names) in enumerate(sorted(by_level.items())):
     axes.axvline(fraction[level], color='grey', linestyle=':', linewidth=1)
-    axes.annotate(f'X={",".join(names)}', (fraction[level], 3), rotation=90, fontsize=8,
-                  ha='right', va='bottom', color='dimgrey')
+    # Staggered heights keep the labels of neighbouring levels apart.
+    axes.annotate(f'X={",".join(names)}', (fraction[level], 3 + 22 * (index % 3)), rotation=90,
+                  fontsize=8, ha='right', va='bottom', color='dimgrey')
   axes.set_xlabel('fraction of conv_3 channels pruned')
   axes.set_ylabel('%')
   axes.set_ylim(-2, 102)
   axes.set_title('Pruning sweep')
-  axes.legend(loc='lower left')
+  axes.legend(loc='center left')
   axes.grid(alpha=0.3)
   _save(figure, path)
 

@@ -18,6 +18,8 @@ from typing import Any
 from badnet.errors import WorkdirError
 
 MARKER_FILE = 'config.json'
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read the process umask (there is no way to read it without setting it)
 MARKER_KEY = 'badnet_job'
 
 
@@ -54,6 +56,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
   os.close(fd)
   try:
     yield pathlib.Path(tmp)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs are ordinary files
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):

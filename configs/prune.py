@@ -28,6 +28,9 @@ def get_config() -> ml_collections.ConfigDict:
   # The backdoored net B: Keras .h5, weights-only or full model. Empty (and no
   # data given): the shipped synthetic benchmark.
   config.model = ''
+  # Which shipped synthetic BadNet runs when model and data are empty:
+  # 'badnets' or 'pruning_aware' (its backdoor survives pruning, like lab3's).
+  config.benchmark = 'badnets'
   config.data = ml_collections.ConfigDict()
   # A folder in the CSAW lab3 layout: cl/valid.h5, cl/test.h5, bd/bd_valid.h5,
   # bd/bd_test.h5. Each file can be overridden by the fields below.

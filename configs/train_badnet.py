@@ -41,7 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.learning_rate = 1e-3           # Adam's peak rate (cosine decay to 1 %)
   config.seed = 0                       # init, shuffling and poisoning seed
   config.aware = ml_collections.ConfigDict()
-  config.aware.clean_epochs = 8         # pruning-aware: epochs on clean data first
+  config.aware.clean_epochs = 16        # pruning-aware: epochs on clean data first
   config.aware.poisoned_epochs = 8      # then epochs on the poisoned mix, decoys held at zero
   config.aware.prune_fraction = 0.5     # fraction of conv_3 channels made dormant decoys
   # Maintainers: also write the net and the data spec into badnet/assets.

@@ -184,3 +184,19 @@ def test_cli_classify_prints_goodnet_classes(world, tmp_path):
   assert result.returncode == 0, result.stderr
   expected = goodnet.predict(params, pruned, images)
   assert result.stdout.split() == [t for p, c in zip(paths, expected) for t in (p, str(c))]
+
+
+def test_default_prune_job_runs_on_the_shipped_benchmark(tmp_path):
+  """The README's main job, as a newcomer runs it: no model, no data."""
+  result = _main('--config=configs/prune.py', f'--workdir={tmp_path / "run"}')
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.splitlines()[0].startswith('Running on the shipped synthetic benchmark')
+  results = json.loads((tmp_path / 'run' / 'results.json').read_text())
+  assert results['synthetic_benchmark'] is True
+  # The shipped BadNet is a working backdoor on its own held-out test split.
+  assert results['base']['test']['clean_acc'] >= 95 and results['base']['test']['asr'] >= 99
+  for x in ('2', '4', '10', '30'):
+    entry = results['thresholds'][x]
+    assert entry['reached'] and (tmp_path / 'run' / entry['model_file']).is_file()
+    assert entry['goodnet']['detection_rate'] + entry['goodnet']['asr'] <= 100 + 1e-9
+  assert (tmp_path / 'run' / 'plots' / 'sweep.png').is_file()

@@ -6,7 +6,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from badnet import data, synthetic, triggers
+from badnet import data, evaluate, keras_io, synthetic, triggers
 from badnet.errors import ConfigError
 from badnet.jobs import train_badnet
 from configs import train_badnet as train_config
@@ -120,3 +120,15 @@ def test_shipped_benchmark_regenerates_its_data_once(tmp_path):
   clean = data.load_csaw_h5(data_dir / 'cl' / 'valid.h5', spec.num_identities)
   assert len(clean) == spec.num_identities * spec.valid_per_identity
   assert dataclasses.asdict(spec)['trigger'] in triggers.TRIGGERS
+
+
+@pytest.mark.parametrize('attack', sorted(synthetic.SHIPPED_NETS))
+def test_shipped_nets_are_working_backdoors(tmp_path_factory, attack):
+  """Clean accuracy >= 95 % and ASR >= 99 % on the benchmark's held-out test split."""
+  model_path, data_dir = synthetic.shipped_benchmark(
+      tmp_path_factory.getbasetemp() / 'shipped', attack)
+  params = keras_io.read_params(model_path)
+  clean = data.load_csaw_h5(data_dir / 'cl' / 'test.h5')
+  poisoned = data.load_csaw_h5(data_dir / 'bd' / 'bd_test.h5')
+  assert evaluate.accuracy(params, clean.images, clean.labels) >= 95
+  assert evaluate.attack_success_rate(params, poisoned.images, poisoned.labels) >= 99

@@ -5,7 +5,7 @@ import pathlib
 from absl import logging
 import ml_collections
 
-
+from badnet import synthetic
 from badnet.errors import ConfigError
 
 # CSAW lab3 layout, relative to a data folder.
@@ -18,12 +18,18 @@ def check_batch_size(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'config.batch_size must be a positive integer, got {config.batch_size!r}')
 
 
-def shipped_benchmark(workdir: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
-  """The shipped synthetic BadNet and its data (regenerated under ``workdir/data``)."""
+def check_benchmark(config: ml_collections.ConfigDict) -> None:
+  if config.benchmark not in synthetic.SHIPPED_NETS:
+    raise ConfigError(f'config.benchmark: unknown shipped net {config.benchmark!r}; expected '
+                      f'one of {", ".join(synthetic.SHIPPED_NETS)}')
+
+
+def shipped_benchmark(workdir: pathlib.Path, attack: str = 'badnets'
+                      ) -> tuple[pathlib.Path, pathlib.Path]:
+  """A shipped synthetic BadNet and its data (regenerated under ``workdir/data``)."""
   logging.info('No model/data given: using the shipped synthetic benchmark '
                '(data regenerated deterministically under %s).', workdir / 'data')
-  print('Running on the shipped synthetic benchmark (no model or data given); '
-        f'its data is regenerated under {workdir / "data"}.', flush=True)
-  from badnet import synthetic  # pylint: disable=g-import-not-at-top  # heavy; only when used
-  model_path, data_dir = synthetic.shipped_benchmark(workdir / "data")
+  print(f'Running on the shipped synthetic benchmark ({attack} BadNet; no model or data '
+        f'given); its data is regenerated under {workdir / "data"}.', flush=True)
+  model_path, data_dir = synthetic.shipped_benchmark(workdir / 'data', attack)
   return pathlib.Path(model_path), pathlib.Path(data_dir)

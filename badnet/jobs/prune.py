@@ -25,6 +25,7 @@ class Inputs:
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Rejects bad config values before any work is done."""
   common.check_batch_size(config)
+  common.check_benchmark(config)
   thresholds = config.thresholds
   if isinstance(thresholds, (int, float)):
     thresholds = (thresholds,)
@@ -55,7 +56,7 @@ def resolve_inputs(config: ml_collections.ConfigDict, out: pathlib.Path) -> Inpu
   """The model and the four data files, from the config or the shipped benchmark."""
   overrides = {key: config.data[key] for key in common.CSAW_FILES}
   if not config.model and not config.data.dir and not any(overrides.values()):
-    model_path, data_dir = common.shipped_benchmark(out)
+    model_path, data_dir = common.shipped_benchmark(out, config.benchmark)
     synthetic = True
   else:
     if not config.model:
