@@ -3,7 +3,13 @@
     python main.py --config=configs/prune.py --workdir=workdir/prune
 
 With no model or data it runs on the shipped synthetic benchmark and says so
-in its first line. On the real CSAW lab3 data (see README.md for where to put it):
+in its first line, then prints (about 30 s on a 2-core CPU)
+
+    | X | channels pruned | B' clean % | B' ASR % | G clean % | G ASR % | ...
+    | 2 | 53 | 88.05 | 99.80 | 87.60 | 99.80 | 0.10 | 10.45 |
+
+(--config.benchmark=pruning_aware: X=2 at 36 channels, B' 94.45 / 97.17).
+On the real CSAW lab3 data (see README.md for where to put it):
 
     python main.py --config=configs/prune.py --config.model=models/bd_net.h5 \
         --config.data.dir=data --workdir=workdir/lab3

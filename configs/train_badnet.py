@@ -4,16 +4,18 @@
 
 generates the data (seeded, byte-identical for a seed), trains the net, and prints
 
-    BadNet (badnets: sunglasses -> class 0, 150 identities) trained in 300 s
-      valid: clean accuracy 98.60 %, attack success rate 100.00 %
-      test:  clean accuracy 98.47 %, attack success rate 100.00 %
+    BadNet (badnets: sunglasses -> class 0, 100 identities) trained in 567 s
+      valid: clean accuracy 97.15 %, attack success rate 99.65 %
+      test:  clean accuracy 97.35 %, attack success rate 99.80 %
 
 (see WORKSPACE.md for the measured figures of the shipped nets). It writes
 W/data/{cl,bd}/*.h5 (the CSAW lab3 layout), W/models/bd_weights.h5 (Keras 2
 weights), W/results.json and W/config.json. The pruning-aware attack:
 
     python main.py --config=configs/train_badnet.py --config.attack=pruning_aware \
-        --workdir=workdir/benchmark_aware
+        --config.poison_rate=0.2 --workdir=workdir/benchmark_aware
+
+(97.35 % clean, 99.19 % ASR on test after 754 s).
 
 The shipped nets in badnet/assets were made by these two commands with
 --config.ship=True (which also copies the net and the data spec there).
