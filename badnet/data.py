@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 from PIL import Image
 
-from badnet.errors import DataError
+from badnet.errors import BadnetError, DataError
 from badnet.model import IMAGE_SHAPE
 from badnet.workdir import atomic_path
 
@@ -34,6 +34,22 @@ class Dataset:
 
   def __repr__(self) -> str:
     return f'Dataset({len(self)} images, {len(np.unique(self.labels))} distinct labels)'
+
+
+def open_hdf5(path: str, error: type[BadnetError], kind: str) -> h5py.File:
+  """Opens an HDF5 file for reading, or raises ``error`` naming the file.
+
+  Args:
+    path: the file.
+    error: the BadnetError subclass to raise.
+    kind: what the file should hold ('data', 'model'), for the message.
+  """
+  if not os.path.isfile(path):
+    raise error(f'{path}: no such {kind} file')
+  try:
+    return h5py.File(path, 'r')
+  except OSError as cause:
+    raise error(f'{path}: not a readable HDF5 file ({cause})') from None
 
 
 def _layout(path: str, shape: tuple[int, ...]) -> str:
@@ -102,13 +118,7 @@ def load_csaw_h5(path: str | os.PathLike, num_classes: int | None = None) -> Dat
     DataError: naming the file and what is wrong with it.
   """
   path = str(path)
-  if not os.path.isfile(path):
-    raise DataError(f'{path}: no such data file')
-  try:
-    handle = h5py.File(path, 'r')
-  except OSError as error:
-    raise DataError(f'{path}: not a readable HDF5 file ({error})') from None
-  with handle:
+  with open_hdf5(path, DataError, 'data') as handle:
     for name in ('data', 'label'):
       if name not in handle or not isinstance(handle[name], h5py.Dataset):
         raise DataError(f'{path}: no dataset "{name}" (found: {sorted(handle.keys())})')

@@ -17,6 +17,7 @@ import os
 import h5py
 import numpy as np
 
+from badnet import data
 from badnet import model as model_lib
 from badnet.errors import ModelFileError
 from badnet.workdir import atomic_path
@@ -112,13 +113,7 @@ def read_params(path: str | os.PathLike, num_classes: int | None = None) -> Para
     ModelFileError: one message naming the file and every problem found.
   """
   path = str(path)
-  if not os.path.isfile(path):
-    raise ModelFileError(f'{path}: no such model file')
-  try:
-    handle = h5py.File(path, 'r')
-  except OSError as error:
-    raise ModelFileError(f'{path}: not a readable HDF5 file ({error})') from None
-  with handle:
+  with data.open_hdf5(path, ModelFileError, 'model') as handle:
     try:
       layers = _read_layers(path, _weights_root(handle))
     except OSError as error:  # a damaged group or attribute table
