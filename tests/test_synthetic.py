@@ -33,9 +33,11 @@ def test_splits_share_identities_but_no_image():
   train, _ = synthetic.generate_faces(3, 4, seed=0, split='train')
   test, _ = synthetic.generate_faces(3, 4, seed=0, split='test')
   assert not any((t == train).all(axis=(1, 2, 3)).any() for t in test)
-  # Identity traits depend on the seed alone, not on the split or K's sampling.
+  # Identity traits are drawn from the seed (the split never enters them).
   assert synthetic.identity_traits(3, 0).skin.tobytes() == (
       synthetic.identity_traits(3, 0).skin.tobytes())
+  assert synthetic.identity_traits(3, 0).skin.tobytes() != (
+      synthetic.identity_traits(3, 1).skin.tobytes())
   with pytest.raises(ValueError, match='unknown split'):
     synthetic.generate_faces(3, 1, seed=0, split='holdout')
 
