@@ -10,37 +10,59 @@ from badnet import evaluate, model, prune
 from tests import helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# 203 images in batches of 50: neither a multiple of 8 devices nor of the batch.
-_SCRIPT = '''
+# 203 images in batches of 50: N is a multiple of neither the batch nor 8 devices,
+# and 50 itself is not a multiple of 8 (it is rounded up to 56 there).
+COUNT, BATCH = 203, 50
+
+
+def compute() -> dict[str, np.ndarray]:
+  """Everything the test compares, computed on whatever devices this process has."""
+  params = model.init_params(13, seed=5)
+  images = helpers.varied_images(COUNT, seed=6)
+  order = np.random.default_rng(7).permutation(model.num_channels(params))
+  masks = prune.prefix_masks(order)[::6]  # levels 0, 6, ..., 60: 11 masks
+  return dict(
+      predict=evaluate.predict(params, images, batch_size=BATCH),
+      masked=evaluate.predict(params, images, batch_size=BATCH, channel_mask=masks[5]),
+      sweep=evaluate.sweep_predictions(params, masks, images, batch_size=BATCH),
+      means=prune.mean_activations(params, images, batch_size=BATCH))
+
+
+_SCRIPT = f'''
 import sys
 import jax
 import numpy as np
-from badnet import evaluate, model, prune
-from tests import helpers
+from badnet import evaluate
+from tests.test_sharding import compute
 assert jax.device_count() == 8, jax.devices()
-params = model.init_params(13, seed=5)
-images = helpers.varied_images(203, seed=6)
-masks = prune.prefix_masks(np.arange(60))[::7]
-np.savez(sys.argv[1], predict=evaluate.predict(params, images, batch_size=50),
-         sweep=evaluate.sweep_predictions(params, masks, images, batch_size=50),
-         means=prune.mean_activations(params, images, batch_size=50))
+assert evaluate.data_mesh().devices.size == 8
+assert evaluate.global_batch_size({BATCH}, evaluate.data_mesh()) == 56
+np.savez(sys.argv[1], **compute())
 '''
 
 
-def test_eight_devices_give_the_same_predictions(tmp_path):
+def _on_eight_devices(out) -> dict[str, np.ndarray]:
   env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8',
          'JAX_PLATFORMS': 'cpu'}
-  out = tmp_path / 'eight.npz'
-  subprocess.run([sys.executable, '-c', _SCRIPT, str(out)], cwd=REPO, env=env, check=True,
-                 timeout=300)
-  eight = np.load(out)
-  params = model.init_params(13, seed=5)
-  images = helpers.varied_images(203, seed=6)
-  masks = prune.prefix_masks(np.arange(60))[::7]
-  one = evaluate.predict(params, images, batch_size=50)
-  assert len(np.unique(one)) > 1
-  np.testing.assert_array_equal(eight['predict'], one)
-  np.testing.assert_array_equal(eight['sweep'],
-                                evaluate.sweep_predictions(params, masks, images, batch_size=50))
-  np.testing.assert_allclose(eight['means'],
-                             prune.mean_activations(params, images, batch_size=50), rtol=1e-6)
+  result = subprocess.run([sys.executable, '-c', _SCRIPT, str(out)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  with np.load(out) as eight:
+    return dict(eight)
+
+
+def test_eight_devices_give_the_same_predictions(tmp_path):
+  """predict, masked predict, the pruning sweep and mean activations: 8 devices == 1."""
+  one = compute()
+  # The comparison must be of varied outputs, not of one constant class.
+  assert len(np.unique(one['predict'])) > 3
+  assert one['sweep'].shape == (COUNT, 11)
+  assert len({tuple(level) for level in one['sweep'].T}) > 5  # the levels differ
+  np.testing.assert_array_equal(one['sweep'][:, 0], one['predict'])  # level 0: nothing pruned
+  np.testing.assert_array_equal(one['sweep'][:, 5], one['masked'])
+  eight = _on_eight_devices(tmp_path / 'eight.npz')
+  for key in ('predict', 'masked', 'sweep'):
+    assert eight[key].shape == one[key].shape, key
+    np.testing.assert_array_equal(eight[key], one[key], key)
+  # Means are float sums whose order of addition may change with the sharding.
+  np.testing.assert_allclose(eight['means'], one['means'], rtol=1e-6)
