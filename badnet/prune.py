@@ -9,7 +9,7 @@ notebooks did, which is the same as a 0 in a channel mask on pool_3.
 from typing import Literal
 
 import jax
-
+import jax.numpy as jnp
 import numpy as np
 
 from badnet import evaluate
@@ -64,21 +64,32 @@ def prefix_masks(order: np.ndarray) -> np.ndarray:
   return masks
 
 
-def prune(params: Params, channel_mask: np.ndarray) -> Params:
+def prune(params: Params, channel_mask: jax.Array) -> Params:
   """Params with the conv_3 channels where ``channel_mask`` is 0 zeroed (kernel and bias).
 
-  Never mutates ``params``; every other array is shared, not copied.
+  A pure jax.numpy function: it works on host or device arrays and under
+  ``jit``, ``vmap`` (over masks or params) and ``grad``. Never mutates
+  ``params``; every other layer is shared, not copied.
   """
-  keep = np.asarray(channel_mask) != 0
+  keep = jnp.asarray(channel_mask) != 0
   conv_3 = params[model_lib.FEATURE_LAYER]
-  if keep.shape != conv_3['bias'].shape:
+  if keep.shape[-1:] != conv_3['bias'].shape:
     raise ValueError(f'channel mask of shape {keep.shape} for a conv_3 with '
                      f'{conv_3["bias"].shape[0]} channels')
-  kernel = np.asarray(conv_3['kernel'])
-  bias = np.asarray(conv_3['bias'])
-  pruned = {'kernel': np.where(keep, kernel, np.zeros_like(kernel)),
-            'bias': np.where(keep, bias, np.zeros_like(bias))}
+  pruned = {'kernel': jnp.where(keep, conv_3['kernel'], 0.0),
+            'bias': jnp.where(keep, conv_3['bias'], 0.0)}
   return {**params, model_lib.FEATURE_LAYER: pruned}
+
+
+def check_mask(channel_mask: np.ndarray, num_channels: int) -> np.ndarray:
+  """A host mask checked to be 0/1 of length ``num_channels``; returned as float32."""
+  mask = np.asarray(channel_mask)
+  if mask.shape != (num_channels,):
+    raise ValueError(f'channel mask of shape {mask.shape}; expected ({num_channels},)')
+  if not np.isin(mask, (0, 1)).all():
+    raise ValueError(f'channel mask holds values other than 0 and 1: '
+                     f'{np.unique(mask[~np.isin(mask, (0, 1))])[:5]}')
+  return mask.astype(np.float32)
 
 
 def pruned_channels(channel_mask: np.ndarray) -> np.ndarray:

@@ -57,7 +57,37 @@ def markdown(results: dict) -> str:
         f'| {x} | {entry["channels_pruned"]} | {_fmt(repaired["clean_acc"])} | '
         f'{_fmt(repaired["asr"])} | {_fmt(good["clean_acc"])} | {_fmt(good["asr"])} | '
         f'{_fmt(good["detection_rate"])} | {_fmt(good["false_alarm_rate"])} |')
+  if 'fine_tuned_only' in results:
+    lines += ['', *_fine_pruning_lines(results)]
   return '\n'.join(lines) + '\n'
+
+
+def _fine_pruning_lines(results: dict) -> list[str]:
+  """The fine-pruning table: each fine-tuned net and its GoodNet (with B) on the test split."""
+  tune = results['finetune']
+  lines = [
+      f'Fine-pruning: {tune["optimizer"]}, learning rate {tune["learning_rate"]:g} '
+      f'({tune["schedule"]}), {tune["epochs"]} epochs of batch {tune["batch_size"]}, weight '
+      f'decay {tune["weight_decay"]:g}, on {tune["train_images"]} clean validation images; '
+      f'the epoch chosen on {tune["holdout_images"]} held-out clean images. Test split:', '',
+      '| net | channels pruned | clean % | ASR % | G clean % | G ASR % | G detection % | '
+      'G false alarm % | epoch |',
+      '|---|---:|---:|---:|---:|---:|---:|---:|---:|',
+  ]
+  only = results['fine_tuned_only']
+  lines.append(f'| B fine-tuned alone | 0 | {_fmt(only["clean_acc"])} | {_fmt(only["asr"])} | '
+               f'— | — | — | — | {only["chosen_epoch"]} |')
+  for x, entry in results['thresholds'].items():
+    tuned, good = entry.get('fine_pruned'), entry.get('goodnet_fine_pruned')
+    if tuned is None:
+      lines.append(f'| X={x} fine-pruned | not reached | — | — | — | — | — | — | — |')
+      continue
+    lines.append(
+        f'| X={x} fine-pruned | {entry["channels_pruned"]} | {_fmt(tuned["clean_acc"])} | '
+        f'{_fmt(tuned["asr"])} | {_fmt(good["clean_acc"])} | {_fmt(good["asr"])} | '
+        f'{_fmt(good["detection_rate"])} | {_fmt(good["false_alarm_rate"])} | '
+        f'{tuned["chosen_epoch"]} |')
+  return lines
 
 
 def summary(results: dict) -> str:
@@ -123,6 +153,31 @@ def plot_thresholds(path: pathlib.Path, results: dict) -> None:
   _save(figure, path)
 
 
+def plot_fine_pruning(path: pathlib.Path, results: dict) -> None:
+  """Per X: B'_X, the fine-pruned net and its GoodNet; B and B fine-tuned alone as lines."""
+  reached = [(x, e) for x, e in results['thresholds'].items() if e.get('fine_pruned')]
+  figure, panels = plt.subplots(1, 2, figsize=(max(8, 2.2 * len(reached) + 3), 4.2), sharey=True)
+  positions = np.arange(len(reached))
+  nets = (("B'_X (pruned)", 'repaired', 'tab:grey'), ('fine-pruned', 'fine_pruned', 'tab:blue'),
+          ('GoodNet (B, fine-pruned)', 'goodnet_fine_pruned', 'tab:purple'))
+  for panel, metric, title in zip(panels, ('clean_acc', 'asr'),
+                                  ('clean accuracy', 'attack success rate')):
+    for index, (name, key, colour) in enumerate(nets):
+      panel.bar(positions + 0.27 * (index - 1), [e[key][metric] for _, e in reached], 0.27,
+                label=name, color=colour)
+    panel.axhline(results['base']['test'][metric], color='tab:red', linestyle='--',
+                  linewidth=1, label='B')
+    panel.axhline(results['fine_tuned_only'][metric], color='tab:orange', linestyle=':',
+                  linewidth=1.5, label='B fine-tuned alone')
+    panel.set_xticks(positions, [f'X={x}' for x, _ in reached])
+    panel.set_title(f'{title} (test)')
+    panel.set_ylim(0, 105)
+    panel.grid(axis='y', alpha=0.3)
+  panels[0].set_ylabel('%')
+  panels[1].legend(loc='upper center', bbox_to_anchor=(-0.05, -0.1), ncol=5, fontsize=8)
+  _save(figure, path)
+
+
 def write_results(out: pathlib.Path, results: dict, clean_acc: np.ndarray,
                   asr: np.ndarray, levels: dict[float, int | None]) -> None:
   """results.json, results.md, plots/sweep.png and plots/thresholds.png."""
@@ -130,3 +185,5 @@ def write_results(out: pathlib.Path, results: dict, clean_acc: np.ndarray,
   workdir_lib.write_text(out / 'results.md', markdown(results))
   plot_sweep(out / 'plots' / 'sweep.png', clean_acc, asr, levels)
   plot_thresholds(out / 'plots' / 'thresholds.png', results)
+  if 'fine_tuned_only' in results:
+    plot_fine_pruning(out / 'plots' / 'fine_prune.png', results)

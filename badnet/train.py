@@ -15,6 +15,8 @@ fixed batch size, so it compiles once and runs unchanged on a CPU, a GPU or a
 TPU host.
 """
 
+import dataclasses
+import functools
 import sys
 import time
 from collections.abc import Callable
@@ -47,20 +49,100 @@ def csaw_init(num_classes: int, seed: int) -> Params:
   return params
 
 
-def _loss(params: Params, images: jax.Array, labels: jax.Array,
-          channel_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+OPTIMIZERS = ('adam', 'adamw', 'sgd')
+SCHEDULES = ('cosine', 'constant')
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+  """How to train: the optimiser, its schedule and the batches (hashable, so steps are cached).
+
+  Attributes:
+    optimizer: 'adam', 'adamw' (decoupled weight decay) or 'sgd' (momentum 0.9).
+    learning_rate: the peak rate.
+    schedule: 'cosine' (decay to 1 % of the peak over all steps) or 'constant'.
+    warmup_epochs: epochs of linear warm-up from 0 to the peak (may be fractional).
+    epochs: passes over the training images.
+    batch_size: images per step over all devices; the last partial batch of
+      each (seeded) shuffle is dropped so the step compiles once.
+    weight_decay: adamw: decoupled decay; adam and sgd: an L2 term added to the
+      gradient.
+    seed: the shuffling seed.
+  """
+  optimizer: str = 'adam'
+  learning_rate: float = 1e-3
+  schedule: str = 'cosine'
+  warmup_epochs: float = 0.0
+  epochs: int = 10
+  batch_size: int = 32
+  weight_decay: float = 0.0
+  seed: int = 0
+
+
+def make_optimizer(recipe: Recipe, steps_per_epoch: int) -> optax.GradientTransformation:
+  """The optax optimiser of ``recipe`` for ``steps_per_epoch`` steps in each epoch."""
+  total = recipe.epochs * steps_per_epoch
+  warmup = int(round(recipe.warmup_epochs * steps_per_epoch))
+  peak = recipe.learning_rate
+  if recipe.schedule == 'cosine' and warmup:
+    rate = optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total, warmup + 1),
+                                              end_value=0.01 * peak)
+  elif recipe.schedule == 'cosine':
+    # To 1 % of the peak: the last epochs settle instead of jittering.
+    rate = optax.cosine_decay_schedule(peak, total, alpha=0.01)
+  elif recipe.schedule == 'constant':
+    rate = optax.linear_schedule(0.0, peak, warmup) if warmup else peak
+  else:
+    raise ValueError(f'unknown schedule {recipe.schedule!r}; expected one of {SCHEDULES}')
+  decay = recipe.weight_decay
+  if recipe.optimizer == 'adamw':
+    return optax.adamw(rate, weight_decay=decay)
+  if recipe.optimizer == 'adam':
+    base = optax.adam(rate)
+  elif recipe.optimizer == 'sgd':
+    base = optax.sgd(rate, momentum=0.9)
+  else:
+    raise ValueError(f'unknown optimizer {recipe.optimizer!r}; expected one of {OPTIMIZERS}')
+  return optax.chain(optax.add_decayed_weights(decay), base) if decay else base
+
+
+def loss_fn(params: Params, images: jax.Array, labels: jax.Array,
+            channel_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Mean softmax cross-entropy and the batch accuracy, with conv_3 channels masked."""
   logits = model.logits_fn(params, images, channel_mask)
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
   return loss, (jnp.argmax(logits, -1) == labels).mean()
 
 
-def _make_step(optimizer: optax.GradientTransformation) -> Callable:
-  def step(params, opt_state, images, labels, channel_mask):
-    (loss, accuracy), grads = jax.value_and_grad(_loss, has_aux=True)(
-        params, images, labels, channel_mask)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss, accuracy
-  return jax.jit(step, donate_argnums=(0, 1))
+def train_step(params: Params, opt_state: optax.OptState, images: jax.Array,
+               labels: jax.Array, channel_mask: jax.Array, *,
+               optimizer: optax.GradientTransformation, hold_pruned_at_zero: bool = False
+               ) -> tuple[Params, optax.OptState, jax.Array, jax.Array]:
+  """One optimiser step (pure): new params and state, the loss and accuracy.
+
+  With ``hold_pruned_at_zero`` the conv_3 channels that ``channel_mask``
+  prunes are set to exactly zero (kernel slice and bias) after the update, so
+  no optimiser (momentum, weight decay) can revive them: fine-pruning.
+  Without it the mask only silences them in the forward pass, and their
+  weights are left as they were (the pruning-aware attack's decoys).
+  """
+  (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      params, images, labels, channel_mask)
+  updates, opt_state = optimizer.update(grads, opt_state, params)
+  params = optax.apply_updates(params, updates)
+  if hold_pruned_at_zero:
+    params = prune.prune(params, channel_mask)
+  return params, opt_state, loss, accuracy
+
+
+@functools.cache
+def _compiled_step(recipe: Recipe, steps_per_epoch: int, hold_pruned_at_zero: bool
+                   ) -> tuple[optax.GradientTransformation, Callable]:
+  # One compilation per (recipe, shapes): fine-tuning several masks reuses it.
+  optimizer = make_optimizer(recipe, steps_per_epoch)
+  step = functools.partial(train_step, optimizer=optimizer,
+                           hold_pruned_at_zero=hold_pruned_at_zero)
+  return optimizer, jax.jit(step, donate_argnums=(0, 1))
 
 
 def _progress(epoch: int, epochs: int, step: int, steps: int, loss: float, prefix: str) -> None:
@@ -73,38 +155,43 @@ def _progress(epoch: int, epochs: int, step: int, steps: int, loss: float, prefi
     print('\r' + line, end='' if step < steps else '\n', file=sys.stderr, flush=True)
 
 
-def fit(params: Params, images: np.ndarray, labels: np.ndarray, *, epochs: int,
-        batch_size: int, learning_rate: float, seed: int,
-        channel_mask: np.ndarray | None = None, name: str = 'train') -> tuple[Params, list[dict]]:
-  """Trains ``params`` with Adam (cosine-decayed rate) on (images, labels).
+def fit(params: Params, images: np.ndarray, labels: np.ndarray, recipe: Recipe, *,
+        channel_mask: np.ndarray | None = None, hold_pruned_at_zero: bool = False,
+        holdout: tuple[np.ndarray, np.ndarray] | None = None,
+        name: str = 'train') -> tuple[Params, list[dict]]:
+  """Trains ``params`` on (images, labels) with ``recipe``, jitted and sharded over the data mesh.
 
   Args:
     params: initial params (not modified).
     images: uint8 [N, 55, 47, 3] host images; labels: int [N].
-    epochs, batch_size, learning_rate: the schedule; the last partial batch of
-      each (seeded) shuffle is dropped so the step compiles once.
-    seed: shuffling seed.
-    channel_mask: [C] conv_3 channels to hold at zero (the pruning-aware attack).
+    recipe: optimiser, schedule, epochs, batch size and shuffling seed.
+    channel_mask: [C] conv_3 channels to hold out (0) of the forward pass.
+    hold_pruned_at_zero: also keep the masked channels' conv_3 weights at
+      exactly zero (fine-pruning; see ``train_step``).
+    holdout: clean (images, labels) scored after every epoch; the params of
+      the epoch with the best holdout accuracy are returned (ties: the later
+      epoch, which trained longer).
     name: shown in the progress log.
 
   Returns:
-    The trained params (numpy) and per-epoch stats (loss, train accuracy, seconds).
+    The trained params (numpy) and per-epoch stats (loss, train accuracy,
+    seconds, and holdout accuracy if a holdout was given).
   """
   mesh = evaluate.data_mesh()
-  batch_size = evaluate.global_batch_size(min(batch_size, len(labels)), mesh)
+  batch_size = evaluate.global_batch_size(min(recipe.batch_size, len(labels)), mesh)
   rows, replicated = NamedSharding(mesh, P('data')), NamedSharding(mesh, P())
   steps = len(labels) // batch_size
-  # Cosine decay to 1 % of the peak: the last epochs settle instead of jittering.
-  optimizer = optax.adam(optax.cosine_decay_schedule(learning_rate, epochs * steps, alpha=0.01))
+  optimizer, step = _compiled_step(recipe, steps, hold_pruned_at_zero)
+  mask = np.ones(model.num_channels(params), np.float32) if channel_mask is None else (
+      np.asarray(channel_mask, np.float32))
+  if hold_pruned_at_zero:
+    params = prune.prune(params, mask)
   params = jax.device_put(jax.tree.map(jnp.array, params), replicated)
   opt_state = jax.device_put(optimizer.init(params), replicated)
-  mask = jax.device_put(np.ones(model.num_channels(params), np.float32)
-                        if channel_mask is None else np.asarray(channel_mask, np.float32),
-                        replicated)
-  step = _make_step(optimizer)
-  rng = np.random.default_rng(seed)
-  history = []
-  for epoch in range(1, epochs + 1):
+  mask = jax.device_put(mask, replicated)
+  rng = np.random.default_rng(recipe.seed)
+  history, best, best_acc = [], None, -1.0
+  for epoch in range(1, recipe.epochs + 1):
     start = time.perf_counter()
     order = rng.permutation(len(labels))
     losses, accuracies = [], []
@@ -115,25 +202,34 @@ def fit(params: Params, images: np.ndarray, labels: np.ndarray, *, epochs: int,
       losses.append(loss)
       accuracies.append(accuracy)
       if (index + 1) % 10 == 0 or index + 1 == steps:
-        _progress(epoch, epochs, index + 1, steps, float(loss), f'{name}: ')
+        _progress(epoch, recipe.epochs, index + 1, steps, float(loss), f'{name}: ')
     stats = {'epoch': epoch, 'loss': float(np.mean(jax.device_get(losses))),
-             'train_acc': 100 * float(np.mean(jax.device_get(accuracies))),
-             'seconds': time.perf_counter() - start}
+             'train_acc': 100 * float(np.mean(jax.device_get(accuracies)))}
+    message = ''
+    if holdout is not None:
+      stats['holdout_acc'] = evaluate.accuracy(params, *holdout, channel_mask=mask)
+      message = f', holdout acc {stats["holdout_acc"]:.2f} %'
+      if stats['holdout_acc'] >= best_acc:
+        best_acc, best = stats['holdout_acc'], jax.device_get(params)
+    stats['seconds'] = time.perf_counter() - start
     history.append(stats)
-    logging.info('%s: epoch %d/%d loss %.4f train acc %.2f %% (%.1f s)', name, epoch, epochs,
-                 stats['loss'], stats['train_acc'], stats['seconds'])
-  return jax.tree.map(np.asarray, jax.device_get(params)), history
+    logging.info('%s: epoch %d/%d loss %.4f train acc %.2f %%%s (%.1f s)', name, epoch,
+                 recipe.epochs, stats['loss'], stats['train_acc'], message, stats['seconds'])
+  final = best if holdout is not None else jax.device_get(params)
+  return jax.tree.map(np.asarray, final), history
 
 
 def train_badnets(images: np.ndarray, labels: np.ndarray, num_classes: int, *, trigger: str,
-                  target: int, poison_rate: float, epochs: int, batch_size: int,
-                  learning_rate: float, seed: int) -> tuple[Params, dict]:
-  """The BadNets attack: train from scratch on a poisoned mix of the training set."""
+                  target: int, poison_rate: float, recipe: Recipe) -> tuple[Params, dict]:
+  """The BadNets attack: train from scratch on a poisoned mix of the training set.
+
+  ``recipe.seed`` seeds the init, the poisoning and the shuffling.
+  """
+  seed = recipe.seed
   mixed, mixed_labels, poisoned = triggers.poison(images, labels, trigger, target, poison_rate, seed)
   logging.info('BadNets: %d of %d training images poisoned with %s -> %d.',
                poisoned.sum(), len(labels), trigger, target)
-  params, history = fit(csaw_init(num_classes, seed), mixed, mixed_labels, epochs=epochs,
-                        batch_size=batch_size, learning_rate=learning_rate, seed=seed,
+  params, history = fit(csaw_init(num_classes, seed), mixed, mixed_labels, recipe,
                         name='badnets')
   return params, {'history': history, 'poisoned_images': int(poisoned.sum())}
 
@@ -159,12 +255,17 @@ def lower_bias_until_dormant(params: Params, channels: np.ndarray, images: np.nd
 
 def train_pruning_aware(images: np.ndarray, labels: np.ndarray, num_classes: int, *,
                         trigger: str, target: int, poison_rate: float, clean_epochs: int,
-                        poisoned_epochs: int, prune_fraction: float, batch_size: int,
-                        learning_rate: float, seed: int) -> tuple[Params, dict]:
-  """The pruning-aware attack of Fine-Pruning (see the module docstring)."""
+                        poisoned_epochs: int, prune_fraction: float, recipe: Recipe
+                        ) -> tuple[Params, dict]:
+  """The pruning-aware attack of Fine-Pruning (see the module docstring).
+
+  Both phases use ``recipe`` with their own number of epochs; ``recipe.seed``
+  seeds the init, the poisoning and the first shuffle (the second uses seed + 1).
+  """
+  seed = recipe.seed
   params, clean_history = fit(csaw_init(num_classes, seed), images, labels,
-                              epochs=clean_epochs, batch_size=batch_size,
-                              learning_rate=learning_rate, seed=seed, name='aware/clean')
+                              dataclasses.replace(recipe, epochs=clean_epochs),
+                              name='aware/clean')
   activations = prune.mean_activations(params, images)
   decoys = prune.pruning_order(activations)[:int(round(prune_fraction * len(activations)))]
   mask = np.ones(len(activations), np.float32)
@@ -172,9 +273,9 @@ def train_pruning_aware(images: np.ndarray, labels: np.ndarray, num_classes: int
   logging.info('Pruning-aware: holding %d dormant conv_3 channels at zero: %s',
                len(decoys), decoys.tolist())
   mixed, mixed_labels, poisoned = triggers.poison(images, labels, trigger, target, poison_rate, seed)
-  params, poisoned_history = fit(params, mixed, mixed_labels, epochs=poisoned_epochs,
-                                 batch_size=batch_size, learning_rate=learning_rate,
-                                 seed=seed + 1, channel_mask=mask, name='aware/poisoned')
+  poisoned_recipe = dataclasses.replace(recipe, epochs=poisoned_epochs, seed=seed + 1)
+  params, poisoned_history = fit(params, mixed, mixed_labels, poisoned_recipe,
+                                 channel_mask=mask, name='aware/poisoned')
   params = lower_bias_until_dormant(params, decoys, mixed)
   return params, {'history': clean_history + poisoned_history,
                   'decoy_channels': [int(c) for c in decoys],

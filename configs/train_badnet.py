@@ -41,6 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.epochs = 18                    # badnets: epochs on the poisoned mix
   config.batch_size = 32                # images per step over all devices
   config.learning_rate = 1e-3           # Adam's peak rate (cosine decay to 1 %)
+  config.warmup_epochs = 0.0            # linear warm-up from 0 to the peak rate, in epochs
   config.seed = 0                       # init, shuffling and poisoning seed
   config.aware = ml_collections.ConfigDict()
   config.aware.clean_epochs = 16        # pruning-aware: epochs on clean data first

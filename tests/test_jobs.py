@@ -16,35 +16,10 @@ from badnet import data, evaluate, goodnet, keras_io, model, prune
 from badnet.errors import ConfigError, DataError, ModelFileError, WorkdirError
 from badnet.jobs import prune as prune_job
 from configs import prune as prune_config
-from tests import helpers
+from tests import conftest, helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NUM_CLASSES = 11
-
-
-@pytest.fixture(scope='module')
-def world(tmp_path_factory):
-  """A random net B and a CSAW-layout data folder labelled from B's own classes.
-
-  Clean labels are B's classes but for the last 12 images, labelled with the
-  class B gives once every channel is pruned: B is 90 % accurate and no pruning
-  level drops below 10 %. The poisoned files are labelled with B's class of
-  their first image.
-  """
-  root = tmp_path_factory.mktemp('world')
-  params = model.init_params(NUM_CLASSES, seed=3)
-  keras_io.write_keras_weights(root / 'bd_weights.h5', params)
-  bias_class = int(np.argmax(model.head_fn(params, np.zeros((1, 5, 4, 60), np.float32))))
-  for split, seed in (('valid', 1), ('test', 2)):
-    images = helpers.varied_images(120, seed)
-    labels = evaluate.predict(params, images)
-    assert (labels[-12:] != bias_class).all()
-    labels[-12:] = bias_class
-    data.write_csaw_h5(root / 'data' / 'cl' / f'{split}.h5', images, labels)
-    poisoned = helpers.varied_images(60, seed + 10)
-    target = np.full(60, evaluate.predict(params, poisoned[:1])[0])
-    data.write_csaw_h5(root / 'data' / 'bd' / f'bd_{split}.h5', poisoned, target)
-  return root, params
+NUM_CLASSES = conftest.WORLD_CLASSES
 
 
 def _config(world_root, **overrides) -> ml_collections.ConfigDict:
@@ -198,5 +173,4 @@ def test_default_prune_job_runs_on_the_shipped_benchmark(tmp_path):
   for x in ('2', '4', '10', '30'):
     entry = results['thresholds'][x]
     assert entry['reached'] and (tmp_path / 'run' / entry['model_file']).is_file()
-    assert entry['goodnet']['detection_rate'] + entry['goodnet']['asr'] <= 100 + 1e-9
   assert (tmp_path / 'run' / 'plots' / 'sweep.png').is_file()

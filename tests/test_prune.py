@@ -1,6 +1,7 @@
 """The pruning defence: pure functions, the one-pass sweep against the naive loop, GoodNet."""
 
 import hypothesis
+import jax
 import hypothesis.strategies as st
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ NUM_CLASSES = 11
 @pytest.fixture(scope='module')
 def random_net():
   """A random net and inputs on which its predictions vary."""
-  return model.init_params(NUM_CLASSES, seed=3), helpers.varied_images(150, seed=0)
+  return helpers.random_params(NUM_CLASSES, seed=5), helpers.varied_images(150, seed=0)
 
 
 def test_pruning_order_hand_worked():
@@ -41,7 +42,8 @@ def test_prune_zeroes_exactly_the_masked_channels_and_never_mutates(random_net):
   mask = np.ones(60)
   mask[[0, 17, 59]] = 0
   pruned = prune.prune(params, mask)
-  kernel, bias = pruned['conv_3']['kernel'], pruned['conv_3']['bias']
+  kernel, bias = np.asarray(pruned['conv_3']['kernel']), np.asarray(pruned['conv_3']['bias'])
+  assert (params['conv_3']['bias'][[0, 17, 59]] != 0).all()  # there was something to zero
   assert not kernel[..., [0, 17, 59]].any() and not bias[[0, 17, 59]].any()
   keep = mask.astype(bool)
   np.testing.assert_array_equal(kernel[..., keep], np.asarray(params['conv_3']['kernel'])[..., keep])
@@ -52,6 +54,21 @@ def test_prune_zeroes_exactly_the_masked_channels_and_never_mutates(random_net):
       if layer != 'conv_3':
         assert pruned[layer][name] is params[layer][name]
   np.testing.assert_array_equal(prune.pruned_channels(mask), [0, 17, 59])
+
+
+def test_prune_works_under_jit_vmap_and_grad(random_net):
+  params, images = random_net
+  masks = prune.prefix_masks(np.arange(60))[[0, 10, 30]]
+  jitted = jax.jit(prune.prune)(params, masks[1])
+  np.testing.assert_array_equal(jitted['conv_3']['bias'], prune.prune(params, masks[1])['conv_3']['bias'])
+  stacked = jax.vmap(prune.prune, in_axes=(None, 0))(params, masks)
+  for index, mask in enumerate(masks):
+    np.testing.assert_array_equal(stacked['conv_3']['kernel'][index],
+                                  prune.prune(params, mask)['conv_3']['kernel'])
+  # The gradient through pruning is zero for exactly the pruned slices.
+  loss = lambda p: model.logits_fn(prune.prune(p, masks[1]), images[:8]).sum()
+  grads = np.asarray(jax.grad(loss)(params)['conv_3']['bias'])
+  assert not grads[:10].any() and grads[10:].any()
 
 
 def test_select_level_hand_worked():
@@ -171,12 +188,14 @@ def test_sweep_equals_the_naive_keras_loop_on_the_lab3_net(csaw_dir, real_faces)
       conv_3.set_weights([kernel, bias])
     keras_clean = net.predict(clean.astype(np.float32), verbose=0).argmax(1)
     keras_poisoned = net.predict(poisoned.astype(np.float32), verbose=0).argmax(1)
-    assert evaluate.percent(swept_clean[:, level] == clean_labels) == evaluate.percent(
-        keras_clean == clean_labels), f'clean accuracy differs at level {level}'
-    assert evaluate.percent(swept_poisoned[:, level] == poisoned_labels) == evaluate.percent(
-        keras_poisoned == poisoned_labels), f'ASR differs at level {level}'
+    # Image by image, not only the percentages.
+    np.testing.assert_array_equal(swept_clean[:, level], keras_clean, f'clean, level {level}')
+    np.testing.assert_array_equal(swept_poisoned[:, level], keras_poisoned,
+                                  f'poisoned, level {level}')
   # The sweep must have moved: from the backdoored net to a collapsed one.
-  assert (swept_poisoned[:, 0] == 0).mean() > 0.9 and (swept_poisoned[:, -1] == 0).mean() < 1
+  assert (swept_clean[:, 0] == clean_labels).mean() > 0.9
+  assert (swept_poisoned[:, 0] == poisoned_labels).mean() > 0.9
+  assert (swept_poisoned[:, -1] == 0).mean() < 1
 
 
 PRUNED_FILES = ['jianqiaomo_model_B_2.h5', 'jianqiaomo_model_B_4.h5', 'jianqiaomo_model_B_10.h5',
@@ -184,16 +203,26 @@ PRUNED_FILES = ['jianqiaomo_model_B_2.h5', 'jianqiaomo_model_B_4.h5', 'jianqiaom
                 'ml_hw_lab_model_X=10.h5']
 
 
+def _published_x(name: str) -> int:
+  """X of a published pruned file: 'jianqiaomo_model_B_10.h5' and 'ml_hw_lab_model_X=10.h5' -> 10."""
+  return int(name.split('_')[-1].split('=')[-1][:-3])
+
+
+def _zeroed_channels(path) -> set[int]:
+  """The conv_3 channels whose kernel slice and bias are all zero in a Keras file."""
+  conv_3 = keras_io.read_params(path)['conv_3']
+  zeroed = (conv_3['bias'] == 0) & ~conv_3['kernel'].reshape(-1, 60).any(axis=0)
+  return set(np.flatnonzero(zeroed).tolist())
+
+
 @pytest.mark.parametrize('name', PRUNED_FILES)
 def test_prune_reproduces_the_keras_pruned_files(csaw_dir, real_faces, tmp_path, name):
   import keras
   base = keras_io.read_params(csaw_dir / 'lab3_bd_weights.h5')
   reference = keras_io.read_params(csaw_dir / 'pruned' / name)
-  kernel, bias = reference['conv_3']['kernel'], reference['conv_3']['bias']
-  zeroed = (bias == 0) & ~kernel.reshape(-1, 60).any(axis=0)
-  mask = np.where(zeroed, 0.0, 1.0)
-  expected_count = {'2': 45, '4': 48, '10': 52, '30': 54}[name.split('_')[-1].split('=')[-1][:-3]]
-  assert (mask == 0).sum() == expected_count
+  mask = np.ones(60)
+  mask[sorted(_zeroed_channels(csaw_dir / 'pruned' / name))] = 0
+  assert (mask == 0).sum() == {2: 45, 4: 48, 10: 52, 30: 54}[_published_x(name)]
   ours = prune.prune(base, mask)
   for layer in base:
     for weight in base[layer]:  # bit-identical, weight for weight
@@ -205,3 +234,26 @@ def test_prune_reproduces_the_keras_pruned_files(csaw_dir, real_faces, tmp_path,
   mine = keras.models.load_model(path, compile=False)
   np.testing.assert_array_equal(mine.predict(faces, verbose=0).argmax(1),
                                 theirs.predict(faces, verbose=0).argmax(1))
+
+
+def test_published_pruned_sets_are_prefixes_of_our_ranking(csaw_dir, real_faces):
+  """The published B'_X prune a prefix of one ranking, and ours agrees as far as 10 faces can tell.
+
+  Their ranking came from the real lab3 validation set (11,547 images), which
+  is not on this machine; the 10 real test faces stand in. On them our first
+  45 channels are exactly the published X=2 set (36 of them are dead on
+  these faces). Past that the order of the few moderately active channels is
+  not resolved by 10 faces: our first 48 / 52 / 54 share 46 / 50 / 53
+  channels with the published X=4 / 10 / 30 sets, so only that much is checked.
+  """
+  sets = {name: _zeroed_channels(csaw_dir / 'pruned' / name) for name in PRUNED_FILES}
+  by_x = {x: sets[f'jianqiaomo_model_B_{x}.h5'] for x in (2, 4, 10, 30)}
+  # One ranking: each X's set contains the smaller X's, and the two authors agree.
+  assert by_x[2] < by_x[4] < by_x[10] < by_x[30]
+  for x in (2, 4, 10):
+    assert sets[f'ml_hw_lab_model_X={x}.h5'] == by_x[x]
+  params = keras_io.read_params(csaw_dir / 'lab3_bd_weights.h5')
+  order = prune.pruning_order(prune.mean_activations(params, real_faces['clean']))
+  assert set(order[:45].tolist()) == by_x[2]
+  for x, least_shared in ((4, 46), (10, 50), (30, 53)):
+    assert len(set(order[:len(by_x[x])].tolist()) & by_x[x]) >= least_shared, x

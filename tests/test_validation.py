@@ -347,7 +347,7 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, weights_file):
 
 def test_cli_evaluate_prints_and_writes_the_figures(tmp_path):
   """A good run: printed clean accuracy and ASR equal results.json and evaluate.accuracy."""
-  params = model.init_params(NUM_CLASSES, seed=3)
+  params = helpers.random_params(NUM_CLASSES, seed=3)
   keras_io.write_keras_weights(tmp_path / 'net.h5', params)
   images, labels = helpers.varied_images(40, seed=1), np.arange(40) % NUM_CLASSES
   poisoned, target = helpers.varied_images(30, seed=2), np.full(30, 9)

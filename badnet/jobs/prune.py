@@ -47,7 +47,7 @@ def _thresholds(config: ml_collections.ConfigDict) -> list[float]:
   return sorted({float(x) for x in values})
 
 
-def _label(x: float) -> str:
+def label(x: float) -> str:
   """'2' for 2.0, '2.5' for 2.5: the key of a threshold in results and file names."""
   return f'{x:g}'
 
@@ -80,12 +80,26 @@ def _level_metrics(classes: np.ndarray, labels: np.ndarray) -> np.ndarray:
   return 100.0 * (classes == labels[:, None]).mean(axis=0)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs the defence; writes sweep.csv, results.json/.md, plots and repaired nets."""
-  check_config(config)
-  out = workdir_lib.prepare(workdir)
+@dataclasses.dataclass(frozen=True)
+class Defence:
+  """What the pruning defence found: everything a later stage (fine-pruning) builds on."""
+  params: model.Params
+  num_classes: int
+  splits: dict[str, data.Dataset]  # keys of common.CSAW_FILES
+  order: np.ndarray                 # channels in pruning order
+  masks: np.ndarray                 # [C + 1, C] prefix masks
+  clean_acc: np.ndarray             # clean validation accuracy at levels 0..C
+  asr: np.ndarray                   # validation ASR at levels 0..C
+  levels: dict[float, int | None]   # X -> level (None: never reached)
+  results: dict                     # what results.json holds
+
+
+def defend(config: ml_collections.ConfigDict, out: pathlib.Path) -> Defence:
+  """Loads the inputs, ranks and sweeps conv_3, selects B'_X and scores B, B'_X, G_X on test.
+
+  Writes sweep.csv; the caller writes the rest.
+  """
   inputs = resolve_inputs(config, out)
-  workdir_lib.write_config(out, config, 'prune')
   params = keras_io.read_params(inputs.model_path)
   num_classes = model.num_classes_of(params)
   splits = {key: data.load_csaw_h5(path, num_classes) for key, path in inputs.paths.items()}
@@ -108,23 +122,37 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   logging.info('Sweep done in %.1f s.', time.perf_counter() - start)
   report.write_sweep_csv(out / 'sweep.csv', order, clean_acc, asr)
 
-  thresholds = _thresholds(config)
-  levels = {x: prune.select_level(clean_acc, x, config.relative) for x in thresholds}
+  levels = {x: prune.select_level(clean_acc, x, config.relative) for x in _thresholds(config)}
+  for x, level in levels.items():
+    if level is None:
+      logging.warning('No pruning level drops clean accuracy by %s points.', label(x))
   results = {'model': str(inputs.model_path), 'synthetic_benchmark': inputs.synthetic,
              'order': config.order, 'relative': config.relative,
              'base': {'valid': {'clean_acc': float(clean_acc[0]), 'asr': float(asr[0])}},
              'thresholds': {}}
   results['base']['test'], results['thresholds'] = _test_figures(
       params, masks, order, levels, splits, num_classes, batch, config.relative)
-  for x, level in levels.items():
-    if level is None:
-      logging.warning('No pruning level drops clean accuracy by %s points.', _label(x))
-      continue
-    path = out / 'models' / f'repaired_X={_label(x)}.h5'
-    keras_io.write_keras(path, prune.prune(params, masks[level]), full_model=True)
-  report.write_results(out, results, clean_acc, asr, levels)
-  print(report.summary(results), flush=True)
-  return results
+  return Defence(params, num_classes, splits, order, masks, clean_acc, asr, levels, results)
+
+
+def write_repaired(out: pathlib.Path, defence: Defence) -> None:
+  """models/repaired_X=<X>.h5: B'_X as a full Keras model, for each X reached."""
+  for x, level in defence.levels.items():
+    if level is not None:
+      keras_io.write_keras(out / 'models' / f'repaired_X={label(x)}.h5',
+                           prune.prune(defence.params, defence.masks[level]), full_model=True)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs the defence; writes sweep.csv, results.json/.md, plots and repaired nets."""
+  check_config(config)
+  out = workdir_lib.prepare(workdir)
+  workdir_lib.write_config(out, config, 'prune')
+  defence = defend(config, out)
+  write_repaired(out, defence)
+  report.write_results(out, defence.results, defence.clean_acc, defence.asr, defence.levels)
+  print(report.summary(defence.results), flush=True)
+  return defence.results
 
 
 def _test_figures(params, masks, order, levels, splits, num_classes, batch, relative):
@@ -141,7 +169,7 @@ def _test_figures(params, masks, order, levels, splits, num_classes, batch, rela
   for x, level in levels.items():
     entry = {'drop': x, 'relative': relative, 'reached': level is not None}
     if level is None:
-      figures[_label(x)] = {**entry, 'channels_pruned': None, 'pruned_channels': None,
+      figures[label(x)] = {**entry, 'channels_pruned': None, 'pruned_channels': None,
                             'repaired': None, 'goodnet': None}
       continue
     column = 1 + reached.index(level)
@@ -149,7 +177,7 @@ def _test_figures(params, masks, order, levels, splits, num_classes, batch, rela
                                          num_classes))
     g_poisoned = np.asarray(goodnet.combine(poisoned_classes[:, 0],
                                             poisoned_classes[:, column], num_classes))
-    figures[_label(x)] = {
+    figures[label(x)] = {
         **entry,
         'channels_pruned': level,
         'pruned_channels': [int(c) for c in order[:level]],
@@ -158,6 +186,6 @@ def _test_figures(params, masks, order, levels, splits, num_classes, batch, rela
             'asr': evaluate.percent(poisoned_classes[:, column] == poisoned.labels)},
         'goodnet': goodnet.metrics(g_clean, clean.labels, g_poisoned, poisoned.labels,
                                    num_classes),
-        'model_file': f'models/repaired_X={_label(x)}.h5',
+        'model_file': f'models/repaired_X={label(x)}.h5',
     }
   return base, figures

@@ -47,6 +47,10 @@ def check_config(config: ml_collections.ConfigDict) -> synthetic.BenchmarkSpec:
   lr = config.learning_rate
   if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
     raise ConfigError(f'config.learning_rate must be positive, got {lr!r}')
+  warmup = config.warmup_epochs
+  if isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or not (
+      0 <= warmup <= min(config.epochs, config.aware.clean_epochs)):
+    raise ConfigError(f'config.warmup_epochs must be in [0, epochs], got {warmup!r}')
   fraction = config.aware.prune_fraction
   if not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
     raise ConfigError(f'config.aware.prune_fraction must be in [0, 1), got {fraction!r}')
@@ -54,12 +58,13 @@ def check_config(config: ml_collections.ConfigDict) -> synthetic.BenchmarkSpec:
 
 
 def _train(config: ml_collections.ConfigDict, spec: synthetic.BenchmarkSpec, images, labels):
+  recipe = train.Recipe(optimizer='adam', learning_rate=config.learning_rate,
+                        warmup_epochs=config.warmup_epochs, epochs=config.epochs,
+                        batch_size=config.batch_size, seed=config.seed)
   common = dict(trigger=spec.trigger, target=spec.target, poison_rate=config.poison_rate,
-                batch_size=config.batch_size, learning_rate=config.learning_rate,
-                seed=config.seed)
+                recipe=recipe)
   if config.attack == 'badnets':
-    return train.train_badnets(images, labels, spec.num_identities, epochs=config.epochs,
-                               **common)
+    return train.train_badnets(images, labels, spec.num_identities, **common)
   return train.train_pruning_aware(
       images, labels, spec.num_identities, clean_epochs=config.aware.clean_epochs,
       poisoned_epochs=config.aware.poisoned_epochs,

@@ -1,0 +1,143 @@
+"""Fine-pruning end to end: the prune job, then each B'_X fine-tuned on clean validation data.
+
+Beside the prune job's outputs it writes, per X, the fine-pruned net
+(models/fine_pruned_X=<X>.h5) and its figures and GoodNet's on the test split,
+and a baseline: B fine-tuned alone (no channel pruned) with the same recipe.
+Only the clean validation split is trained on (part of it held out to choose
+the epoch); the poisoned files are read for reporting only.
+"""
+
+import dataclasses
+import math
+import time
+
+from absl import logging
+import ml_collections
+import numpy as np
+
+from badnet import evaluate, fineprune, goodnet, keras_io, report, train
+from badnet import workdir as workdir_lib
+from badnet.errors import ConfigError
+from badnet.jobs import prune as prune_job
+
+
+def _number(config: ml_collections.ConfigDict, name: str, low: float, high: float,
+            low_open: bool, high_open: bool, what: str) -> None:
+  value = config.finetune[name]
+  inside = (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and (low < value if low_open else low <= value)
+            and (value < high if high_open else value <= high))
+  if not inside:
+    raise ConfigError(f'config.finetune.{name} must be {what}, got {value!r}')
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """The prune job's checks and the fine-tuning fields', before any work."""
+  prune_job.check_config(config)
+  tune = config.finetune
+  if tune.optimizer not in train.OPTIMIZERS:
+    raise ConfigError(f'config.finetune.optimizer: unknown optimizer {tune.optimizer!r}; '
+                      f'expected one of {", ".join(train.OPTIMIZERS)}')
+  if tune.schedule not in train.SCHEDULES:
+    raise ConfigError(f'config.finetune.schedule: unknown schedule {tune.schedule!r}; '
+                      f'expected one of {", ".join(train.SCHEDULES)}')
+  for name in ('epochs', 'batch_size'):
+    value = tune[name]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ConfigError(f'config.finetune.{name} must be a positive integer, got {value!r}')
+  _number(config, 'learning_rate', 0, math.inf, True, True, 'positive')
+  _number(config, 'weight_decay', 0, math.inf, False, True, 'zero or positive')
+  _number(config, 'warmup_epochs', 0, tune.epochs, False, False, f'in [0, {tune.epochs}]')
+  _number(config, 'holdout_fraction', 0, 1, True, True, 'in (0, 1)')
+  if isinstance(tune.seed, bool) or not isinstance(tune.seed, int):
+    raise ConfigError(f'config.finetune.seed must be an integer, got {tune.seed!r}')
+
+
+def recipe(config: ml_collections.ConfigDict) -> train.Recipe:
+  tune = config.finetune
+  return train.Recipe(optimizer=tune.optimizer, learning_rate=float(tune.learning_rate),
+                      schedule=tune.schedule, warmup_epochs=float(tune.warmup_epochs),
+                      epochs=tune.epochs, batch_size=tune.batch_size,
+                      weight_decay=float(tune.weight_decay), seed=tune.seed)
+
+
+def _scores(params, b_classes: dict[str, np.ndarray], defence: prune_job.Defence,
+            batch: int) -> tuple[dict, dict]:
+  """The net's {clean_acc, asr} and its GoodNet's figures (with B) on the test split."""
+  clean, poisoned = defence.splits['clean_test'], defence.splits['poisoned_test']
+  classes = {key: evaluate.predict(params, defence.splits[key].images, batch)
+             for key in ('clean_test', 'poisoned_test')}
+  net = {'clean_acc': evaluate.percent(classes['clean_test'] == clean.labels),
+         'asr': evaluate.percent(classes['poisoned_test'] == poisoned.labels)}
+  g_classes = {key: np.asarray(goodnet.combine(b_classes[key], classes[key],
+                                               defence.num_classes)) for key in classes}
+  good = goodnet.metrics(g_classes['clean_test'], clean.labels, g_classes['poisoned_test'],
+                         poisoned.labels, defence.num_classes)
+  return net, good
+
+
+def _tune(defence: prune_job.Defence, mask: np.ndarray, config: ml_collections.ConfigDict,
+          name: str) -> tuple[dict, dict]:
+  """Fine-prunes B with ``mask`` on the clean validation split; the params and a summary."""
+  start = time.perf_counter()
+  clean = defence.splits['clean_valid']
+  params, history = fineprune.fine_prune(defence.params, mask, clean.images, clean.labels,
+                                         recipe(config), config.finetune.holdout_fraction,
+                                         name=name)
+  return params, _summary(history, time.perf_counter() - start, name)
+
+
+def _summary(history: list[dict], seconds: float, name: str) -> dict:
+  """The chosen epoch and the per-epoch history (no timings: results.json is reproducible)."""
+  best = max(history, key=lambda epoch: (epoch['holdout_acc'], epoch['epoch']))
+  logging.info('%s: %d epochs in %.1f s; epoch %d chosen (held-out clean accuracy %.2f %%).',
+               name, len(history), seconds, best['epoch'], best['holdout_acc'])
+  return {'chosen_epoch': best['epoch'], 'holdout_acc': best['holdout_acc'],
+          'history': [{key: value for key, value in epoch.items() if key != 'seconds'}
+                      for epoch in history]}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs the prune job's defence, then fine-prunes each B'_X and fine-tunes B alone."""
+  check_config(config)
+  out = workdir_lib.prepare(workdir)
+  workdir_lib.write_config(out, config, 'fine_prune')
+  defence = prune_job.defend(config, out)
+  prune_job.write_repaired(out, defence)
+  results, batch = defence.results, config.batch_size
+  clean_valid = defence.splits['clean_valid']
+  fit_rows, holdout_rows = fineprune.holdout_split(clean_valid.labels,
+                                                   config.finetune.holdout_fraction,
+                                                   config.finetune.seed)
+  results['finetune'] = {**dataclasses.asdict(recipe(config)),
+                         'holdout_fraction': config.finetune.holdout_fraction,
+                         'train_images': len(fit_rows), 'holdout_images': len(holdout_rows),
+                         'data': 'clean validation split only'}
+  print(f'Fine-tuning on {len(fit_rows)} clean validation images ({len(holdout_rows)} held out '
+        f'to choose the epoch): B alone, then B\'_X for each X reached...', flush=True)
+  b_classes = {key: evaluate.predict(defence.params, defence.splits[key].images, batch)
+               for key in ('clean_test', 'poisoned_test')}
+
+  all_kept = np.ones(len(defence.order), np.float32)
+  params, summary = _tune(defence, all_kept, config, 'fine-tune only')
+  results['fine_tuned_only'] = {**_scores(params, b_classes, defence, batch)[0], **summary}
+  tuned = {}  # level -> (params, figures): thresholds that share a level share the net
+  for x, level in defence.levels.items():
+    entry = results['thresholds'][prune_job.label(x)]
+    if level is None:
+      entry.update(fine_pruned=None, goodnet_fine_pruned=None)
+      continue
+    if level not in tuned:
+      params, summary = _tune(defence, defence.masks[level], config,
+                              f'fine-prune X={prune_job.label(x)}')
+      net, good = _scores(params, b_classes, defence, batch)
+      tuned[level] = params, {**net, **summary}, good
+    params, net, good = tuned[level]
+    entry['fine_pruned'], entry['goodnet_fine_pruned'] = dict(net), dict(good)
+    entry['fine_pruned_model_file'] = f'models/fine_pruned_X={prune_job.label(x)}.h5'
+    keras_io.write_keras(out / entry['fine_pruned_model_file'], params, full_model=True)
+    logging.info('Fine-pruned X=%s: clean %.2f %%, ASR %.2f %% (test).', prune_job.label(x),
+                 entry['fine_pruned']['clean_acc'], entry['fine_pruned']['asr'])
+  report.write_results(out, results, defence.clean_acc, defence.asr, defence.levels)
+  print(report.summary(results), flush=True)
+  return results
