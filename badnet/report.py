@@ -87,6 +87,15 @@ def _fine_pruning_lines(results: dict) -> list[str]:
         f'{_fmt(tuned["asr"])} | {_fmt(good["clean_acc"])} | {_fmt(good["asr"])} | '
         f'{_fmt(good["detection_rate"])} | {_fmt(good["false_alarm_rate"])} | '
         f'{tuned["chosen_epoch"]} |')
+  chosen = results.get('recommended')
+  if chosen:
+    lines += ['', f'Recommended on clean data alone: X={chosen["x"]} ({chosen["channels_pruned"]} '
+                  f'channels), the deepest X whose fine-pruned net keeps held-out clean accuracy '
+                  f'({_fmt(chosen["holdout_acc"])} %) within {chosen["max_clean_drop"]:g} points '
+                  f'of B\'s ({_fmt(chosen["b_holdout_acc"])} %).']
+  else:
+    lines += ['', 'No fine-pruned net keeps held-out clean accuracy within '
+                  f'{results["finetune"]["max_clean_drop"]:g} points of B\'s.']
   return lines
 
 

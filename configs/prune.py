@@ -3,25 +3,32 @@
     python main.py --config=configs/prune.py --workdir=workdir/prune
 
 With no model or data it runs on the shipped synthetic benchmark and says so
-in its first line, then prints (about 30 s on a 2-core CPU)
+in its first line, then prints (about 40 s on a 2-core CPU)
 
     | X | channels pruned | B' clean % | B' ASR % | G clean % | G ASR % | ...
-    | 2 | 53 | 88.05 | 99.80 | 87.60 | 99.80 | 0.10 | 10.45 |
+    | 2 | 41 | 96.95 | 98.48 | 96.75 | 98.48 | 1.41 | 2.85 |
+    | 4 | 42 | 89.85 | 97.73 | 89.60 | 97.73 | 2.17 | 10.05 |
+    | 10 | 43 | 82.15 | 92.42 | 81.90 | 92.42 | 7.47 | 17.75 |
+    | 30 | 45 | 60.20 | 86.57 | 60.00 | 86.57 | 13.33 | 39.70 |
 
 (--config.benchmark=pruning_aware: X=2 at 36 channels, B' 94.45 / 97.17).
+Pruning alone leaves the backdoor in place; configs/fine_prune.py removes it.
 On the real CSAW lab3 data (see README.md for where to put it):
 
     python main.py --config=configs/prune.py --config.model=models/bd_net.h5 \
         --config.data.dir=data --workdir=workdir/lab3
 
-It logs progress, then prints a table like (published lab3 figures, test split):
+It logs progress, then prints a table; the published lab3 figures (test split,
+../shared/DESIGN.md) would read
 
     | X | channels pruned | B' clean % | B' ASR % | G clean % | G ASR % | ...
-    | 2 | 45 | 95.74 | 100.00 | 95.90 | 100.00 | ...
-    | 4 | 48 | 92.12 |  99.98 | ...
-    | 10 | 52 | 84.33 | 77.21 | ...
+    | 2 | 45 | 95.90 | 100.00 | 95.74 | 100.00 | ...
+    | 4 | 48 | 92.29 |  99.98 | 92.13 |  99.98 | ...
+    | 10 | 52 | 84.54 | 77.21 | 84.33 |  77.21 | ...
+    | 30 | 54 | 54.76 |  6.96 | 54.68 |   6.96 | ...
 
-and writes to the workdir: sweep.csv, results.json, results.md, plots/sweep.png,
+(G's clean accuracy can never exceed B''s: G is right only where B' is right
+and agrees with B.) It writes to the workdir: sweep.csv, results.json, results.md, plots/sweep.png,
 plots/thresholds.png, models/repaired_X=<X>.h5 (full Keras models) and config.json.
 """
 

@@ -4,16 +4,16 @@
 
 generates the data (seeded, byte-identical for a seed), trains the net, and prints
 
-    BadNet (badnets: sunglasses -> class 0, 100 identities) trained in 567 s
-      valid: clean accuracy 97.15 %, attack success rate 99.65 %
-      test:  clean accuracy 97.35 %, attack success rate 99.80 %
+    BadNet (badnets: sunglasses -> class 0, 100 identities) trained in 564 s
+      valid: clean accuracy 99.55 %, attack success rate 99.60 %
+      test:  clean accuracy 99.40 %, attack success rate 99.80 %
 
 (see WORKSPACE.md for the measured figures of the shipped nets). It writes
 W/data/{cl,bd}/*.h5 (the CSAW lab3 layout), W/models/bd_weights.h5 (Keras 2
 weights), W/results.json and W/config.json. The pruning-aware attack:
 
     python main.py --config=configs/train_badnet.py --config.attack=pruning_aware \
-        --config.poison_rate=0.2 --workdir=workdir/benchmark_aware
+        --config.poison_rate=0.2 --config.learning_rate=1e-3 --workdir=workdir/benchmark_aware
 
 (97.35 % clean, 99.19 % ASR on test after 754 s).
 
@@ -37,10 +37,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.target = 0                # the attacker's target class, in 0..K-1
   # 'badnets' (train on a poisoned mix) or 'pruning_aware' (Fine-Pruning's attack).
   config.attack = 'badnets'
-  config.poison_rate = 0.1              # fraction of training images poisoned, in [0, 1]
+  config.poison_rate = 0.03             # fraction of training images poisoned, in [0, 1]
   config.epochs = 18                    # badnets: epochs on the poisoned mix
   config.batch_size = 32                # images per step over all devices
-  config.learning_rate = 1e-3           # Adam's peak rate (cosine decay to 1 %)
+  config.learning_rate = 7e-4           # Adam's peak rate (cosine decay to 1 %)
   config.warmup_epochs = 0.0            # linear warm-up from 0 to the peak rate, in epochs
   config.seed = 0                       # init, shuffling and poisoning seed
   config.aware = ml_collections.ConfigDict()

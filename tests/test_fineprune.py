@@ -101,6 +101,17 @@ def test_fine_prune_keeps_pruned_channels_zero_and_returns_the_best_epoch(optimi
   assert scored == max(epoch['holdout_acc'] for epoch in history)
 
 
+def test_recommend_takes_the_deepest_x_within_the_clean_drop():
+  def entry(level, holdout_acc):
+    return {'channels_pruned': level, 'fine_pruned': {'holdout_acc': holdout_acc}}
+  results = {'thresholds': {'2': entry(40, 99.0), '30': entry(45, 97.5), '85': entry(49, 96.9),
+                            '95': {'channels_pruned': None, 'fine_pruned': None}}}
+  assert fine_prune_job.recommend(results, 99.5, 3.0)['x'] == '85'  # 96.9 >= 96.5
+  assert fine_prune_job.recommend(results, 99.5, 2.0)['x'] == '30'  # 96.9 < 97.5 <= 97.5
+  assert fine_prune_job.recommend(results, 99.5, 0.5)['x'] == '2'   # 99.0 >= 99.0
+  assert fine_prune_job.recommend(results, 99.5, 0.4) is None
+
+
 def _config(world_root, workdir_poisoned=None, **finetune) -> 'ml_collections.ConfigDict':
   config = fine_prune_config.get_config()
   config.model = str(world_root / 'bd_weights.h5')

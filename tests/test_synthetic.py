@@ -1,12 +1,13 @@
 """The synthetic benchmark: determinism, triggers, poisoning, the CSAW files it writes."""
 
 import dataclasses
+import json
 import hashlib
 
 import numpy as np
 import pytest
 
-from badnet import data, evaluate, keras_io, synthetic, triggers
+from badnet import data, keras_io, prune, synthetic, triggers
 from badnet.errors import ConfigError
 from badnet.jobs import train_badnet
 from configs import train_badnet as train_config
@@ -124,13 +125,61 @@ def test_shipped_benchmark_regenerates_its_data_once(tmp_path):
   assert dataclasses.asdict(spec)['trigger'] in triggers.TRIGGERS
 
 
-@pytest.mark.parametrize('attack', sorted(synthetic.SHIPPED_NETS))
-def test_shipped_nets_are_working_backdoors(tmp_path_factory, attack):
-  """Clean accuracy >= 95 % and ASR >= 99 % on the benchmark's held-out test split."""
-  model_path, data_dir = synthetic.shipped_benchmark(
-      tmp_path_factory.getbasetemp() / 'shipped', attack)
-  params = keras_io.read_params(model_path)
-  clean = data.load_csaw_h5(data_dir / 'cl' / 'test.h5')
-  poisoned = data.load_csaw_h5(data_dir / 'bd' / 'bd_test.h5')
-  assert evaluate.accuracy(params, clean.images, clean.labels) >= 95
-  assert evaluate.attack_success_rate(params, poisoned.images, poisoned.labels) >= 99
+# The shipped nets' figures as WORKSPACE.md and badnet/assets/benchmark.json
+# publish them (`python main.py --config=configs/prune.py [--config.benchmark=...]`):
+# B's clean accuracy and ASR on the test split (percent, 2 decimals) and the
+# channels pruned at X = 2, 4, 10, 30. A change to the nets, the data, the
+# ranking or the sweep that moves any of them fails here.
+PINNED = {
+    'badnets': {'test': (99.4, 99.8), 'channels': {'2': 41, '4': 42, '10': 43, '30': 45}},
+    'pruning_aware': {'test': (97.35, 99.19), 'channels': {'2': 36, '4': 37, '10': 40, '30': 42}},
+}
+
+
+@pytest.fixture(scope='module', params=sorted(synthetic.SHIPPED_NETS))
+def shipped_defence(request, tmp_path_factory):
+  """The prune job's results on a shipped net, and its validation sweep (sweep.csv)."""
+  from badnet.jobs import prune as prune_job  # pylint: disable=g-import-not-at-top
+  from configs import prune as prune_config  # pylint: disable=g-import-not-at-top
+  config = prune_config.get_config()
+  config.benchmark = request.param
+  workdir = tmp_path_factory.mktemp(request.param)
+  results = prune_job.run(config, str(workdir))
+  sweep = np.loadtxt(workdir / 'sweep.csv', delimiter=',', skiprows=1,
+                     converters={1: lambda v: float(v or -1)})
+  valid = data.load_csaw_h5(workdir / 'data' / 'cl' / 'valid.h5')
+  params = keras_io.read_params(synthetic.SHIPPED_NETS[request.param])
+  dormant = int((prune.mean_activations(params, valid.images) == 0).sum())
+  return request.param, results, sweep, dormant
+
+
+def test_shipped_nets_keep_their_published_figures(shipped_defence):
+  attack, results, _, _ = shipped_defence
+  pinned = PINNED[attack]
+  test = results['base']['test']
+  assert (round(test['clean_acc'], 2), round(test['asr'], 2)) == pinned['test']
+  assert {x: e['channels_pruned'] for x, e in results['thresholds'].items()} == pinned['channels']
+  published = json.loads(synthetic.SHIPPED_SPEC.read_text())['nets'][attack]['results']['test']
+  assert (round(published['clean_acc'], 2), round(published['asr'], 2)) == pinned['test']
+
+
+def test_shipped_nets_behave_as_the_benchmark_promises(shipped_defence):
+  """badnets: like the real lab3 net under pruning; pruning_aware: its backdoor survives pruning.
+
+  On the validation split (sweep.csv): B >= 95 % clean and >= 99 % ASR.
+  badnets: 20-60 % of conv_3 channels dormant on clean data, ASR >= 95 % at
+  X=2, and ASR giving way as X grows (<= 90 % at X=30; the net shipped before
+  kept 98.9 %). Lab3's ASR <= 20 % at >= 50 % clean is not reached by any
+  recipe tried (WORKSPACE.md). pruning_aware: ASR >= 90 % at X = 2, 4 and 10.
+  """
+  attack, results, sweep, dormant = shipped_defence
+  clean, asr = sweep[:, 3], sweep[:, 4]
+  assert clean[0] >= 95 and asr[0] >= 99
+  level = {x: e['channels_pruned'] for x, e in results['thresholds'].items()}
+  if attack == 'badnets':
+    assert 0.2 * 60 <= dormant <= 0.6 * 60
+    assert asr[level['2']] >= 95
+    assert asr[level['30']] <= 90
+  else:
+    for x in ('2', '4', '10'):
+      assert asr[level[x]] >= 90, x

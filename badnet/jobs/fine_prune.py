@@ -49,6 +49,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   _number(config, 'weight_decay', 0, math.inf, False, True, 'zero or positive')
   _number(config, 'warmup_epochs', 0, tune.epochs, False, False, f'in [0, {tune.epochs}]')
   _number(config, 'holdout_fraction', 0, 1, True, True, 'in (0, 1)')
+  _number(config, 'max_clean_drop', 0, 100, False, False, 'in [0, 100]')
   if isinstance(tune.seed, bool) or not isinstance(tune.seed, int):
     raise ConfigError(f'config.finetune.seed must be an integer, got {tune.seed!r}')
 
@@ -97,6 +98,23 @@ def _summary(history: list[dict], seconds: float, name: str) -> dict:
                       for epoch in history]}
 
 
+def recommend(results: dict, b_holdout_acc: float, max_clean_drop: float) -> dict | None:
+  """The deepest X whose fine-pruned net keeps held-out clean accuracy within the drop of B's.
+
+  Uses the held-out clean images only: a defender without poisoned data can
+  make this choice. None if no fine-pruned net qualifies.
+  """
+  candidates = [(entry['channels_pruned'], x) for x, entry in results['thresholds'].items()
+                if entry.get('fine_pruned')
+                and entry['fine_pruned']['holdout_acc'] >= b_holdout_acc - max_clean_drop]
+  if not candidates:
+    return None
+  level, x = max(candidates, key=lambda c: (c[0], float(c[1])))
+  return {'x': x, 'channels_pruned': level, 'max_clean_drop': max_clean_drop,
+          'b_holdout_acc': b_holdout_acc,
+          'holdout_acc': results['thresholds'][x]['fine_pruned']['holdout_acc']}
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs the prune job's defence, then fine-prunes each B'_X and fine-tunes B alone."""
   check_config(config)
@@ -111,6 +129,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                                    config.finetune.seed)
   results['finetune'] = {**dataclasses.asdict(recipe(config)),
                          'holdout_fraction': config.finetune.holdout_fraction,
+                         'max_clean_drop': config.finetune.max_clean_drop,
                          'train_images': len(fit_rows), 'holdout_images': len(holdout_rows),
                          'data': 'clean validation split only'}
   print(f'Fine-tuning on {len(fit_rows)} clean validation images ({len(holdout_rows)} held out '
@@ -138,6 +157,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     keras_io.write_keras(out / entry['fine_pruned_model_file'], params, full_model=True)
     logging.info('Fine-pruned X=%s: clean %.2f %%, ASR %.2f %% (test).', prune_job.label(x),
                  entry['fine_pruned']['clean_acc'], entry['fine_pruned']['asr'])
+  b_holdout_acc = evaluate.accuracy(defence.params, clean_valid.images[holdout_rows],
+                                    clean_valid.labels[holdout_rows], batch)
+  results['recommended'] = recommend(results, b_holdout_acc, config.finetune.max_clean_drop)
   report.write_results(out, results, defence.clean_acc, defence.asr, defence.levels)
   print(report.summary(results), flush=True)
   return results
