@@ -3,7 +3,7 @@
     python main.py --config=configs/prune.py --workdir=workdir/prune
 
 With no model or data it runs on the shipped synthetic benchmark and says so
-in its first line, then prints (about 40 s on a 2-core CPU)
+in its first line, then prints (about 20 s on a 2-core CPU)
 
     | X | channels pruned | B' clean % | B' ASR % | G clean % | G ASR % | ...
     | 2 | 41 | 96.95 | 98.48 | 96.75 | 98.48 | 1.41 | 2.85 |
