@@ -229,3 +229,15 @@ def test_bad_finetune_values_stop_the_job_before_any_work(world, tmp_path, field
   with pytest.raises(ConfigError, match=message):
     fine_prune_job.run(_config(root, **{field: value}), str(tmp_path / 'run'))
   assert not (tmp_path / 'run').exists()
+
+
+def test_a_validation_split_too_small_to_hold_out_is_one_clear_error(world, tmp_path):
+  """One image per class: nothing can be held out, so the job says so instead of crashing."""
+  root, _ = world
+  clean = data.load_csaw_h5(root / 'data' / 'cl' / 'valid.h5')
+  first = np.unique(clean.labels, return_index=True)[1]
+  data.write_csaw_h5(tmp_path / 'one_each.h5', clean.images[first], clean.labels[first])
+  config = _config(root)
+  config.data.clean_valid = str(tmp_path / 'one_each.h5')
+  with pytest.raises(ConfigError, match=r'one_each.h5: \d+ clean validation images leave'):
+    fine_prune_job.run(config, str(tmp_path / 'run'))

@@ -127,6 +127,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   fit_rows, holdout_rows = fineprune.holdout_split(clean_valid.labels,
                                                    config.finetune.holdout_fraction,
                                                    config.finetune.seed)
+  if not len(holdout_rows) or not len(fit_rows):
+    raise ConfigError(
+        f'{prune_job.resolve_inputs(config, out).paths["clean_valid"]}: '
+        f'{len(clean_valid.labels)} clean validation '
+        f'images leave {len(fit_rows)} to fine-tune on and {len(holdout_rows)} to hold out '
+        f'(config.finetune.holdout_fraction={config.finetune.holdout_fraction}); fine-pruning '
+        f'needs at least two images of some class')
   results['finetune'] = {**dataclasses.asdict(recipe(config)),
                          'holdout_fraction': config.finetune.holdout_fraction,
                          'max_clean_drop': config.finetune.max_clean_drop,
