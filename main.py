@@ -3,6 +3,12 @@
 The config names the job (``config.job``); its ``run(config, workdir)`` lives in
 ``badnet/jobs/<job>.py``. Errors in the user's input (files, config values,
 the workdir) are printed as one line and exit with status 1.
+
+Several processes (hosts) run one prune job together with ``jax.distributed``:
+start the same command once per process with ``--num_processes=P
+--process_id=i --coordinator_address=HOST:PORT`` (HOST being process 0's), or
+with ``--distributed`` where JAX detects the cluster itself (TPU pods, SLURM).
+Each process reads only its share of every data file; process 0 writes.
 """
 
 import importlib
@@ -11,6 +17,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from badnet import distributed
 from badnet.errors import BadnetError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -18,6 +25,12 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Folder for the outputs (default: workdir/<job>). Must be new, empty, '
     'or written by an earlier badnet job.')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', '', 'host:port of process 0, for a run of several processes.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', 1, 'Processes in the run.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', 0, 'This process, 0..num_processes - 1.')
+_AUTO = flags.DEFINE_bool('distributed', False,
+                          'Join a multi-process run that JAX detects (TPU pods, SLURM).')
 flags.mark_flags_as_required(['config'])
 
 
@@ -27,6 +40,12 @@ def main(argv: list[str]) -> None:
   config = _CONFIG.value
   workdir = _WORKDIR.value or f'workdir/{config.job}'
   job = importlib.import_module(f'badnet.jobs.{config.job}')
+  if _NUM_PROCESSES.value > 1 and not _COORDINATOR.value:
+    raise app.UsageError('--num_processes > 1 needs --coordinator_address=HOST:PORT')
+  if not 0 <= _PROCESS_ID.value < _NUM_PROCESSES.value:
+    raise app.UsageError(f'--process_id must be in 0..{_NUM_PROCESSES.value - 1}')
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                         _AUTO.value)
   try:
     job.run(config, workdir)
   except BadnetError as error:

@@ -1,13 +1,18 @@
 """Loading and writing CSAW data files and face images, validated.
 
-CSAW HDF5 files hold ``data`` (N x 3 x 55 x 47, float32 or float64 raw pixel
-values 0..255) and ``label`` (N). Images are kept on the host as uint8 NHWC
-(8x less memory than the float64 the real validation file uses) and converted
-to float on the device. Files are read in chunks so a 700 MB float64 file never
-has a second full-size copy in memory.
+CSAW HDF5 files hold ``data`` (N x 3 x 55 x 47 or N x 55 x 47 x 3; raw pixel
+values in [0, 255], any numeric dtype, usually float32 or float64) and
+``label`` (N). Images are kept on the host as NHWC uint8 when every value read
+is an integer (8x less memory than the float64 the real validation file uses),
+or as float32 when the file holds fractional values (poisoned files made by
+blending a trigger into the faces), so the net sees exactly the file's values;
+the model converts to float32 on the device either way. Files are read in
+chunks of 512 images, so a 700 MB float64 file never has a second full-size
+copy in memory; ``rows`` reads only a range of them (one process's share).
 """
 
 import dataclasses
+import operator
 import os
 from collections.abc import Sequence
 
@@ -25,7 +30,12 @@ _NCHW_SHAPE = (IMAGE_SHAPE[2], IMAGE_SHAPE[0], IMAGE_SHAPE[1])
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-  """Images (uint8 [N, 55, 47, 3]) and integer labels (int32 [N])."""
+  """Images ([N, 55, 47, 3]) and integer labels (int32 [N]).
+
+  Images are uint8, or float32 when the rows read hold a fractional pixel
+  value (a blended trigger); the values are the file's either way (float64
+  values rounded to the nearest float32, as Keras' float32 model does).
+  """
   images: np.ndarray
   labels: np.ndarray
 
@@ -65,31 +75,42 @@ def _layout(path: str, shape: tuple[int, ...]) -> str:
                   f'expected 3 x 55 x 47 or 55 x 47 x 3')
 
 
-def _to_uint8(path: str, chunk: np.ndarray, start: int) -> np.ndarray:
-  """Checks one chunk of pixel values and converts it to uint8."""
-  if not np.issubdtype(chunk.dtype, np.number) or np.issubdtype(chunk.dtype, np.complexfloating):
-    raise DataError(f'{path}: dataset "data" has dtype {chunk.dtype}; expected numbers')
-  if np.issubdtype(chunk.dtype, np.floating):
-    bad = ~np.isfinite(chunk)
-    if bad.any():
-      index = start + np.argwhere(bad)[0][0]
-      raise DataError(f'{path}: dataset "data" holds NaN or inf (first in image {index})')
-    if (chunk != np.round(chunk)).any():
-      index = start + np.argwhere(chunk != np.round(chunk))[0][0]
-      raise DataError(f'{path}: dataset "data" holds non-integer pixel values (first in '
-                      f'image {index}); expected raw pixels 0..255, not normalised ones')
+def _check_pixel_dtype(path: str, dtype: np.dtype) -> None:
+  if not np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.complexfloating):
+    raise DataError(f'{path}: dataset "data" has dtype {dtype}; expected numbers')
+
+
+def _check_label_dtype(path: str, dtype: np.dtype) -> None:
+  if not np.issubdtype(dtype, np.number):
+    raise DataError(f'{path}: dataset "label" has dtype {dtype}; expected integers')
+
+
+def _to_uint8(path: str, chunk: np.ndarray, start: int) -> tuple[np.ndarray | None, float]:
+  """Checks one chunk of pixel values: its uint8 copy (None unless every value is an integer) and its maximum.
+
+  NaN/inf and values outside [0, 255] (the file's values, before any
+  conversion) are a DataError; ``start`` is the chunk's first row in the file.
+  """
+  _check_pixel_dtype(path, chunk.dtype)
   low, high = chunk.min(), chunk.max()
-  if low < 0 or high > 255:
+  if not (low >= 0 and high <= 255):  # NaN fails both comparisons
+    if np.issubdtype(chunk.dtype, np.floating):
+      bad = ~np.isfinite(chunk)
+      if bad.any():
+        index = start + np.argwhere(bad)[0][0]
+        raise DataError(f'{path}: dataset "data" holds NaN or inf (first in image {index})')
     raise DataError(f'{path}: dataset "data" holds values in [{low}, {high}]; '
                     f'expected pixel values in 0..255')
-  return chunk.astype(np.uint8)
+  as_uint8 = chunk.astype(np.uint8)  # in range, so floats truncate and nothing wraps
+  if np.issubdtype(chunk.dtype, np.integer) or np.array_equal(as_uint8, chunk):
+    return as_uint8, float(high)
+  return None, float(high)
 
 
 def _read_labels(path: str, labels: np.ndarray, num_classes: int | None) -> np.ndarray:
   if labels.ndim != 1:
     raise DataError(f'{path}: dataset "label" has shape {labels.shape}; expected (N,)')
-  if not np.issubdtype(labels.dtype, np.number):
-    raise DataError(f'{path}: dataset "label" has dtype {labels.dtype}; expected integers')
+  _check_label_dtype(path, labels.dtype)
   if np.issubdtype(labels.dtype, np.floating):
     if not np.isfinite(labels).all():
       raise DataError(f'{path}: dataset "label" holds NaN or inf')
@@ -103,45 +124,117 @@ def _read_labels(path: str, labels: np.ndarray, num_classes: int | None) -> np.n
   return labels.astype(np.int32)
 
 
-def load_csaw_h5(path: str | os.PathLike, num_classes: int | None = None) -> Dataset:
-  """Reads and validates a CSAW data file.
+def _datasets(path: str, handle: h5py.File) -> tuple[h5py.Dataset, h5py.Dataset, str]:
+  """``data``, ``label`` and the layout, checked without reading any values.
 
-  Args:
-    path: HDF5 file with datasets ``data`` (N x 3 x 55 x 47 or N x 55 x 47 x 3)
-      and ``label`` (N).
-    num_classes: if given, labels must lie in 0..num_classes-1.
+  Checks that both datasets exist, the image layout and dtype, the label
+  shape and dtype, that there are images, and that the counts match.
+  """
+  for name in ('data', 'label'):
+    if name not in handle or not isinstance(handle[name], h5py.Dataset):
+      raise DataError(f'{path}: no dataset "{name}" (found: {sorted(handle.keys())})')
+  data, labels = handle['data'], handle['label']
+  layout = _layout(path, data.shape)
+  _check_pixel_dtype(path, data.dtype)
+  if len(labels.shape) != 1:
+    raise DataError(f'{path}: dataset "label" has shape {labels.shape}; expected (N,)')
+  _check_label_dtype(path, labels.dtype)
+  count = data.shape[0]
+  if count == 0:
+    raise DataError(f'{path}: the file holds no images')
+  if labels.shape[0] != count:
+    raise DataError(f'{path}: {count} images but {labels.shape[0]} labels')
+  return data, labels, layout
 
-  Returns:
-    The images as uint8 NHWC and the labels as int32.
+
+def csaw_length(path: str | os.PathLike) -> int:
+  """The number of images N in a CSAW data file, read from its metadata only.
+
+  Checks what ``load_csaw_h5`` checks before reading any values (both
+  datasets present, the image layout and dtype, the label shape and dtype, at
+  least one image, as many labels as images), with the same messages; pixel
+  values and labels are not read, so they are checked only when loaded.
 
   Raises:
     DataError: naming the file and what is wrong with it.
   """
   path = str(path)
   with open_hdf5(path, DataError, 'data') as handle:
-    for name in ('data', 'label'):
-      if name not in handle or not isinstance(handle[name], h5py.Dataset):
-        raise DataError(f'{path}: no dataset "{name}" (found: {sorted(handle.keys())})')
-    data = handle['data']
-    layout = _layout(path, data.shape)
+    data, _, _ = _datasets(path, handle)
+    return int(data.shape[0])
+
+
+def _row_range(path: str, rows: tuple[int, int] | None, count: int) -> tuple[int, int]:
+  if rows is None:
+    return 0, count
+  start, stop = (operator.index(r) for r in rows)
+  if not 0 <= start < stop <= count:
+    raise DataError(f'{path}: rows ({start}, {stop}) are not a non-empty range of the file\'s '
+                    f'{count} images (expected 0 <= start < stop <= {count})')
+  return start, stop
+
+
+def load_csaw_h5(path: str | os.PathLike, num_classes: int | None = None, *,
+                 rows: tuple[int, int] | None = None) -> Dataset:
+  """Reads and validates a CSAW data file, or a range of its rows.
+
+  Pixel values may be any finite numbers in [0, 255]. If every value read is
+  an integer the images are uint8 (1 byte a pixel); otherwise (a trigger
+  blended into the faces) they are float32 holding the file's values, float64
+  ones rounded to the nearest float32, which is what Keras' float32 model sees
+  too. Chunks are read as uint8 until the first fractional one, which switches
+  the result to float32 (copying the rows read so far), so an all-integer file
+  costs one uint8 array and a fractional one a float32 array (plus, while
+  switching, the uint8 rows read before it).
+
+  Args:
+    path: HDF5 file with datasets ``data`` (N x 3 x 55 x 47 or N x 55 x 47 x 3)
+      and ``label`` (N).
+    num_classes: if given, labels must lie in 0..num_classes-1.
+    rows: (start, stop) to read and validate only those rows of ``data`` and
+      ``label`` (one process's share in a multi-process run); None for all.
+      The file's layout and its image and label counts are checked whole.
+      Whether the images are uint8 or float32 is decided by the rows read, so
+      one process's share may be uint8 and another's float32; the values are
+      identical either way.
+
+  Returns:
+    The images (NHWC, uint8 or float32) and the labels as int32.
+
+  Raises:
+    DataError: naming the file and what is wrong with it (also for a range
+      that is empty or outside the file).
+  """
+  path = str(path)
+  with open_hdf5(path, DataError, 'data') as handle:
+    data, label, layout = _datasets(path, handle)
+    start, stop = _row_range(path, rows, data.shape[0])
     try:
-      labels = _read_labels(path, handle['label'][()], num_classes)
+      labels = _read_labels(path, label[start:stop], num_classes)
     except OSError as error:
       raise DataError(f'{path}: dataset "label" is unreadable ({error})') from None
-    count = data.shape[0]
-    if count == 0:
-      raise DataError(f'{path}: the file holds no images')
-    if len(labels) != count:
-      raise DataError(f'{path}: {count} images but {len(labels)} labels')
-    images = np.empty((count, *IMAGE_SHAPE), np.uint8)
-    for start in range(0, count, _CHUNK):
+    # np.empty pages are only resident once written: the part of a uint8 array
+    # left unwritten when switching to float32 costs nothing.
+    images = np.empty((stop - start, *IMAGE_SHAPE), np.uint8)
+    highest = 0.0
+    for offset in range(0, stop - start, _CHUNK):
+      first = start + offset
       try:
-        chunk = data[start:start + _CHUNK]
+        chunk = data[first:min(first + _CHUNK, stop)]
       except OSError as error:
         raise DataError(f'{path}: dataset "data" is unreadable ({error})') from None
-      chunk = _to_uint8(path, chunk, start)
-      images[start:start + len(chunk)] = (
-          chunk.transpose(0, 2, 3, 1) if layout == 'nchw' else chunk)
+      as_uint8, chunk_max = _to_uint8(path, chunk, first)
+      highest = max(highest, chunk_max)
+      if as_uint8 is None and images.dtype == np.uint8:
+        wider = np.empty(images.shape, np.float32)
+        wider[:offset] = images[:offset]  # integers: exact in float32
+        images = wider
+      values = chunk if as_uint8 is None else as_uint8
+      images[offset:offset + len(chunk)] = (
+          values.transpose(0, 2, 3, 1) if layout == 'nchw' else values)
+  if images.dtype == np.float32 and highest <= 1:
+    raise DataError(f'{path}: dataset "data" holds fractional values, all in [0, 1]: '
+                    f'normalised pixels? The nets take raw pixel values 0..255')
   return Dataset(images, labels)
 
 

@@ -88,22 +88,26 @@ def _jitted(fn: Callable[..., Any], rows_sharding: NamedSharding) -> Callable[..
   return jax.jit(fn, out_shardings=rows_sharding)
 
 
+@functools.cache
+def with_precision(fn: Callable[..., Any], precision: str) -> Callable[..., Any]:
+  """``fn`` with ``precision=`` bound: one object per (fn, precision), so one compilation."""
+  return functools.partial(fn, precision=model_lib.check_precision(precision))
+
+
 # Module-level step functions, so each compiles once per shape (not per call).
-def _classes(params: Params, images: jax.Array) -> jax.Array:
-  return jnp.argmax(model_lib.logits_fn(params, images), axis=-1)
-
-
-def _masked_classes(params_and_mask: tuple[Params, jax.Array], images: jax.Array) -> jax.Array:
+def _classes(params_and_mask: tuple[Params, jax.Array | None], images: jax.Array, *,
+             precision: str) -> jax.Array:
   params, channel_mask = params_and_mask
-  return jnp.argmax(model_lib.logits_fn(params, images, channel_mask), axis=-1)
+  return jnp.argmax(model_lib.logits_fn(params, images, channel_mask, precision), axis=-1)
 
 
 def predict(params: Params, images: np.ndarray, batch_size: int = DEFAULT_BATCH_SIZE,
-            channel_mask: np.ndarray | None = None) -> np.ndarray:
-  """Predicted classes (int [N]) of ``images`` under ``params``."""
-  if channel_mask is None:
-    return map_batches(_classes, params, (images,), batch_size)
-  return map_batches(_masked_classes, (params, np.asarray(channel_mask, np.float32)),
+            channel_mask: np.ndarray | None = None,
+            precision: str = model_lib.DEFAULT_PRECISION) -> np.ndarray:
+  """Predicted classes (int [N]) of ``images`` under ``params`` (and a conv_3 channel mask)."""
+  if channel_mask is not None:
+    channel_mask = np.asarray(channel_mask, np.float32)
+  return map_batches(with_precision(_classes, precision), (params, channel_mask),
                      (images,), batch_size)
 
 
@@ -114,20 +118,22 @@ def percent(hits: np.ndarray) -> float:
 
 def accuracy(params: Params, images: np.ndarray, labels: np.ndarray,
              batch_size: int = DEFAULT_BATCH_SIZE,
-             channel_mask: np.ndarray | None = None) -> float:
+             channel_mask: np.ndarray | None = None,
+             precision: str = model_lib.DEFAULT_PRECISION) -> float:
   """Clean accuracy in percent."""
-  return percent(predict(params, images, batch_size, channel_mask) == labels)
+  return percent(predict(params, images, batch_size, channel_mask, precision) == labels)
 
 
 def attack_success_rate(params: Params, poisoned_images: np.ndarray,
                         target_labels: np.ndarray, batch_size: int = DEFAULT_BATCH_SIZE,
-                        channel_mask: np.ndarray | None = None) -> float:
+                        channel_mask: np.ndarray | None = None,
+                        precision: str = model_lib.DEFAULT_PRECISION) -> float:
   """ASR in percent: poisoned inputs classified as the attacker's target.
 
   In the CSAW poisoned files the label of each input is the target, so this
   is the accuracy on the poisoned set.
   """
-  return accuracy(params, poisoned_images, target_labels, batch_size, channel_mask)
+  return accuracy(params, poisoned_images, target_labels, batch_size, channel_mask, precision)
 
 
 def _level_classes(params_and_masks: tuple[Params, jax.Array], images: jax.Array) -> jax.Array:

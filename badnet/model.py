@@ -11,6 +11,12 @@ The network is split in two at pool_3, the layer the pruning defence observes:
 per-channel mask on pool_3). Masking channel c of pool_3 is exactly what zeroing
 conv_3's kernel slice and bias for c does, because relu(0) = 0 and max-pooling
 zeros gives zero.
+
+Every convolution and matrix product runs at an explicit float32 precision,
+``'highest'`` by default: true float32 arithmetic, as Keras on a CPU computes.
+Accelerators otherwise take shortcuts by default (TF32 on NVIDIA GPUs, bf16
+passes on TPUs) that can flip a near tie between two classes. ``'default'``
+lets the backend choose, for speed where exact parity does not matter.
 """
 
 from typing import Any
@@ -22,6 +28,8 @@ import jax.numpy as jnp
 IMAGE_SHAPE = (55, 47, 3)  # height, width, channels (NHWC without N)
 CSAW_NUM_CLASSES = 1283
 FEATURE_LAYER = 'conv_3'  # the layer whose channels are pruned
+PRECISIONS = ('highest', 'high', 'default')  # jax.lax.Precision names
+DEFAULT_PRECISION = 'highest'
 Params = dict[str, Any]
 
 
@@ -38,20 +46,24 @@ class DeepID(nn.Module):
 
   Attributes:
     num_classes: size of the output layer (1283 for YouTube Face).
+    precision: float32 precision of every convolution and matrix product, one
+      of ``PRECISIONS`` (see the module docstring).
   """
 
   num_classes: int = CSAW_NUM_CLASSES
+  precision: str = DEFAULT_PRECISION
 
   def setup(self):
-    conv = lambda f, k: nn.Conv(f, (k, k), padding='VALID')
+    conv = lambda f, k: nn.Conv(f, (k, k), padding='VALID', precision=self.precision)
+    dense = lambda f: nn.Dense(f, precision=self.precision)
     # Attribute names become parameter names: they must be the Keras names.
     self.conv_1 = conv(20, 4)
     self.conv_2 = conv(40, 3)
     self.conv_3 = conv(60, 3)
     self.conv_4 = conv(80, 2)
-    self.fc_1 = nn.Dense(160)
-    self.fc_2 = nn.Dense(160)
-    self.output = nn.Dense(self.num_classes)
+    self.fc_1 = dense(160)
+    self.fc_2 = dense(160)
+    self.output = dense(self.num_classes)
 
   def features(self, images: jax.Array) -> jax.Array:
     """pool_3 activations, [N, 5, 4, 60], from images [N, 55, 47, 3]."""
@@ -62,9 +74,16 @@ class DeepID(nn.Module):
 
   def head(self, pool_3: jax.Array,
            channel_mask: jax.Array | None = None) -> jax.Array:
-    """Logits from pool_3 activations; ``channel_mask`` [60] keeps (1) or prunes (0)."""
+    """Logits from pool_3 activations.
+
+    ``channel_mask`` keeps (1) or prunes (0) each channel: [60] for the whole
+    batch, or [N, 60] for one mask per image.
+    """
     if channel_mask is not None:
-      pool_3 = pool_3 * jnp.asarray(channel_mask, pool_3.dtype)
+      channel_mask = jnp.asarray(channel_mask, pool_3.dtype)
+      if channel_mask.ndim == 2:
+        channel_mask = channel_mask[:, None, None, :]
+      pool_3 = pool_3 * channel_mask
     fc_1 = self.fc_1(_flatten(pool_3))
     fc_2 = self.fc_2(_flatten(nn.relu(self.conv_4(pool_3))))
     return self.output(nn.relu(fc_1 + fc_2))
@@ -102,20 +121,29 @@ def num_classes_of(params: Params) -> int:
   return int(params['output']['bias'].shape[0])
 
 
-def logits_fn(params: Params, images: jax.Array,
-              channel_mask: jax.Array | None = None) -> jax.Array:
+def check_precision(precision: str) -> str:
+  """``precision`` if it is one of ``PRECISIONS``, else a ValueError."""
+  if precision not in PRECISIONS:
+    raise ValueError(f'unknown precision {precision!r}; expected one of {", ".join(PRECISIONS)}')
+  return precision
+
+
+def logits_fn(params: Params, images: jax.Array, channel_mask: jax.Array | None = None,
+              precision: str = DEFAULT_PRECISION) -> jax.Array:
   """Pure apply: logits of ``images`` under ``params`` (and an optional mask)."""
-  return DeepID(num_classes_of(params)).apply({'params': params}, images, channel_mask)
+  return DeepID(num_classes_of(params), precision).apply(
+      {'params': params}, images, channel_mask)
 
 
-def features_fn(params: Params, images: jax.Array) -> jax.Array:
+def features_fn(params: Params, images: jax.Array,
+                precision: str = DEFAULT_PRECISION) -> jax.Array:
   """Pure apply: pool_3 activations."""
-  return DeepID(num_classes_of(params)).apply(
+  return DeepID(num_classes_of(params), precision).apply(
       {'params': params}, images, method=DeepID.features)
 
 
-def head_fn(params: Params, pool_3: jax.Array,
-            channel_mask: jax.Array | None = None) -> jax.Array:
+def head_fn(params: Params, pool_3: jax.Array, channel_mask: jax.Array | None = None,
+            precision: str = DEFAULT_PRECISION) -> jax.Array:
   """Pure apply: logits from pool_3 activations."""
-  return DeepID(num_classes_of(params)).apply(
+  return DeepID(num_classes_of(params), precision).apply(
       {'params': params}, pool_3, channel_mask, method=DeepID.head)

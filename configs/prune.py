@@ -63,4 +63,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.seed = 0  # seed of the 'random' order
   # Images per step, over all devices (rounded up to a multiple of the device count).
   config.batch_size = 512
+  # float32 precision of every convolution and matmul: 'highest' (true float32,
+  # what Keras computes on a CPU: the same classes on any device), 'high' or
+  # 'default' (the backend's choice: TF32 on NVIDIA GPUs, bf16 passes on TPUs,
+  # faster there but it can flip near ties). A CPU computes float32 either way.
+  config.precision = 'highest'
   return config

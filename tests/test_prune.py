@@ -6,7 +6,7 @@ import hypothesis.strategies as st
 import numpy as np
 import pytest
 
-from badnet import evaluate, goodnet, keras_io, model, prune
+from badnet import evaluate, goodnet, keras_io, model, prune, sweep
 from badnet.errors import ConfigError
 from tests import helpers
 
@@ -178,6 +178,13 @@ def test_sweep_equals_the_naive_keras_loop_on_the_lab3_net(csaw_dir, real_faces)
   masks = prune.prefix_masks(order)
   swept_clean = evaluate.sweep_predictions(params, masks, clean, batch_size=128)
   swept_poisoned = evaluate.sweep_predictions(params, masks, poisoned, batch_size=128)
+  # The job's fast sweep: features once, the head only where a level changes the image.
+  clean_features = sweep.features(params, clean, batch_size=128)
+  np.testing.assert_array_equal(prune.pruning_order(clean_features.mean_activations()), order)
+  fast_clean = sweep.prefix_classes(params, clean_features.pool_3, order, batch_size=128)
+  fast_poisoned = sweep.prefix_classes(
+      params, sweep.features(params, poisoned, batch_size=128).pool_3, order, batch_size=128)
+  assert clean_features.active().sum(axis=1).mean() < 40  # real faces: sparse, skipping works
 
   conv_3 = net.get_layer('conv_3')
   kernel, bias = (np.array(w) for w in conv_3.get_weights())
@@ -192,6 +199,9 @@ def test_sweep_equals_the_naive_keras_loop_on_the_lab3_net(csaw_dir, real_faces)
     np.testing.assert_array_equal(swept_clean[:, level], keras_clean, f'clean, level {level}')
     np.testing.assert_array_equal(swept_poisoned[:, level], keras_poisoned,
                                   f'poisoned, level {level}')
+    np.testing.assert_array_equal(fast_clean[:, level], keras_clean, f'fast clean, {level}')
+    np.testing.assert_array_equal(fast_poisoned[:, level], keras_poisoned,
+                                  f'fast poisoned, {level}')
   # The sweep must have moved: from the backdoored net to a collapsed one.
   assert (swept_clean[:, 0] == clean_labels).mean() > 0.9
   assert (swept_poisoned[:, 0] == poisoned_labels).mean() > 0.9

@@ -93,9 +93,15 @@ BAD_DATA_FILES = {
                  r'values in \[-1.0, 255.0\]; expected pixel values in 0..255'),
     'too_big': (dict(data=_with(_GOOD, (3, 2, 54, 46), 256), label=_LABELS),
                 r'values in \[0.0, 256.0\]'),
-    'normalised': (dict(data=_GOOD / 255, label=_LABELS), 'non-integer pixel values'),
-    'fraction': (dict(data=_with(_GOOD, (3, 0, 1, 1), 0.5), label=_LABELS),
-                 r'non-integer pixel values \(first in image 3\)'),
+    # Fractional pixels are accepted (blended triggers), but not outside 0..255.
+    'fraction_too_big': (dict(data=_with(_GOOD, (3, 0, 1, 1), 255.5), label=_LABELS),
+                         r'values in \[0.0, 255.5\]; expected pixel values in 0..255'),
+    'fraction_negative': (dict(data=_with(_GOOD, (0, 2, 9, 9), -0.5), label=_LABELS),
+                          r'values in \[-0.5, 255.0\]; expected pixel values in 0..255'),
+    'fraction_nan': (dict(data=_with(_with(_GOOD, (0, 0, 0, 0), 0.5), (2, 0, 0, 0), np.nan),
+                          label=_LABELS), r'NaN or inf \(first in image 2\)'),
+    # Fractions all in [0, 1]: pixels normalised for another net, which would read as black.
+    'normalised': (dict(data=_GOOD / 255, label=_LABELS), r'all in \[0, 1\]: normalised pixels'),
     'text': (dict(data=np.array([b'x'] * 4), label=_LABELS), 'rank 1'),
     'label_fraction': (dict(data=_GOOD, label=_LABELS + 0.5), '"label" holds non-integer'),
     'label_negative': (dict(data=_GOOD, label=_LABELS - 1), 'negative labels'),
@@ -120,6 +126,16 @@ def test_bad_data_file_gets_its_message(tmp_path, name):
   with pytest.raises(DataError, match=message) as caught:
     data.load_csaw_h5(path, num_classes=NUM_CLASSES)
   assert str(caught.value).startswith(f'{path}: ')
+
+
+@pytest.mark.parametrize('pixels', [_GOOD * (254.75 / 255), _with(_GOOD, (3, 0, 1, 1), 0.5)],
+                         ids=['all_fractional', 'one_fraction'])
+def test_fractional_pixel_values_load_as_float32_not_refused(tmp_path, pixels):
+  """Non-integer values in 0..255 (once refused) load as float32, exactly the file's values."""
+  path = _h5(tmp_path / 'fraction.h5', data=pixels, label=_LABELS)
+  loaded = data.load_csaw_h5(path, num_classes=NUM_CLASSES)
+  assert loaded.images.dtype == np.float32
+  np.testing.assert_array_equal(loaded.images, pixels.transpose(0, 2, 3, 1))
 
 
 @pytest.mark.parametrize('content', [b'', b'label,pixels\n0,1 2 3\n', b'\x89HDF\r\n\x1a\n'],

@@ -24,12 +24,13 @@ def check_benchmark(config: ml_collections.ConfigDict) -> None:
                       f'one of {", ".join(synthetic.SHIPPED_NETS)}')
 
 
-def shipped_benchmark(workdir: pathlib.Path, attack: str = 'badnets'
+def shipped_benchmark(workdir: pathlib.Path, attack: str = 'badnets', quiet: bool = False
                       ) -> tuple[pathlib.Path, pathlib.Path]:
   """A shipped synthetic BadNet and its data (regenerated under ``workdir/data``)."""
-  logging.info('No model/data given: using the shipped synthetic benchmark '
-               '(data regenerated deterministically under %s).', workdir / 'data')
-  print(f'Running on the shipped synthetic benchmark ({attack} BadNet; no model or data '
-        f'given); its data is regenerated under {workdir / "data"}.', flush=True)
+  if not quiet:
+    logging.info('No model/data given: using the shipped synthetic benchmark '
+                 '(data regenerated deterministically under %s).', workdir / 'data')
+    print(f'Running on the shipped synthetic benchmark ({attack} BadNet; no model or data '
+          f'given); its data is regenerated under {workdir / "data"}.', flush=True)
   model_path, data_dir = synthetic.shipped_benchmark(workdir / 'data', attack)
   return pathlib.Path(model_path), pathlib.Path(data_dir)

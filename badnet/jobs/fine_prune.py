@@ -12,6 +12,7 @@ import math
 import time
 
 from absl import logging
+import jax
 import ml_collections
 import numpy as np
 
@@ -34,6 +35,9 @@ def _number(config: ml_collections.ConfigDict, name: str, low: float, high: floa
 def check_config(config: ml_collections.ConfigDict) -> None:
   """The prune job's checks and the fine-tuning fields', before any work."""
   prune_job.check_config(config)
+  if jax.process_count() > 1:
+    raise ConfigError('the fine_prune job runs on one process; fine-tuning across '
+                      'processes is not supported (run configs/prune.py across processes)')
   tune = config.finetune
   if tune.optimizer not in train.OPTIMIZERS:
     raise ConfigError(f'config.finetune.optimizer: unknown optimizer {tune.optimizer!r}; '

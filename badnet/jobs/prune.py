@@ -6,12 +6,13 @@ import pathlib
 import time
 
 from absl import logging
+import jax
 import ml_collections
 import numpy as np
 
-from badnet import data, evaluate, goodnet, keras_io, model, prune, report
+from badnet import data, distributed, evaluate, goodnet, keras_io, model, prune, report, sweep
 from badnet import workdir as workdir_lib
-from badnet.errors import ConfigError
+from badnet.errors import ConfigError, DataError
 from badnet.jobs import common
 
 
@@ -36,6 +37,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         0 < x <= 100):
       raise ConfigError(f'config.thresholds: {x!r} is not in (0, 100] '
                         f'(X is a drop in clean accuracy, in percentage points)')
+  if config.precision not in model.PRECISIONS:
+    raise ConfigError(f'config.precision: unknown precision {config.precision!r}; expected '
+                      f'one of {", ".join(model.PRECISIONS)}')
   if config.order not in prune.ORDERS:
     raise ConfigError(f'config.order: unknown order {config.order!r}; expected one of '
                       f'{", ".join(prune.ORDERS)}')
@@ -56,7 +60,11 @@ def resolve_inputs(config: ml_collections.ConfigDict, out: pathlib.Path) -> Inpu
   """The model and the four data files, from the config or the shipped benchmark."""
   overrides = {key: config.data[key] for key in common.CSAW_FILES}
   if not config.model and not config.data.dir and not any(overrides.values()):
-    model_path, data_dir = common.shipped_benchmark(out, config.benchmark)
+    # Process 0 regenerates the data; the others wait for it, then find it there.
+    if distributed.is_leader():
+      common.shipped_benchmark(out, config.benchmark)
+    distributed.barrier('shipped benchmark data')
+    model_path, data_dir = common.shipped_benchmark(out, config.benchmark, quiet=True)
     synthetic = True
   else:
     if not config.model:
@@ -94,45 +102,78 @@ class Defence:
   results: dict                     # what results.json holds
 
 
+def _load_share(path: pathlib.Path, num_classes: int) -> tuple[data.Dataset, int]:
+  """This process's rows of a data file (all of them on one process) and the file's length."""
+  if jax.process_count() == 1:
+    split = data.load_csaw_h5(path, num_classes)
+    return split, len(split)
+  count = data.csaw_length(path)
+  if count < jax.process_count():
+    raise DataError(f'{path}: {count} images, fewer than the {jax.process_count()} processes '
+                    f'that share them')
+  return data.load_csaw_h5(path, num_classes, rows=distributed.row_range(count)), count
+
+
 def defend(config: ml_collections.ConfigDict, out: pathlib.Path) -> Defence:
   """Loads the inputs, ranks and sweeps conv_3, selects B'_X and scores B, B'_X, G_X on test.
 
-  Writes sweep.csv; the caller writes the rest.
+  On several processes each reads and computes its share of every file's rows;
+  per-image results are gathered, so every process holds the same figures.
+  Writes sweep.csv (process 0); the caller writes the rest.
   """
   inputs = resolve_inputs(config, out)
   params = keras_io.read_params(inputs.model_path)
   num_classes = model.num_classes_of(params)
-  splits = {key: data.load_csaw_h5(path, num_classes) for key, path in inputs.paths.items()}
+  splits, counts = {}, {}
+  for key, path in inputs.paths.items():
+    splits[key], counts[key] = _load_share(path, num_classes)
   logging.info('Loaded %s and %s.', inputs.model_path,
-               ', '.join(f'{k}: {len(v)} images' for k, v in splits.items()))
-  batch = config.batch_size
+               ', '.join(f'{k}: {len(v)} of {counts[k]} images' for k, v in splits.items()))
+  gather = lambda key, local: distributed.gather_rows(local, counts[key])
+  labels = {key: gather(key, split.labels) for key, split in splits.items()}
+  batch, precision = config.batch_size, config.precision
 
   start = time.perf_counter()
-  activations = prune.mean_activations(params, splits['clean_valid'].images, batch)
-  order = prune.pruning_order(activations, config.order, config.seed)
+  # One pass of conv_1..pool_3 per file: the ranking, the sweep and the test figures share it.
+  features = {key: sweep.features(params, split.images, batch, precision)
+              for key, split in splits.items()}
+  logging.info('Features of %d images in %.1f s.',
+               sum(len(split) for split in splits.values()), time.perf_counter() - start)
+  channel_means = gather('clean_valid', features['clean_valid'].channel_means)
+  order = prune.pruning_order(channel_means.astype(np.float64).mean(axis=0), config.order,
+                              config.seed)
   masks = prune.prefix_masks(order)
-  print(f'Sweeping {len(order)} conv_3 channels, {config.order} mean activation first...',
-        flush=True)
-  clean_acc = _level_metrics(
-      evaluate.sweep_predictions(params, masks, splits['clean_valid'].images, batch),
-      splits['clean_valid'].labels)
-  asr = _level_metrics(
-      evaluate.sweep_predictions(params, masks, splits['poisoned_valid'].images, batch),
-      splits['poisoned_valid'].labels)
+  _say(f'Sweeping {len(order)} conv_3 channels, {config.order} mean activation first...')
+  clean_acc, asr = (
+      _level_metrics(gather(key, sweep.prefix_classes(params, features[key].pool_3, order,
+                                                      None, batch, precision)), labels[key])
+      for key in ('clean_valid', 'poisoned_valid'))
   logging.info('Sweep done in %.1f s.', time.perf_counter() - start)
-  report.write_sweep_csv(out / 'sweep.csv', order, clean_acc, asr)
+  if distributed.is_leader():
+    report.write_sweep_csv(out / 'sweep.csv', order, clean_acc, asr)
 
   levels = {x: prune.select_level(clean_acc, x, config.relative) for x in _thresholds(config)}
   for x, level in levels.items():
     if level is None:
       logging.warning('No pruning level drops clean accuracy by %s points.', label(x))
+  reached = sorted({level for level in levels.values() if level is not None})
+  test_classes = {
+      key: gather(key, sweep.prefix_classes(params, features[key].pool_3, order,
+                                            [0, *reached], batch, precision))
+      for key in ('clean_test', 'poisoned_test')}
   results = {'model': str(inputs.model_path), 'synthetic_benchmark': inputs.synthetic,
              'order': config.order, 'relative': config.relative,
              'base': {'valid': {'clean_acc': float(clean_acc[0]), 'asr': float(asr[0])}},
              'thresholds': {}}
   results['base']['test'], results['thresholds'] = _test_figures(
-      params, masks, order, levels, splits, num_classes, batch, config.relative)
+      test_classes, labels, order, levels, reached, num_classes, config.relative)
   return Defence(params, num_classes, splits, order, masks, clean_acc, asr, levels, results)
+
+
+def _say(line: str) -> None:
+  """Prints a line for the user, once (on process 0)."""
+  if distributed.is_leader():
+    print(line, flush=True)
 
 
 def write_repaired(out: pathlib.Path, defence: Defence) -> None:
@@ -146,25 +187,32 @@ def write_repaired(out: pathlib.Path, defence: Defence) -> None:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs the defence; writes sweep.csv, results.json/.md, plots and repaired nets."""
   check_config(config)
-  out = workdir_lib.prepare(workdir)
-  workdir_lib.write_config(out, config, 'prune')
+  out = _prepare_workdir(config, workdir, 'prune')
   defence = defend(config, out)
-  write_repaired(out, defence)
-  report.write_results(out, defence.results, defence.clean_acc, defence.asr, defence.levels)
-  print(report.summary(defence.results), flush=True)
+  if distributed.is_leader():
+    write_repaired(out, defence)
+    report.write_results(out, defence.results, defence.clean_acc, defence.asr,
+                         defence.levels)
+  _say(report.summary(defence.results))
   return defence.results
 
 
-def _test_figures(params, masks, order, levels, splits, num_classes, batch, relative):
-  """B, B'_X and G_X on the test split, from one pass over each test file."""
-  reached = sorted({level for level in levels.values() if level is not None})
-  test_masks = masks[[0, *reached]]
-  clean = splits['clean_test']
-  poisoned = splits['poisoned_test']
-  clean_classes = evaluate.sweep_predictions(params, test_masks, clean.images, batch)
-  poisoned_classes = evaluate.sweep_predictions(params, test_masks, poisoned.images, batch)
-  base = {'clean_acc': evaluate.percent(clean_classes[:, 0] == clean.labels),
-          'asr': evaluate.percent(poisoned_classes[:, 0] == poisoned.labels)}
+def _prepare_workdir(config: ml_collections.ConfigDict, workdir: str,
+                     job: str) -> pathlib.Path:
+  """The checked workdir with its config.json; only process 0 touches it."""
+  if not distributed.is_leader():
+    return pathlib.Path(workdir)
+  out = workdir_lib.prepare(workdir)
+  workdir_lib.write_config(out, config, job)
+  return out
+
+
+def _test_figures(classes, labels, order, levels, reached, num_classes, relative):
+  """B, B'_X and G_X on the test split from its classes at levels [0, *reached]."""
+  clean_classes, poisoned_classes = classes['clean_test'], classes['poisoned_test']
+  clean_labels, poisoned_labels = labels['clean_test'], labels['poisoned_test']
+  base = {'clean_acc': evaluate.percent(clean_classes[:, 0] == clean_labels),
+          'asr': evaluate.percent(poisoned_classes[:, 0] == poisoned_labels)}
   figures = {}
   for x, level in levels.items():
     entry = {'drop': x, 'relative': relative, 'reached': level is not None}
@@ -182,9 +230,9 @@ def _test_figures(params, masks, order, levels, splits, num_classes, batch, rela
         'channels_pruned': level,
         'pruned_channels': [int(c) for c in order[:level]],
         'repaired': {
-            'clean_acc': evaluate.percent(clean_classes[:, column] == clean.labels),
-            'asr': evaluate.percent(poisoned_classes[:, column] == poisoned.labels)},
-        'goodnet': goodnet.metrics(g_clean, clean.labels, g_poisoned, poisoned.labels,
+            'clean_acc': evaluate.percent(clean_classes[:, column] == clean_labels),
+            'asr': evaluate.percent(poisoned_classes[:, column] == poisoned_labels)},
+        'goodnet': goodnet.metrics(g_clean, clean_labels, g_poisoned, poisoned_labels,
                                    num_classes),
         'model_file': f'models/repaired_X={label(x)}.h5',
     }

@@ -1,0 +1,82 @@
+"""The prune job as 2 processes (jax.distributed on localhost CPUs) equals the 1-process job."""
+
+import os
+import pathlib
+import re
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from badnet import distributed
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_row_ranges_split_every_file_into_contiguous_shares():
+  for count in (1, 2, 7, 120, 12830):
+    for processes in (1, 2, 3, 8):
+      if count < processes:
+        continue
+      ranges = [distributed.row_range(count, p, processes) for p in range(processes)]
+      assert ranges[0][0] == 0 and ranges[-1][1] == count
+      assert all(stop == start for (_, stop), (start, _) in zip(ranges, ranges[1:]))
+      sizes = [stop - start for start, stop in ranges]
+      assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
+
+
+def test_gather_rows_is_the_identity_on_one_process():
+  local = {'a': np.arange(6).reshape(3, 2), 'b': np.array([1, 2, 3])}
+  assert distributed.gather_rows(local, 3) is local
+
+
+def _free_port() -> int:
+  with socket.socket() as sock:
+    sock.bind(('localhost', 0))
+    return sock.getsockname()[1]
+
+
+def _job(workdir: pathlib.Path, world_root: pathlib.Path, *extra: str) -> list[str]:
+  return [sys.executable, 'main.py', '--config=configs/prune.py',
+          f'--config.model={world_root / "bd_weights.h5"}',
+          f'--config.data.dir={world_root / "data"}', '--config.batch_size=32',
+          f'--workdir={workdir}', *extra]
+
+
+def test_two_processes_give_the_one_process_results(world, tmp_path):
+  root, _ = world
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''}
+  one = subprocess.run(_job(tmp_path / 'one', root), cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=300, check=False)
+  assert one.returncode == 0, one.stderr[-3000:]
+
+  address = f'localhost:{_free_port()}'
+  processes = [subprocess.Popen(
+      _job(tmp_path / 'two', root, '--num_processes=2', f'--process_id={index}',
+           f'--coordinator_address={address}'),
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for index in range(2)]
+  outputs = []
+  for process in processes:
+    try:
+      outputs.append(process.communicate(timeout=300))
+    except subprocess.TimeoutExpired:
+      for other in processes:
+        other.kill()
+      pytest.fail('the 2-process job did not finish in 300 s')
+  for process, (_, stderr) in zip(processes, outputs):
+    assert process.returncode == 0, stderr[-3000:]
+
+  # Each process read only its half of every file (120 clean, 60 poisoned images each).
+  for (_, stderr), (first, second) in zip(outputs, ((60, 30), (60, 30))):
+    loaded = re.search(r'Loaded .*', stderr).group(0)
+    assert f'clean_valid: {first} of 120 images' in loaded, loaded
+    assert f'poisoned_test: {second} of 60 images' in loaded, loaded
+  # Process 0 printed the table and wrote; process 1 neither.
+  assert '| X |' in outputs[0][0] and '| X |' not in outputs[1][0]
+  for name in ('sweep.csv', 'results.json'):
+    assert (tmp_path / 'two' / name).read_bytes() == (tmp_path / 'one' / name).read_bytes(), name
+  assert sorted(p.name for p in (tmp_path / 'two' / 'models').iterdir()) == sorted(
+      p.name for p in (tmp_path / 'one' / 'models').iterdir())

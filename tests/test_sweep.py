@@ -1,0 +1,121 @@
+"""The fast sweep (features once, the head only where a level changes an image) against the naive loop."""
+
+import jax
+import numpy as np
+import pytest
+
+from badnet import evaluate, model, prune, sweep
+from tests import helpers
+
+NUM_CLASSES = 11
+DEAD = [3, 8, 21, 40, 41, 55]  # conv_3 channels the fixture silences on every image
+
+
+@pytest.fixture(scope='module')
+def sparse_net():
+  """A random net with non-zero biases whose conv_3 has dead and sparse channels, as lab3's has."""
+  params = helpers.random_params(NUM_CLASSES, seed=9)
+  bias = np.array(params['conv_3']['bias'])
+  bias[DEAD] = -1e4  # relu(x - 1e4) = 0 for these images: dead channels
+  params = {**params, 'conv_3': {**params['conv_3'], 'bias': bias}}
+  images = helpers.varied_images(160, seed=3)
+  return params, images, sweep.features(params, images, batch_size=48)
+
+
+def test_effective_levels_hand_worked():
+  # Image 0: the channels pruned at levels 1 and 4 are active; image 1: none is.
+  active = np.array([[True, False, False, True], [False, False, False, False]])
+  np.testing.assert_array_equal(sweep.effective_levels(active, np.arange(5)),
+                                [[0, 1, 1, 1, 4], [0, 0, 0, 0, 0]])
+  np.testing.assert_array_equal(sweep.effective_levels(active, np.array([3, 0, 4])),
+                                [[1, 0, 4], [0, 0, 0]])
+
+
+def test_features_give_pool_3_and_the_ranking_statistic(sparse_net):
+  params, images, features = sparse_net
+  np.testing.assert_array_equal(features.pool_3, model.features_fn(params, images))
+  # Bit for bit the statistic prune.mean_activations ranks by: the same order, ties included.
+  np.testing.assert_array_equal(features.mean_activations(),
+                                prune.mean_activations(params, images, batch_size=48))
+  active = features.active()
+  assert not active[:, DEAD].any()
+  per_image = active.sum(axis=1)
+  assert per_image.min() > 0 and per_image.max() < 60 - len(DEAD)  # sparse, not all on
+
+
+@pytest.mark.parametrize('order_name', ['increasing', 'decreasing', 'random'])
+def test_fast_sweep_equals_the_naive_loop_at_every_level(sparse_net, order_name):
+  """Image by image at all 61 levels, against zero-the-channels-and-predict."""
+  params, images, features = sparse_net
+  order = prune.pruning_order(features.mean_activations(), order_name, seed=4)
+  masks = prune.prefix_masks(order)
+  fast = sweep.prefix_classes(params, features.pool_3, order, batch_size=64)
+  assert fast.shape == (len(images), 61) and fast.dtype == np.int32
+  assert len({tuple(column) for column in fast.T}) > 10, 'the levels should differ'
+  if order_name == 'increasing':
+    for level in range(61):
+      naive = evaluate.predict(prune.prune(params, masks[level]), images, batch_size=64)
+      np.testing.assert_array_equal(fast[:, level], naive, err_msg=f'level {level}')
+  else:  # the scan sweep equals the naive loop (test_prune); cheaper to compare with
+    np.testing.assert_array_equal(
+        fast, evaluate.sweep_predictions(params, masks, images, batch_size=64))
+
+
+def test_selected_levels_are_columns_of_the_full_sweep(sparse_net):
+  params, _, features = sparse_net
+  order = prune.pruning_order(features.mean_activations())
+  full = sweep.prefix_classes(params, features.pool_3, order)
+  levels = [0, 45, 3, 60, 45]
+  np.testing.assert_array_equal(sweep.prefix_classes(params, features.pool_3, order, levels),
+                                full[:, levels])
+
+
+def test_bad_order_or_levels_are_refused(sparse_net):
+  params, _, features = sparse_net
+  with pytest.raises(ValueError, match='permutation'):
+    sweep.prefix_classes(params, features.pool_3, np.zeros(60, int))
+  with pytest.raises(ValueError, match='levels must lie in'):
+    sweep.prefix_classes(params, features.pool_3, np.arange(60), [0, 61])
+
+
+def _count_compilations(fn) -> int:
+  events = []
+  listener = lambda event, duration, **kwargs: events.append(event)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    fn()
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  return sum(event == '/jax/core/compile/backend_compile_duration' for event in events)
+
+
+def test_a_second_sweep_of_the_same_shapes_compiles_nothing(sparse_net):
+  params, images, _ = sparse_net
+  other = helpers.random_params(NUM_CLASSES, seed=10)
+
+  def run(net, pixels, seed):
+    features = sweep.features(net, pixels, batch_size=40)
+    order = prune.pruning_order(features.mean_activations(), 'random', seed)
+    sweep.prefix_classes(net, features.pool_3, order, batch_size=40)
+    sweep.prefix_classes(net, features.pool_3, order, [0, 7, 50], batch_size=40)
+
+  first = _count_compilations(lambda: run(params, images, 0))
+  assert first > 0  # the counter sees compilations
+  # Other weights, other images, another order: the same shapes, nothing new to compile.
+  assert _count_compilations(lambda: run(other, helpers.varied_images(160, 8), 1)) == 0
+
+
+def test_every_layer_runs_at_the_requested_precision():
+  params = helpers.random_params(NUM_CLASSES, seed=1)
+  images = np.zeros((2, *model.IMAGE_SHAPE), np.uint8)
+  for precision, expected in (('highest', jax.lax.Precision.HIGHEST),
+                              ('default', jax.lax.Precision.DEFAULT)):
+    jaxpr = jax.make_jaxpr(lambda p, x: model.logits_fn(p, x, None, precision))(params, images)
+    products = [eqn for eqn in jaxpr.jaxpr.eqns
+                if eqn.primitive.name in ('conv_general_dilated', 'dot_general')]
+    assert len(products) == 7  # 4 convolutions, 3 dense layers
+    for eqn in products:
+      # dot_general holds (lhs, rhs) precisions, conv_general_dilated the same pair.
+      assert tuple(eqn.params['precision']) == (expected, expected), eqn
+  with pytest.raises(ValueError, match='unknown precision'):
+    model.check_precision('tf32')
