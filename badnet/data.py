@@ -92,6 +92,13 @@ def _to_uint8(path: str, chunk: np.ndarray, start: int) -> tuple[np.ndarray | No
   conversion) are a DataError; ``start`` is the chunk's first row in the file.
   """
   _check_pixel_dtype(path, chunk.dtype)
+  # The common case first, in two passes: a chunk equals its uint8 cast exactly
+  # when every value is an integer in 0..255 (NaN, inf and anything out of
+  # range cast to something else, hence the silenced warning).
+  with np.errstate(invalid='ignore'):
+    as_uint8 = chunk.astype(np.uint8)
+  if np.array_equal(as_uint8, chunk):
+    return as_uint8, float(as_uint8.max(initial=0))
   low, high = chunk.min(), chunk.max()
   if not (low >= 0 and high <= 255):  # NaN fails both comparisons
     if np.issubdtype(chunk.dtype, np.floating):
@@ -101,10 +108,7 @@ def _to_uint8(path: str, chunk: np.ndarray, start: int) -> tuple[np.ndarray | No
         raise DataError(f'{path}: dataset "data" holds NaN or inf (first in image {index})')
     raise DataError(f'{path}: dataset "data" holds values in [{low}, {high}]; '
                     f'expected pixel values in 0..255')
-  as_uint8 = chunk.astype(np.uint8)  # in range, so floats truncate and nothing wraps
-  if np.issubdtype(chunk.dtype, np.integer) or np.array_equal(as_uint8, chunk):
-    return as_uint8, float(high)
-  return None, float(high)
+  return None, float(high)  # fractional values in range: the caller keeps them as float32
 
 
 def _read_labels(path: str, labels: np.ndarray, num_classes: int | None) -> np.ndarray:

@@ -23,8 +23,10 @@ every other evaluation.
 """
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -99,10 +101,42 @@ class _GatheredRows:
     return self.base[self.index[rows]]
 
 
+def head_logits(params: Params, pool_3: jax.Array, channel_mask: jax.Array,
+                precision: str = model_lib.DEFAULT_PRECISION) -> jax.Array:
+  """``model.head_fn`` with conv_4 as four matrix products (one per kernel tap).
+
+  On a CPU, XLA's convolution of the small 5 x 4 pool_3 map runs at a third of
+  its matrix-multiply rate; one product per tap runs at about two thirds,
+  which makes the whole head about 1.3x faster. It is the same sum in another
+  order, so the logits agree with ``model.head_fn`` to float32 rounding (and
+  the classes with the naive loop: tests/test_sweep.py, tests/test_prune.py).
+
+  Args:
+    params: the net.
+    pool_3: [N, 5, 4, C] activations.
+    channel_mask: [N, C] (one mask per row) or [C].
+    precision: see ``model``.
+  """
+  mask = jnp.asarray(channel_mask, pool_3.dtype)
+  pool_3 = pool_3 * (mask[:, None, None, :] if mask.ndim == 2 else mask)
+  dot = functools.partial(jnp.dot, precision=precision)
+  fc_1 = dot(pool_3.reshape(len(pool_3), -1), params['fc_1']['kernel']) + params['fc_1']['bias']
+  kernel = params['conv_4']['kernel']  # [2, 2, C, 80]
+  taps_h, taps_w = kernel.shape[:2]
+  out_h, out_w = pool_3.shape[1] - taps_h + 1, pool_3.shape[2] - taps_w + 1
+  conv_4 = params['conv_4']['bias']
+  for i in range(taps_h):
+    for j in range(taps_w):
+      conv_4 = conv_4 + dot(pool_3[:, i:i + out_h, j:j + out_w, :], kernel[i, j])
+  fc_2 = (dot(jax.nn.relu(conv_4).reshape(len(pool_3), -1), params['fc_2']['kernel'])
+          + params['fc_2']['bias'])
+  return dot(jax.nn.relu(fc_1 + fc_2), params['output']['kernel']) + params['output']['bias']
+
+
 def _head_classes(params_and_masks: tuple[Params, jax.Array], pool_3: jax.Array,
                   level: jax.Array, *, precision: str) -> jax.Array:
   params, masks = params_and_masks
-  return jnp.argmax(model_lib.head_fn(params, pool_3, masks[level], precision), axis=-1)
+  return jnp.argmax(head_logits(params, pool_3, masks[level], precision), axis=-1)
 
 
 def prefix_classes(params: Params, pool_3: np.ndarray, order: np.ndarray,
@@ -136,6 +170,7 @@ def prefix_classes(params: Params, pool_3: np.ndarray, order: np.ndarray,
   needed = np.zeros((count, num_channels + 1), bool)
   needed[np.arange(count)[:, None], effective] = True
   rows, row_levels = np.nonzero(needed)
+  logging.info('Head on %d (image, level) pairs of %d x %d.', len(rows), count, len(levels))
   step = evaluate.with_precision(_head_classes, precision)
   computed = evaluate.map_batches(
       step, (params, prune.prefix_masks(order)),

@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 
-from badnet import evaluate, model, prune
+from badnet import evaluate, model, prune, sweep
 from tests import helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,10 +21,14 @@ def compute() -> dict[str, np.ndarray]:
   images = helpers.varied_images(COUNT, seed=6)
   order = np.random.default_rng(7).permutation(model.num_channels(params))
   masks = prune.prefix_masks(order)[::6]  # levels 0, 6, ..., 60: 11 masks
+  features = sweep.features(params, images, batch_size=BATCH)
   return dict(
       predict=evaluate.predict(params, images, batch_size=BATCH),
       masked=evaluate.predict(params, images, batch_size=BATCH, channel_mask=masks[5]),
       sweep=evaluate.sweep_predictions(params, masks, images, batch_size=BATCH),
+      fast_sweep=sweep.prefix_classes(params, features.pool_3, order, levels=range(0, 61, 6),
+                                      batch_size=BATCH),
+      pool_3=features.pool_3,
       means=prune.mean_activations(params, images, batch_size=BATCH))
 
 
@@ -52,7 +56,7 @@ def _on_eight_devices(out) -> dict[str, np.ndarray]:
 
 
 def test_eight_devices_give_the_same_predictions(tmp_path):
-  """predict, masked predict, the pruning sweep and mean activations: 8 devices == 1."""
+  """predict, masked predict, both pruning sweeps, pool_3 and mean activations: 8 devices == 1."""
   one = compute()
   # The comparison must be of varied outputs, not of one constant class.
   assert len(np.unique(one['predict'])) > 3
@@ -61,7 +65,8 @@ def test_eight_devices_give_the_same_predictions(tmp_path):
   np.testing.assert_array_equal(one['sweep'][:, 0], one['predict'])  # level 0: nothing pruned
   np.testing.assert_array_equal(one['sweep'][:, 5], one['masked'])
   eight = _on_eight_devices(tmp_path / 'eight.npz')
-  for key in ('predict', 'masked', 'sweep'):
+  np.testing.assert_array_equal(one['fast_sweep'], one['sweep'])
+  for key in ('predict', 'masked', 'sweep', 'fast_sweep', 'pool_3'):
     assert eight[key].shape == one[key].shape, key
     np.testing.assert_array_equal(eight[key], one[key], key)
   # Means are float sums whose order of addition may change with the sharding.

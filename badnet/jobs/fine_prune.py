@@ -124,7 +124,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   check_config(config)
   out = workdir_lib.prepare(workdir)
   workdir_lib.write_config(out, config, 'fine_prune')
-  defence = prune_job.defend(config, out)
+  defence = prune_job.defend(config, out, keep_images=True)
   prune_job.write_repaired(out, defence)
   results, batch = defence.results, config.batch_size
   clean_valid = defence.splits['clean_valid']

@@ -1,5 +1,6 @@
 """The pruning defence and GoodNet, end to end: sweep, thresholds, reports, repaired nets."""
 
+import concurrent.futures
 import dataclasses
 import math
 import pathlib
@@ -93,7 +94,7 @@ class Defence:
   """What the pruning defence found: everything a later stage (fine-pruning) builds on."""
   params: model.Params
   num_classes: int
-  splits: dict[str, data.Dataset]  # keys of common.CSAW_FILES
+  splits: dict[str, data.Dataset]  # keys of common.CSAW_FILES; {} unless keep_images
   order: np.ndarray                 # channels in pruning order
   masks: np.ndarray                 # [C + 1, C] prefix masks
   clean_acc: np.ndarray             # clean validation accuracy at levels 0..C
@@ -102,43 +103,63 @@ class Defence:
   results: dict                     # what results.json holds
 
 
-def _load_share(path: pathlib.Path, num_classes: int) -> tuple[data.Dataset, int]:
-  """This process's rows of a data file (all of them on one process) and the file's length."""
+def _load_share(path: pathlib.Path, count: int, num_classes: int) -> data.Dataset:
+  """This process's rows of a data file of ``count`` rows (all of them on one process)."""
   if jax.process_count() == 1:
-    split = data.load_csaw_h5(path, num_classes)
-    return split, len(split)
-  count = data.csaw_length(path)
+    return data.load_csaw_h5(path, num_classes)
   if count < jax.process_count():
     raise DataError(f'{path}: {count} images, fewer than the {jax.process_count()} processes '
                     f'that share them')
-  return data.load_csaw_h5(path, num_classes, rows=distributed.row_range(count)), count
+  return data.load_csaw_h5(path, num_classes, rows=distributed.row_range(count))
 
 
-def defend(config: ml_collections.ConfigDict, out: pathlib.Path) -> Defence:
+def defend(config: ml_collections.ConfigDict, out: pathlib.Path,
+           keep_images: bool = False) -> Defence:
   """Loads the inputs, ranks and sweeps conv_3, selects B'_X and scores B, B'_X, G_X on test.
 
   On several processes each reads and computes its share of every file's rows;
   per-image results are gathered, so every process holds the same figures.
   Writes sweep.csv (process 0); the caller writes the rest.
+
+  Args:
+    config: the prune job's config.
+    out: the workdir.
+    keep_images: return the loaded data sets in ``Defence.splits`` (fine-pruning
+      trains on them). Otherwise each file's images are dropped once its
+      features are computed, so at most two files' images (the one on the
+      device, the next one loading) are held at a time.
   """
   inputs = resolve_inputs(config, out)
   params = keras_io.read_params(inputs.model_path)
   num_classes = model.num_classes_of(params)
-  splits, counts = {}, {}
-  for key, path in inputs.paths.items():
-    splits[key], counts[key] = _load_share(path, num_classes)
-  logging.info('Loaded %s and %s.', inputs.model_path,
-               ', '.join(f'{k}: {len(v)} of {counts[k]} images' for k, v in splits.items()))
-  gather = lambda key, local: distributed.gather_rows(local, counts[key])
-  labels = {key: gather(key, split.labels) for key, split in splits.items()}
   batch, precision = config.batch_size, config.precision
 
   start = time.perf_counter()
-  # One pass of conv_1..pool_3 per file: the ranking, the sweep and the test figures share it.
-  features = {key: sweep.features(params, split.images, batch, precision)
-              for key, split in splits.items()}
-  logging.info('Features of %d images in %.1f s.',
-               sum(len(split) for split in splits.values()), time.perf_counter() - start)
+  # Every file's layout and length first (no pixels read), so a missing or
+  # malformed file stops the job before any work.
+  counts = {key: data.csaw_length(path) for key, path in inputs.paths.items()}
+  splits, labels_here, features = {}, {}, {}
+  # One pass of conv_1..pool_3 per file: the ranking, the sweep and the test
+  # figures share it. The next file loads (a thread) while the device works.
+  loader = concurrent.futures.ThreadPoolExecutor(1)
+  try:
+    loading = {key: loader.submit(_load_share, path, counts[key], num_classes)
+               for key, path in inputs.paths.items()}
+    for key in list(loading):
+      split = loading.pop(key).result()  # popped: no future keeps the images alive
+      features[key] = sweep.features(params, split.images, batch, precision)
+      labels_here[key] = split.labels
+      if keep_images:
+        splits[key] = split
+      del split
+  finally:
+    loader.shutdown(wait=False, cancel_futures=True)
+  logging.info('Loaded %s and %s; features in %.1f s.', inputs.model_path,
+               ', '.join(f'{k}: {len(v)} of {counts[k]} images'
+                         for k, v in labels_here.items()),
+               time.perf_counter() - start)
+  gather = lambda key, local: distributed.gather_rows(local, counts[key])
+  labels = {key: gather(key, local) for key, local in labels_here.items()}
   channel_means = gather('clean_valid', features['clean_valid'].channel_means)
   order = prune.pruning_order(channel_means.astype(np.float64).mean(axis=0), config.order,
                               config.seed)
