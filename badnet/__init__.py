@@ -5,7 +5,8 @@ Modules (import them directly, e.g. ``from badnet import prune``):
   keras_io  Keras 2 HDF5 files <-> params, checked against the architecture
   data      CSAW .h5 and image files, validated
   evaluate  jitted, sharded predictions and the one-pass pruning sweep (any masks)
-  sweep     the prune job's fast exact sweep: one feature pass, the head only where it changes
+  sweep     the prune job's fast exact sweep (one feature pass, the head only where it
+            changes), for any of conv_1..conv_4; masked_logits vmapped over masks
   distributed  several processes (hosts) with jax.distributed: row shares, gathering
   prune     mean activations, pruning order, masks, prune(params, mask), thresholds
   goodnet   GoodNet: B where B and B' agree, else class N

@@ -26,6 +26,21 @@ def goodnet(params_b: Params, params_b_prime: Params, images: jax.Array) -> jax.
   return combine(classes_b, classes_b_prime, model_lib.num_classes_of(params_b))
 
 
+def goodnet_masked(params_b: Params, channel_mask: jax.Array, images: jax.Array,
+                   layer: str = model_lib.FEATURE_LAYER,
+                   precision: str = model_lib.DEFAULT_PRECISION) -> jax.Array:
+  """GoodNet with B' = ``prune.prune(params_b, channel_mask, layer)``, sharing B's layers.
+
+  B and B' are the same net up to ``layer``, so those layers run once and only
+  the rest runs twice (pure and jittable, like ``goodnet``).
+  """
+  state = model_lib.observe_fn(params_b, images, layer, precision)
+  classes_b = jnp.argmax(model_lib.resume_fn(params_b, state, None, layer, precision), axis=-1)
+  classes_b_prime = jnp.argmax(
+      model_lib.resume_fn(params_b, state, channel_mask, layer, precision), axis=-1)
+  return combine(classes_b, classes_b_prime, model_lib.num_classes_of(params_b))
+
+
 def _goodnet_step(both: tuple[Params, Params], images: jax.Array) -> jax.Array:
   return goodnet(both[0], both[1], images)
 

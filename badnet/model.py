@@ -27,7 +27,11 @@ import jax.numpy as jnp
 
 IMAGE_SHAPE = (55, 47, 3)  # height, width, channels (NHWC without N)
 CSAW_NUM_CLASSES = 1283
-FEATURE_LAYER = 'conv_3'  # the layer whose channels are pruned
+FEATURE_LAYER = 'conv_3'  # the layer whose channels are pruned by default
+# Layers whose channels can be pruned. Masking channel c of a layer's output
+# (after its ReLU, and max-pooling where it has one) is exactly zeroing that
+# layer's kernel[..., c] and bias[c]: relu(0) = 0 and max-pooling zeros gives 0.
+PRUNABLE_LAYERS = ('conv_1', 'conv_2', 'conv_3', 'conv_4')
 PRECISIONS = ('highest', 'high', 'default')  # jax.lax.Precision names
 DEFAULT_PRECISION = 'highest'
 Params = dict[str, Any]
@@ -39,6 +43,16 @@ def _max_pool(x: jax.Array) -> jax.Array:
 
 def _flatten(x: jax.Array) -> jax.Array:
   return x.reshape(x.shape[0], -1)
+
+
+def _masked(x: jax.Array, channel_mask: jax.Array | None) -> jax.Array:
+  """``x`` [N, H, W, C] with channels zeroed by a mask [C] (all rows) or [N, C] (per row)."""
+  if channel_mask is None:
+    return x
+  channel_mask = jnp.asarray(channel_mask, x.dtype)
+  if channel_mask.ndim == 2:
+    channel_mask = channel_mask[:, None, None, :]
+  return x * channel_mask
 
 
 class DeepID(nn.Module):
@@ -79,14 +93,43 @@ class DeepID(nn.Module):
     ``channel_mask`` keeps (1) or prunes (0) each channel: [60] for the whole
     batch, or [N, 60] for one mask per image.
     """
-    if channel_mask is not None:
-      channel_mask = jnp.asarray(channel_mask, pool_3.dtype)
-      if channel_mask.ndim == 2:
-        channel_mask = channel_mask[:, None, None, :]
-      pool_3 = pool_3 * channel_mask
+    pool_3 = _masked(pool_3, channel_mask)
     fc_1 = self.fc_1(_flatten(pool_3))
     fc_2 = self.fc_2(_flatten(nn.relu(self.conv_4(pool_3))))
     return self.output(nn.relu(fc_1 + fc_2))
+
+  def observe(self, images: jax.Array, layer: str = FEATURE_LAYER) -> dict[str, jax.Array]:
+    """Everything the net computes that pruning ``layer`` cannot change.
+
+    Returns:
+      ``{'activation': ...}``, the layer's output after its ReLU and, for
+      conv_1..conv_3, its max-pooling: the tensor whose channels a mask on
+      ``layer`` zeroes ([N, H, W, C]). For conv_4 also ``'fc_1'``, the fc_1
+      branch, which reads pool_3 and so does not depend on conv_4.
+    """
+    x = jnp.asarray(images, jnp.float32)
+    x = _max_pool(nn.relu(self.conv_1(x)))
+    if layer == 'conv_1':
+      return {'activation': x}
+    x = _max_pool(nn.relu(self.conv_2(x)))
+    if layer == 'conv_2':
+      return {'activation': x}
+    x = _max_pool(nn.relu(self.conv_3(x)))
+    if layer == 'conv_3':
+      return {'activation': x}
+    return {'activation': nn.relu(self.conv_4(x)), 'fc_1': self.fc_1(_flatten(x))}
+
+  def resume(self, state: dict[str, jax.Array], channel_mask: jax.Array | None = None,
+             layer: str = FEATURE_LAYER) -> jax.Array:
+    """Logits from ``observe``'s state, with ``layer``'s channels masked ([C] or [N, C])."""
+    x = _masked(state['activation'], channel_mask)
+    if layer == 'conv_4':
+      return self.output(nn.relu(state['fc_1'] + self.fc_2(_flatten(x))))
+    if layer == 'conv_1':
+      x = _max_pool(nn.relu(self.conv_2(x)))
+    if layer in ('conv_1', 'conv_2'):
+      x = _max_pool(nn.relu(self.conv_3(x)))
+    return self.head(x)
 
   def __call__(self, images: jax.Array, channel_mask: jax.Array | None = None,
                return_features: bool = False):
@@ -112,9 +155,16 @@ def param_shapes(num_classes: int) -> dict[str, dict[str, tuple[int, ...]]]:
           for layer, weights in shapes.items()}
 
 
-def num_channels(params: Params) -> int:
-  """Number of prunable channels (conv_3 filters)."""
-  return int(params[FEATURE_LAYER]['bias'].shape[0])
+def num_channels(params: Params, layer: str = FEATURE_LAYER) -> int:
+  """Number of prunable channels of ``layer`` (its filters; conv_3 by default)."""
+  return int(params[check_layer(layer)]['bias'].shape[0])
+
+
+def check_layer(layer: str) -> str:
+  """``layer`` if it is one of ``PRUNABLE_LAYERS``, else a ValueError."""
+  if layer not in PRUNABLE_LAYERS:
+    raise ValueError(f'unknown layer {layer!r}; expected one of {", ".join(PRUNABLE_LAYERS)}')
+  return layer
 
 
 def num_classes_of(params: Params) -> int:
@@ -147,3 +197,24 @@ def head_fn(params: Params, pool_3: jax.Array, channel_mask: jax.Array | None = 
   """Pure apply: logits from pool_3 activations."""
   return DeepID(num_classes_of(params), precision).apply(
       {'params': params}, pool_3, channel_mask, method=DeepID.head)
+
+
+def observe_fn(params: Params, images: jax.Array, layer: str = FEATURE_LAYER,
+               precision: str = DEFAULT_PRECISION) -> dict[str, jax.Array]:
+  """Pure apply: what pruning ``layer`` cannot change (see ``DeepID.observe``)."""
+  return DeepID(num_classes_of(params), precision).apply(
+      {'params': params}, images, check_layer(layer), method=DeepID.observe)
+
+
+def resume_fn(params: Params, state: dict[str, jax.Array],
+              channel_mask: jax.Array | None = None, layer: str = FEATURE_LAYER,
+              precision: str = DEFAULT_PRECISION) -> jax.Array:
+  """Pure apply: logits from ``observe_fn``'s state with ``layer``'s channels masked.
+
+  ``resume_fn(params, observe_fn(params, x, layer), mask, layer)`` gives the
+  logits of the net with ``layer``'s masked channels zeroed
+  (``prune.prune(params, mask, layer)``), computing the layers before it once
+  for any number of masks.
+  """
+  return DeepID(num_classes_of(params), precision).apply(
+      {'params': params}, state, channel_mask, check_layer(layer), method=DeepID.resume)

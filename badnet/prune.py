@@ -4,8 +4,14 @@ Channels of conv_3 (observed at pool_3) are ranked by their mean activation on
 clean data and pruned in that order. Pruning channel c zeroes
 ``conv_3/kernel[..., c]`` and ``conv_3/bias[c]``, exactly what the Keras
 notebooks did, which is the same as a 0 in a channel mask on pool_3.
+
+Any of ``model.PRUNABLE_LAYERS`` can be pruned the same way (``layer=``):
+channels are ranked by the mean of the layer's output after its ReLU and,
+for conv_1..conv_3, its max-pooling; pruning zeroes the layer's kernel slice
+and bias, the same as masking that output.
 """
 
+import functools
 from typing import Literal
 
 import jax
@@ -21,15 +27,25 @@ ORDERS = ('increasing', 'decreasing', 'random')
 Order = Literal['increasing', 'decreasing', 'random']
 
 
-def _channel_means(params: Params, images: jax.Array) -> jax.Array:
+def _channel_means(params: Params, images: jax.Array, *, layer: str) -> jax.Array:
   # Per-image mean over H and W; the host averages over images in float64.
-  return model_lib.features_fn(params, images).mean(axis=(1, 2))
+  return model_lib.observe_fn(params, images, layer)['activation'].mean(axis=(1, 2))
+
+
+@functools.cache
+def _channel_means_step(layer: str):
+  return functools.partial(_channel_means, layer=model_lib.check_layer(layer))
 
 
 def mean_activations(params: Params, images: np.ndarray,
-                     batch_size: int = evaluate.DEFAULT_BATCH_SIZE) -> np.ndarray:
-  """Mean pool_3 activation of each conv_3 channel over N, H and W (float64 [C])."""
-  per_image = evaluate.map_batches(_channel_means, params, (images,), batch_size)
+                     batch_size: int = evaluate.DEFAULT_BATCH_SIZE,
+                     layer: str = model_lib.FEATURE_LAYER) -> np.ndarray:
+  """Mean activation of each channel of ``layer`` over N, H and W (float64 [C]).
+
+  The activation is the layer's output after its ReLU and, for conv_1..conv_3,
+  its max-pooling (pool_3 for conv_3, as the published lab runs ranked).
+  """
+  per_image = evaluate.map_batches(_channel_means_step(layer), params, (images,), batch_size)
   return per_image.astype(np.float64).mean(axis=0)
 
 
@@ -64,21 +80,22 @@ def prefix_masks(order: np.ndarray) -> np.ndarray:
   return masks
 
 
-def prune(params: Params, channel_mask: jax.Array) -> Params:
-  """Params with the conv_3 channels where ``channel_mask`` is 0 zeroed (kernel and bias).
+def prune(params: Params, channel_mask: jax.Array,
+          layer: str = model_lib.FEATURE_LAYER) -> Params:
+  """Params with ``layer``'s channels where ``channel_mask`` is 0 zeroed (kernel and bias).
 
   A pure jax.numpy function: it works on host or device arrays and under
   ``jit``, ``vmap`` (over masks or params) and ``grad``. Never mutates
   ``params``; every other layer is shared, not copied.
   """
   keep = jnp.asarray(channel_mask) != 0
-  conv_3 = params[model_lib.FEATURE_LAYER]
-  if keep.shape[-1:] != conv_3['bias'].shape:
-    raise ValueError(f'channel mask of shape {keep.shape} for a conv_3 with '
-                     f'{conv_3["bias"].shape[0]} channels')
-  pruned = {'kernel': jnp.where(keep, conv_3['kernel'], 0.0),
-            'bias': jnp.where(keep, conv_3['bias'], 0.0)}
-  return {**params, model_lib.FEATURE_LAYER: pruned}
+  weights = params[model_lib.check_layer(layer)]
+  if keep.shape[-1:] != weights['bias'].shape:
+    raise ValueError(f'channel mask of shape {keep.shape} for a {layer} with '
+                     f'{weights["bias"].shape[0]} channels')
+  pruned = {'kernel': jnp.where(keep, weights['kernel'], 0.0),
+            'bias': jnp.where(keep, weights['bias'], 0.0)}
+  return {**params, layer: pruned}
 
 
 def check_mask(channel_mask: np.ndarray, num_channels: int) -> np.ndarray:

@@ -17,9 +17,16 @@ Two facts make the sweep cheap without changing a single prediction:
 Each computed class comes from the head applied to exactly what the naive loop
 feeds it (pool_3 with the pruned channels zeroed), so the classes equal the
 naive zero-the-channel-and-predict loop image by image at every level: no
-incremental sums, no tolerance. The head's rows are (image, level) pairs,
-gathered on the host a batch at a time and sharded over the device mesh like
-every other evaluation.
+incremental sums, no tolerance. (The one departure, conv_4 as per-tap matrix
+products in ``head_logits``, sums the same terms in another order; see there.)
+The head's rows are (image, level) pairs, gathered on the host a batch at a
+time and sharded over the device mesh like every other evaluation.
+
+The same holds for pruning conv_1, conv_2 or conv_4 instead (``layer=``): the
+"features" are then that layer's output (``model.observe_fn``) and the "head"
+the rest of the net (``model.resume_fn``). ``masked_logits`` is the pure,
+traceable form: the layers before the mask once, the rest vmapped over a
+stack of masks.
 """
 
 import dataclasses
@@ -40,32 +47,72 @@ Params = model_lib.Params
 
 @dataclasses.dataclass(frozen=True)
 class Features:
-  """What one pass of conv_1..pool_3 over a data set gives."""
-  pool_3: np.ndarray         # float32 [N, 5, 4, C]
-  channel_means: np.ndarray  # float32 [N, C]: each image's mean over H and W
+  """What one pass of the layers up to the pruned one gives, per image."""
+  state: dict[str, np.ndarray]  # model.observe_fn's output: 'activation' (and 'fc_1')
+  channel_means: np.ndarray     # float32 [N, C]: each image's mean over H and W
+  layer: str = model_lib.FEATURE_LAYER
+
+  @property
+  def activation(self) -> np.ndarray:
+    """The pruned layer's output [N, H, W, C] (pool_3 for conv_3)."""
+    return self.state['activation']
+
+  @property
+  def pool_3(self) -> np.ndarray:
+    if self.layer != 'conv_3':
+      raise AttributeError(f'features of {self.layer} hold no pool_3')
+    return self.activation
 
   def mean_activations(self) -> np.ndarray:
     """Mean activation per channel over N, H and W (float64 [C]), as ``prune.mean_activations``."""
     return self.channel_means.astype(np.float64).mean(axis=0)
 
   def active(self) -> np.ndarray:
-    """bool [N, C]: the channel is non-zero somewhere in the image's pool_3."""
-    return (self.pool_3 != 0).any(axis=(1, 2))
+    """bool [N, C]: the channel is non-zero somewhere in the image's activation."""
+    return (self.activation != 0).any(axis=(1, 2))
 
 
-def _features_step(params: Params, images: jax.Array, *, precision: str
-                   ) -> tuple[jax.Array, jax.Array]:
-  pool_3 = model_lib.features_fn(params, images, precision)
-  return pool_3, pool_3.mean(axis=(1, 2))
+def _features_step(params: Params, images: jax.Array, *, layer: str, precision: str
+                   ) -> tuple[dict[str, jax.Array], jax.Array]:
+  state = model_lib.observe_fn(params, images, layer, precision)
+  return state, state['activation'].mean(axis=(1, 2))
+
+
+@functools.cache
+def _features_step_for(layer: str, precision: str):
+  return functools.partial(_features_step, layer=model_lib.check_layer(layer),
+                           precision=model_lib.check_precision(precision))
 
 
 def features(params: Params, images: np.ndarray,
              batch_size: int = evaluate.DEFAULT_BATCH_SIZE,
-             precision: str = model_lib.DEFAULT_PRECISION) -> Features:
-  """pool_3 and per-image channel means of ``images``, in one pass."""
-  pool_3, means = evaluate.map_batches(evaluate.with_precision(_features_step, precision),
-                                       params, (images,), batch_size)
-  return Features(pool_3, means)
+             precision: str = model_lib.DEFAULT_PRECISION,
+             layer: str = model_lib.FEATURE_LAYER) -> Features:
+  """The pruned layer's activation (and per-image channel means) of ``images``, in one pass."""
+  state, means = evaluate.map_batches(_features_step_for(layer, precision), params, (images,),
+                                      batch_size)
+  return Features(state, means, layer)
+
+
+def masked_logits(params: Params, images: jax.Array, masks: jax.Array,
+                  layer: str = model_lib.FEATURE_LAYER,
+                  precision: str = model_lib.DEFAULT_PRECISION) -> jax.Array:
+  """Logits [L, N, classes] of ``images`` with ``layer``'s channels masked by each of ``masks`` [L, C].
+
+  A pure function (jit, vmap, grad): the layers before the mask run once,
+  then the rest of the net is vmapped over the masks. Row l equals
+  ``model.logits_fn(prune.prune(params, masks[l], layer), images)`` to float32
+  rounding (the same operations; tests/test_sweep.py).
+  """
+  state = model_lib.observe_fn(params, images, layer, precision)
+  return jax.vmap(lambda mask: model_lib.resume_fn(params, state, mask, layer, precision))(masks)
+
+
+def masked_classes(params: Params, images: jax.Array, masks: jax.Array,
+                   layer: str = model_lib.FEATURE_LAYER,
+                   precision: str = model_lib.DEFAULT_PRECISION) -> jax.Array:
+  """Classes [L, N] under each mask: ``argmax`` of ``masked_logits``."""
+  return jnp.argmax(masked_logits(params, images, masks, layer, precision), axis=-1)
 
 
 def effective_levels(active_in_order: np.ndarray, levels: np.ndarray) -> np.ndarray:
@@ -133,48 +180,71 @@ def head_logits(params: Params, pool_3: jax.Array, channel_mask: jax.Array,
   return dot(jax.nn.relu(fc_1 + fc_2), params['output']['kernel']) + params['output']['bias']
 
 
-def _head_classes(params_and_masks: tuple[Params, jax.Array], pool_3: jax.Array,
-                  level: jax.Array, *, precision: str) -> jax.Array:
+def _head_classes(params_and_masks: tuple[Params, jax.Array], *rows: jax.Array,
+                  keys: tuple[str, ...], layer: str, precision: str) -> jax.Array:
   params, masks = params_and_masks
-  return jnp.argmax(head_logits(params, pool_3, masks[level], precision), axis=-1)
+  *state_rows, level = rows
+  state = dict(zip(keys, state_rows))
+  if layer == 'conv_3':
+    logits = head_logits(params, state['activation'], masks[level], precision)
+  else:
+    logits = model_lib.resume_fn(params, state, masks[level], layer, precision)
+  return jnp.argmax(logits, axis=-1)
 
 
-def prefix_classes(params: Params, pool_3: np.ndarray, order: np.ndarray,
-                   levels: Sequence[int] | np.ndarray | None = None,
+@functools.cache
+def _head_step(keys: tuple[str, ...], layer: str, precision: str):
+  return functools.partial(_head_classes, keys=keys, layer=layer,
+                           precision=model_lib.check_precision(precision))
+
+
+def prefix_classes(params: Params, state: np.ndarray | dict[str, np.ndarray] | Features,
+                   order: np.ndarray, levels: Sequence[int] | np.ndarray | None = None,
                    batch_size: int = evaluate.DEFAULT_BATCH_SIZE,
-                   precision: str = model_lib.DEFAULT_PRECISION) -> np.ndarray:
+                   precision: str = model_lib.DEFAULT_PRECISION,
+                   layer: str | None = None) -> np.ndarray:
   """Classes (int32 [N, L]) at pruning levels ``levels`` of the order ``order``.
 
   Args:
     params: the unpruned net.
-    pool_3: its pool_3 activations of the images, from ``features``.
+    state: ``features(...)`` of the images, or its ``state``, or (conv_1..conv_3)
+      just the pruned layer's activation (pool_3 for conv_3).
     order: channels in pruning order [C] (level k prunes ``order[:k]``).
     levels: levels to report (default 0..C, the full sweep).
     batch_size: head rows (image, level pairs) per step.
     precision: see ``model``.
+    layer: the pruned layer (default: the features' layer, else conv_3).
 
   Returns:
     What the naive loop gives: column l holds the classes of the net with
-    ``order[:levels[l]]`` zeroed, image by image.
+    ``order[:levels[l]]`` of ``layer`` zeroed, image by image.
   """
+  if isinstance(state, Features):
+    layer = layer or state.layer
+    state = state.state
+  layer = model_lib.check_layer(layer or model_lib.FEATURE_LAYER)
+  if not isinstance(state, dict):
+    state = {'activation': state}
+  activation = state['activation']
   order = np.asarray(order)
-  num_channels = pool_3.shape[-1]
+  num_channels = activation.shape[-1]
   if sorted(order.tolist()) != list(range(num_channels)):
     raise ValueError(f'order must be a permutation of 0..{num_channels - 1}')
   levels = np.arange(num_channels + 1) if levels is None else np.asarray(levels, np.int64)
   if levels.size and (levels.min() < 0 or levels.max() > num_channels):
     raise ValueError(f'levels must lie in 0..{num_channels}, got {levels}')
-  count = len(pool_3)
-  active = (pool_3 != 0).any(axis=(1, 2))[:, order]
+  count = len(activation)
+  active = (activation != 0).any(axis=(1, 2))[:, order]
   effective = effective_levels(active, levels)
   needed = np.zeros((count, num_channels + 1), bool)
   needed[np.arange(count)[:, None], effective] = True
   rows, row_levels = np.nonzero(needed)
   logging.info('Head on %d (image, level) pairs of %d x %d.', len(rows), count, len(levels))
-  step = evaluate.with_precision(_head_classes, precision)
+  keys = tuple(sorted(state))
   computed = evaluate.map_batches(
-      step, (params, prune.prefix_masks(order)),
-      (_GatheredRows(pool_3, rows), row_levels.astype(np.int32)), batch_size)
+      _head_step(keys, layer, precision), (params, prune.prefix_masks(order)),
+      (*(_GatheredRows(state[key], rows) for key in keys), row_levels.astype(np.int32)),
+      batch_size)
   table = np.full((count, num_channels + 1), -1, np.int32)
   table[rows, row_levels] = computed
   return table[np.arange(count)[:, None], effective]
