@@ -12,11 +12,16 @@ process would have computed, so the results equal a one-process run's.
 With one process (the default) nothing here calls into ``jax.distributed``.
 """
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
+
+from badnet.errors import BadnetError
+
+Result = TypeVar('Result')
 
 
 def initialize(coordinator_address: str = '', num_processes: int = 1,
@@ -71,6 +76,29 @@ def gather_rows(local: Any, count: int) -> Any:
   return jax.tree.map(
       lambda leaf: np.concatenate([leaf[p, :stop - start]
                                    for p, (start, stop) in enumerate(ranges)]), stacked)
+
+
+def on_every_process(fn: Callable[..., Result], *args: Any) -> Result:
+  """``fn(*args)``, where a user error on any process stops every process.
+
+  A process that hits bad input (its share of a file holds NaN, the workdir
+  is not writable) would otherwise exit while the others wait for it in the
+  next gather. Every process calls this at the same point: it raises its own
+  error, and the others raise one naming the process that failed.
+  """
+  error, result = None, None
+  try:
+    result = fn(*args)
+  except BadnetError as caught:
+    error = caught
+  if jax.process_count() > 1:
+    failed = np.flatnonzero(multihost_utils.process_allgather(np.array(error is not None)))
+    if error is None and len(failed):
+      raise BadnetError(f'process {", ".join(map(str, failed))} of {jax.process_count()} '
+                        f'stopped on an error (its own output says which); stopping too')
+  if error is not None:
+    raise error
+  return result
 
 
 def barrier(name: str) -> None:

@@ -3,10 +3,12 @@
 import os
 import pathlib
 import re
+import shutil
 import socket
 import subprocess
 import sys
 
+import h5py
 import numpy as np
 import pytest
 
@@ -45,6 +47,41 @@ def _job(workdir: pathlib.Path, world_root: pathlib.Path, *extra: str) -> list[s
           f'--workdir={workdir}', *extra]
 
 
+def _run_two(workdir: pathlib.Path, root: pathlib.Path, env: dict
+             ) -> list[tuple[int, str, str]]:
+  """The prune job as 2 processes: (exit code, stdout, stderr) of each."""
+  address = f'localhost:{_free_port()}'
+  processes = [subprocess.Popen(
+      _job(workdir, root, '--num_processes=2', f'--process_id={index}',
+           f'--coordinator_address={address}'),
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for index in range(2)]
+  results = []
+  for process in processes:
+    try:
+      stdout, stderr = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+      for other in processes:
+        other.kill()
+      pytest.fail('the 2-process job did not finish in 300 s')
+    results.append((process.returncode, stdout, stderr))
+  return results
+
+
+def test_bad_rows_in_one_process_share_stop_both_processes(world, tmp_path):
+  """NaN in process 1's half of a file: it says so, process 0 names it; neither hangs."""
+  root, _ = world
+  shutil.copytree(root / 'data', tmp_path / 'data')
+  shutil.copy(root / 'bd_weights.h5', tmp_path / 'bd_weights.h5')
+  with h5py.File(tmp_path / 'data' / 'cl' / 'valid.h5', 'r+') as handle:
+    handle['data'][100, 0, 0, 0] = np.nan  # row 100 of 120: process 1 reads rows 60..119
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''}
+  (code_0, _, err_0), (code_1, _, err_1) = _run_two(tmp_path / 'out', tmp_path, env)
+  assert code_1 == 1 and 'NaN or inf (first in image 100)' in err_1, err_1[-2000:]
+  assert code_0 == 1 and 'process 1 of 2 stopped on an error' in err_0, err_0[-2000:]
+  assert 'Traceback' not in err_0 + err_1
+
+
 def test_two_processes_give_the_one_process_results(world, tmp_path):
   root, _ = world
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''}
@@ -52,22 +89,10 @@ def test_two_processes_give_the_one_process_results(world, tmp_path):
                        text=True, timeout=300, check=False)
   assert one.returncode == 0, one.stderr[-3000:]
 
-  address = f'localhost:{_free_port()}'
-  processes = [subprocess.Popen(
-      _job(tmp_path / 'two', root, '--num_processes=2', f'--process_id={index}',
-           f'--coordinator_address={address}'),
-      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-      for index in range(2)]
-  outputs = []
-  for process in processes:
-    try:
-      outputs.append(process.communicate(timeout=300))
-    except subprocess.TimeoutExpired:
-      for other in processes:
-        other.kill()
-      pytest.fail('the 2-process job did not finish in 300 s')
-  for process, (_, stderr) in zip(processes, outputs):
-    assert process.returncode == 0, stderr[-3000:]
+  results = _run_two(tmp_path / 'two', root, env)
+  for code, _, stderr in results:
+    assert code == 0, stderr[-3000:]
+  outputs = [(stdout, stderr) for _, stdout, stderr in results]
 
   # Each process read only its half of every file (120 clean, 60 poisoned images each).
   for (_, stderr), (first, second) in zip(outputs, ((60, 30), (60, 30))):

@@ -138,22 +138,8 @@ def defend(config: ml_collections.ConfigDict, out: pathlib.Path,
   # Every file's layout and length first (no pixels read), so a missing or
   # malformed file stops the job before any work.
   counts = {key: data.csaw_length(path) for key, path in inputs.paths.items()}
-  splits, labels_here, features = {}, {}, {}
-  # One pass of conv_1..pool_3 per file: the ranking, the sweep and the test
-  # figures share it. The next file loads (a thread) while the device works.
-  loader = concurrent.futures.ThreadPoolExecutor(1)
-  try:
-    loading = {key: loader.submit(_load_share, path, counts[key], num_classes)
-               for key, path in inputs.paths.items()}
-    for key in list(loading):
-      split = loading.pop(key).result()  # popped: no future keeps the images alive
-      features[key] = sweep.features(params, split.images, batch, precision)
-      labels_here[key] = split.labels
-      if keep_images:
-        splits[key] = split
-      del split
-  finally:
-    loader.shutdown(wait=False, cancel_futures=True)
+  splits, labels_here, features = distributed.on_every_process(
+      _load_and_observe, inputs.paths, counts, params, num_classes, keep_images, config)
   logging.info('Loaded %s and %s; features in %.1f s.', inputs.model_path,
                ', '.join(f'{k}: {len(v)} of {counts[k]} images'
                          for k, v in labels_here.items()),
@@ -191,6 +177,30 @@ def defend(config: ml_collections.ConfigDict, out: pathlib.Path,
   return Defence(params, num_classes, splits, order, masks, clean_acc, asr, levels, results)
 
 
+def _load_and_observe(paths, counts, params, num_classes, keep_images, config):
+  """This process's rows of each file: (data sets if kept, labels, features), by file key.
+
+  One pass of conv_1..pool_3 per file: the ranking, the sweep and the test
+  figures share it. The next file loads (a thread) while the device works.
+  """
+  splits, labels, features = {}, {}, {}
+  loader = concurrent.futures.ThreadPoolExecutor(1)
+  try:
+    loading = {key: loader.submit(_load_share, path, counts[key], num_classes)
+               for key, path in paths.items()}
+    for key in list(loading):
+      split = loading.pop(key).result()  # popped: no future keeps the images alive
+      features[key] = sweep.features(params, split.images, config.batch_size,
+                                     config.precision)
+      labels[key] = split.labels
+      if keep_images:
+        splits[key] = split
+      del split
+  finally:
+    loader.shutdown(wait=False, cancel_futures=True)
+  return splits, labels, features
+
+
 def _say(line: str) -> None:
   """Prints a line for the user, once (on process 0)."""
   if distributed.is_leader():
@@ -208,7 +218,7 @@ def write_repaired(out: pathlib.Path, defence: Defence) -> None:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs the defence; writes sweep.csv, results.json/.md, plots and repaired nets."""
   check_config(config)
-  out = _prepare_workdir(config, workdir, 'prune')
+  out = distributed.on_every_process(_prepare_workdir, config, workdir, 'prune')
   defence = defend(config, out)
   if distributed.is_leader():
     write_repaired(out, defence)
