@@ -38,23 +38,27 @@ def holdout_split(labels: np.ndarray, fraction: float, seed: int
 
 def fine_prune(params: Params, channel_mask: np.ndarray, images: np.ndarray,
                labels: np.ndarray, recipe: train.Recipe, holdout_fraction: float,
-               name: str = 'fine-prune') -> tuple[Params, list[dict]]:
+               name: str = 'fine-prune',
+               layer: str = model_lib.FEATURE_LAYER) -> tuple[Params, list[dict]]:
   """B' = prune(params, mask), fine-tuned on clean (images, labels) with the pruned channels at 0.
 
   Args:
     params: the backdoored net B.
-    channel_mask: [C] 1 keeps, 0 prunes a conv_3 channel (all ones: fine-tuning alone).
+    channel_mask: [C] 1 keeps, 0 prunes a channel of ``layer`` (all ones:
+      fine-tuning alone).
     images, labels: the defender's clean data (uint8 [N, 55, 47, 3], int [N]).
     recipe: optimiser, schedule, epochs, batch size and seed.
     holdout_fraction: the part of (images, labels) held out to choose the
       epoch (the one with the best held-out clean accuracy).
     name: shown in progress logs.
+    layer: the pruned layer (conv_3 by default; see ``model.PRUNABLE_LAYERS``).
 
   Returns:
     The fine-pruned params and the per-epoch history (with ``holdout_acc``).
   """
-  mask = prune.check_mask(channel_mask, model_lib.num_channels(params))
+  mask = prune.check_mask(channel_mask, model_lib.num_channels(params, layer))
   fit_rows, holdout_rows = holdout_split(labels, holdout_fraction, recipe.seed)
-  return train.fit(prune.prune(params, mask), images[fit_rows], labels[fit_rows], recipe,
-                   channel_mask=mask, hold_pruned_at_zero=True,
-                   holdout=(images[holdout_rows], labels[holdout_rows]), name=name)
+  return train.fit(prune.prune(params, mask, layer), images[fit_rows], labels[fit_rows],
+                   recipe, channel_mask=mask, hold_pruned_at_zero=True,
+                   holdout=(images[holdout_rows], labels[holdout_rows]), name=name,
+                   layer=layer)

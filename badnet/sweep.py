@@ -180,16 +180,61 @@ def head_logits(params: Params, pool_3: jax.Array, channel_mask: jax.Array,
   return dot(jax.nn.relu(fc_1 + fc_2), params['output']['kernel']) + params['output']['bias']
 
 
+def state_classes(params: Params, state: dict[str, jax.Array], channel_mask: jax.Array,
+                  layer: str = model_lib.FEATURE_LAYER,
+                  precision: str = model_lib.DEFAULT_PRECISION) -> jax.Array:
+  """Classes from ``features``' state with ``layer``'s channels masked ([C] or [N, C]).
+
+  The head the sweeps use: ``head_logits`` for conv_3, ``model.resume_fn``
+  for the other layers.
+  """
+  if layer == 'conv_3':
+    logits = head_logits(params, state['activation'], channel_mask, precision)
+  else:
+    logits = model_lib.resume_fn(params, state, channel_mask, layer, precision)
+  return jnp.argmax(logits, axis=-1)
+
+
 def _head_classes(params_and_masks: tuple[Params, jax.Array], *rows: jax.Array,
                   keys: tuple[str, ...], layer: str, precision: str) -> jax.Array:
   params, masks = params_and_masks
   *state_rows, level = rows
+  return state_classes(params, dict(zip(keys, state_rows)), masks[level], layer, precision)
+
+
+def _stacked_classes(params_and_masks: tuple[Params, jax.Array], *state_rows: jax.Array,
+                     keys: tuple[str, ...], layer: str, precision: str,
+                     masks_per_step: int) -> jax.Array:
+  params, masks = params_and_masks
   state = dict(zip(keys, state_rows))
-  if layer == 'conv_3':
-    logits = head_logits(params, state['activation'], masks[level], precision)
-  else:
-    logits = model_lib.resume_fn(params, state, masks[level], layer, precision)
-  return jnp.argmax(logits, axis=-1)
+  classes = jax.lax.map(lambda mask: state_classes(params, state, mask, layer, precision),
+                        masks, batch_size=masks_per_step)
+  return classes.T
+
+
+@functools.cache
+def _stacked_step(keys: tuple[str, ...], layer: str, precision: str, masks_per_step: int):
+  return functools.partial(_stacked_classes, keys=keys, layer=layer,
+                           precision=model_lib.check_precision(precision),
+                           masks_per_step=masks_per_step)
+
+
+def stacked_classes(params: Params, features: Features, masks: np.ndarray,
+                    batch_size: int = evaluate.DEFAULT_BATCH_SIZE,
+                    precision: str = model_lib.DEFAULT_PRECISION,
+                    masks_per_step: int = 16) -> np.ndarray:
+  """Classes (int32 [N, M]) under each of ``masks`` [M, C] of ``features.layer``.
+
+  One pass over the images: the features are computed already, and each
+  batch runs the rest of the net vmapped over ``masks_per_step`` masks at a
+  time (``lax.map``), so memory stays at that many masks' logits. The masks
+  can come from any number of orders and seeds: one compilation per shape.
+  """
+  keys = tuple(sorted(features.state))
+  return evaluate.map_batches(
+      _stacked_step(keys, features.layer, precision, masks_per_step),
+      (params, np.asarray(masks, np.float32)), tuple(features.state[k] for k in keys),
+      batch_size)
 
 
 @functools.cache

@@ -106,42 +106,47 @@ def make_optimizer(recipe: Recipe, steps_per_epoch: int) -> optax.GradientTransf
   return optax.chain(optax.add_decayed_weights(decay), base) if decay else base
 
 
-def loss_fn(params: Params, images: jax.Array, labels: jax.Array,
-            channel_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Mean softmax cross-entropy and the batch accuracy, with conv_3 channels masked."""
-  logits = model.logits_fn(params, images, channel_mask)
+def loss_fn(params: Params, images: jax.Array, labels: jax.Array, channel_mask: jax.Array,
+            layer: str = model.FEATURE_LAYER) -> tuple[jax.Array, jax.Array]:
+  """Mean softmax cross-entropy and the batch accuracy, with ``layer``'s channels masked."""
+  if layer == model.FEATURE_LAYER:
+    logits = model.logits_fn(params, images, channel_mask)
+  else:
+    logits = model.resume_fn(params, model.observe_fn(params, images, layer), channel_mask, layer)
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
   return loss, (jnp.argmax(logits, -1) == labels).mean()
 
 
 def train_step(params: Params, opt_state: optax.OptState, images: jax.Array,
                labels: jax.Array, channel_mask: jax.Array, *,
-               optimizer: optax.GradientTransformation, hold_pruned_at_zero: bool = False
+               optimizer: optax.GradientTransformation, hold_pruned_at_zero: bool = False,
+               layer: str = model.FEATURE_LAYER
                ) -> tuple[Params, optax.OptState, jax.Array, jax.Array]:
   """One optimiser step (pure): new params and state, the loss and accuracy.
 
-  With ``hold_pruned_at_zero`` the conv_3 channels that ``channel_mask``
-  prunes are set to exactly zero (kernel slice and bias) after the update, so
+  With ``hold_pruned_at_zero`` the channels of ``layer`` (conv_3 by
+  default) that ``channel_mask`` prunes are set to exactly zero (kernel slice and bias) after the update, so
   no optimiser (momentum, weight decay) can revive them: fine-pruning.
   Without it the mask only silences them in the forward pass, and their
   weights are left as they were (the pruning-aware attack's decoys).
   """
   (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      params, images, labels, channel_mask)
+      params, images, labels, channel_mask, layer)
   updates, opt_state = optimizer.update(grads, opt_state, params)
   params = optax.apply_updates(params, updates)
   if hold_pruned_at_zero:
-    params = prune.prune(params, channel_mask)
+    params = prune.prune(params, channel_mask, layer)
   return params, opt_state, loss, accuracy
 
 
 @functools.cache
-def _compiled_step(recipe: Recipe, steps_per_epoch: int, hold_pruned_at_zero: bool
+def _compiled_step(recipe: Recipe, steps_per_epoch: int, hold_pruned_at_zero: bool,
+                   layer: str = model.FEATURE_LAYER
                    ) -> tuple[optax.GradientTransformation, Callable]:
-  # One compilation per (recipe, shapes): fine-tuning several masks reuses it.
+  # One compilation per (recipe, shapes, layer): fine-tuning several masks reuses it.
   optimizer = make_optimizer(recipe, steps_per_epoch)
   step = functools.partial(train_step, optimizer=optimizer,
-                           hold_pruned_at_zero=hold_pruned_at_zero)
+                           hold_pruned_at_zero=hold_pruned_at_zero, layer=layer)
   return optimizer, jax.jit(step, donate_argnums=(0, 1))
 
 
@@ -158,7 +163,7 @@ def _progress(epoch: int, epochs: int, step: int, steps: int, loss: float, prefi
 def fit(params: Params, images: np.ndarray, labels: np.ndarray, recipe: Recipe, *,
         channel_mask: np.ndarray | None = None, hold_pruned_at_zero: bool = False,
         holdout: tuple[np.ndarray, np.ndarray] | None = None,
-        name: str = 'train') -> tuple[Params, list[dict]]:
+        name: str = 'train', layer: str = model.FEATURE_LAYER) -> tuple[Params, list[dict]]:
   """Trains ``params`` on (images, labels) with ``recipe``, jitted and sharded over the data mesh.
 
   Args:
@@ -172,6 +177,8 @@ def fit(params: Params, images: np.ndarray, labels: np.ndarray, recipe: Recipe, 
       the epoch with the best holdout accuracy are returned (ties: the later
       epoch, which trained longer).
     name: shown in the progress log.
+    layer: the layer ``channel_mask`` applies to; other than conv_3 only with
+      ``hold_pruned_at_zero`` (the pruned channels are then zero in the params).
 
   Returns:
     The trained params (numpy) and per-epoch stats (loss, train accuracy,
@@ -181,11 +188,15 @@ def fit(params: Params, images: np.ndarray, labels: np.ndarray, recipe: Recipe, 
   batch_size = evaluate.global_batch_size(min(recipe.batch_size, len(labels)), mesh)
   rows, replicated = NamedSharding(mesh, P('data')), NamedSharding(mesh, P())
   steps = len(labels) // batch_size
-  optimizer, step = _compiled_step(recipe, steps, hold_pruned_at_zero)
-  mask = np.ones(model.num_channels(params), np.float32) if channel_mask is None else (
+  if layer != model.FEATURE_LAYER and not hold_pruned_at_zero:
+    raise ValueError(f'a mask on {layer} needs hold_pruned_at_zero')
+  optimizer, step = _compiled_step(recipe, steps, hold_pruned_at_zero, layer)
+  mask = np.ones(model.num_channels(params, layer), np.float32) if channel_mask is None else (
       np.asarray(channel_mask, np.float32))
   if hold_pruned_at_zero:
-    params = prune.prune(params, mask)
+    params = prune.prune(params, mask, layer)
+  # Held-out scoring masks conv_3; another layer's pruned channels are zero in the params.
+  holdout_mask = mask if layer == model.FEATURE_LAYER else None
   params = jax.device_put(jax.tree.map(jnp.array, params), replicated)
   opt_state = jax.device_put(optimizer.init(params), replicated)
   mask = jax.device_put(mask, replicated)
@@ -207,7 +218,7 @@ def fit(params: Params, images: np.ndarray, labels: np.ndarray, recipe: Recipe, 
              'train_acc': 100 * float(np.mean(jax.device_get(accuracies)))}
     message = ''
     if holdout is not None:
-      stats['holdout_acc'] = evaluate.accuracy(params, *holdout, channel_mask=mask)
+      stats['holdout_acc'] = evaluate.accuracy(params, *holdout, channel_mask=holdout_mask)
       message = f', holdout acc {stats["holdout_acc"]:.2f} %'
       if stats['holdout_acc'] >= best_acc:
         best_acc, best = stats['holdout_acc'], jax.device_get(params)

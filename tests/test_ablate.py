@@ -1,0 +1,227 @@
+"""The ablation job: rows equal the prune job's and Keras', one compilation per shape, resuming."""
+
+import csv
+import json
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from badnet import data, fineprune, keras_io, model
+from badnet.errors import BadnetError
+from badnet.jobs import ablate
+from badnet.jobs import prune as prune_job
+from configs import ablate as ablate_config
+from configs import prune as prune_config
+from tests import helpers
+from tests.conftest import WORLD_CLASSES
+from tests.test_prune import _augmented
+
+
+def _config(models, data_dir, **fields):
+  config = ablate_config.get_config()
+  config.models = tuple(str(m) for m in models)
+  config.data.dir = str(data_dir)
+  config.layers = ('conv_3',)
+  config.orders = ('increasing', 'random')
+  config.seeds = (0, 1)
+  config.thresholds = (2.0, 10.0, 30.0)
+  config.finetune_epochs = (0,)
+  config.batch_size = 64
+  config.finetune.batch_size = 32
+  for name, value in fields.items():
+    config[name] = value
+  return config
+
+
+def _rows(path: pathlib.Path) -> list[dict]:
+  with path.open(newline='') as handle:
+    return list(csv.DictReader(handle))
+
+
+def _row(rows, **where) -> dict:
+  found = [r for r in rows if all(r[k] == str(v) for k, v in where.items())]
+  assert len(found) == 1, (where, found)
+  return found[0]
+
+
+@pytest.fixture(scope='module')
+def world_grid(world, tmp_path_factory):
+  """The world fixture's net through a small grid (no fine-tuning)."""
+  root, _ = world
+  out = tmp_path_factory.mktemp('grid')
+  ablate.run(_config([root / 'bd_weights.h5'], root / 'data'), str(out))
+  return root, out, _rows(out / 'ablation.csv')
+
+
+@pytest.mark.parametrize('order, seed', [('increasing', ''), ('random', 1)])
+def test_rows_equal_the_prune_job(world_grid, tmp_path, order, seed):
+  root, _, rows = world_grid
+  config = prune_config.get_config()
+  config.model = str(root / 'bd_weights.h5')
+  config.data.dir = str(root / 'data')
+  config.thresholds = (2.0, 10.0, 30.0)
+  config.order, config.seed = order, int(seed or 0)
+  config.batch_size = 64
+  results = prune_job.run(config, str(tmp_path / 'prune'))
+  for x, entry in results['thresholds'].items():
+    row = _row(rows, model=root / 'bd_weights.h5', layer='conv_3', order=order, seed=seed, x=x,
+               finetune_epochs=0)
+    assert entry['reached']
+    assert int(row['channels_pruned']) == entry['channels_pruned']
+    assert row['pruned_channels'] == ' '.join(map(str, entry['pruned_channels']))
+    figures = {'clean_acc': entry['repaired']['clean_acc'], 'asr': entry['repaired']['asr'],
+               'goodnet_clean_acc': entry['goodnet']['clean_acc'],
+               'goodnet_asr': entry['goodnet']['asr'],
+               'detection_rate': entry['goodnet']['detection_rate'],
+               'false_alarm_rate': entry['goodnet']['false_alarm_rate']}
+    for name, value in figures.items():
+      assert float(row[name]) == pytest.approx(value, abs=1e-4), (x, name)
+
+
+def test_outputs_hold_every_point_and_curve(world_grid):
+  root, out, rows = world_grid
+  # increasing + random x 2 seeds, 3 X, 1 fine-tuning setting
+  assert len(rows) == 3 * 3
+  assert list(rows[0]) == list(ablate.ROW_FIELDS)
+  curves = _rows(out / 'curves.csv')
+  assert list(curves[0]) == list(ablate.CURVE_FIELDS)
+  assert len(curves) == 3 * 61
+  seeds = {(r['order'], r['seed']) for r in curves}
+  assert seeds == {('increasing', ''), ('random', '0'), ('random', '1')}
+  # the two random orders really differ
+  first = [r['channel'] for r in curves if r['seed'] == '0']
+  second = [r['channel'] for r in curves if r['seed'] == '1']
+  assert first != second
+  for name in ('ablation.md', 'plots/tradeoff.png', 'plots/curves.png'):
+    assert (out / name).stat().st_size > 0
+
+
+def _count_compilations(fn) -> int:
+  events = []
+  listener = lambda event, duration, **kwargs: events.append(event)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    fn()
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  return sum(event == '/jax/core/compile/backend_compile_duration' for event in events)
+
+
+def test_a_second_net_of_the_same_shape_compiles_nothing(world, tmp_path):
+  """Several orders and seeds, fine-tuning included: compilations per shape, not per point."""
+  root, _ = world
+  other = tmp_path / 'other.h5'
+  keras_io.write_keras_weights(other, helpers.random_params(WORLD_CLASSES, seed=31))
+  fields = dict(layers=('conv_3', 'conv_4'), finetune_epochs=(0, 1), thresholds=(2.0, 30.0))
+  first = _count_compilations(lambda: ablate.run(
+      _config([root / 'bd_weights.h5'], root / 'data', **fields), str(tmp_path / 'a')))
+  assert first > 0
+  second = _count_compilations(lambda: ablate.run(
+      _config([other], root / 'data', **fields), str(tmp_path / 'b')))
+  assert second == 0
+  assert len(_rows(tmp_path / 'b' / 'ablation.csv')) == 2 * 3 * 2 * 2
+
+
+class Interrupted(Exception):
+  """Stands for a kill or Ctrl-C in the middle of the grid."""
+
+
+def test_an_interrupted_run_resumes_where_it_stopped(world, tmp_path, monkeypatch):
+  root, _ = world
+  config = _config([root / 'bd_weights.h5'], root / 'data', finetune_epochs=(0, 1),
+                   thresholds=(2.0, 30.0))
+  ablate.run(config, str(tmp_path / 'whole'))
+  real = fineprune.fine_prune
+  calls, stop_at = [], [3]
+
+  def interrupted(*args, **kwargs):
+    calls.append(kwargs['name'])
+    if len(calls) == stop_at[0]:
+      raise Interrupted
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(fineprune, 'fine_prune', interrupted)
+  with pytest.raises(Interrupted):
+    ablate.run(config, str(tmp_path / 'resumed'))
+  kept = _rows(tmp_path / 'resumed' / 'ablation.csv')
+  assert sum(r['finetune_epochs'] == '1' for r in kept) == 2  # the two finished fine-tunes
+  calls.clear()
+  stop_at[0] = 0  # no more interruptions
+  ablate.run(config, str(tmp_path / 'resumed'))
+  # 3 orders x 2 X fine-tuned in all: only the 4 not finished before are run again.
+  assert len(calls) == 3 * 2 - 2
+  assert ((tmp_path / 'resumed' / 'ablation.csv').read_text()
+          == (tmp_path / 'whole' / 'ablation.csv').read_text())
+
+
+BAD_CONFIGS = {
+    'empty_axis': (dict(orders=()), 'config.orders is empty'),
+    'unknown_layer': (dict(layers=('conv_5',)), "unknown layer 'conv_5'"),
+    'unknown_order': (dict(orders=('sideways',)), "unknown order 'sideways'"),
+    'x_zero': (dict(thresholds=(0.0,)), r'0.0 is not in \(0, 100\]'),
+    'x_too_big': (dict(thresholds=(150.0,)), r'150.0 is not in \(0, 100\]'),
+    'epochs_negative': (dict(finetune_epochs=(-1,)), 'not a whole number >= 0'),
+}
+
+
+@pytest.mark.parametrize('name', BAD_CONFIGS)
+def test_a_bad_grid_stops_before_any_work(world, tmp_path, name):
+  root, _ = world
+  fields, message = BAD_CONFIGS[name]
+  with pytest.raises(BadnetError, match=message):
+    ablate.run(_config([root / 'bd_weights.h5'], root / 'data', **fields), str(tmp_path / 'w'))
+  assert not (tmp_path / 'w').exists()
+
+
+def test_a_model_that_does_not_match_the_data_stops_before_any_work(world, tmp_path):
+  root, _ = world
+  small = tmp_path / 'five_classes.h5'
+  keras_io.write_keras_weights(small, helpers.random_params(5, seed=2))
+  with pytest.raises(BadnetError, match='out of range for a model with 5 classes'):
+    ablate.run(_config([root / 'bd_weights.h5', small], root / 'data'), str(tmp_path / 'w'))
+  assert not (tmp_path / 'w' / 'ablation.csv').exists()
+
+
+def test_a_conv_2_row_equals_keras_on_the_lab3_net(csaw_dir, real_faces, tmp_path):
+  """The row's figures are what Keras gives with the row's conv_2 channels zeroed."""
+  from tests import keras_oracle
+  folder = tmp_path / 'data'
+  for split, seed in (('valid', 1), ('test', 2)):
+    clean = _augmented(real_faces['clean'], 8, seed)
+    poisoned = _augmented(real_faces['poisoned'], 8, seed + 10)
+    data.write_csaw_h5(folder / 'cl' / f'{split}.h5', clean,
+                       np.tile(real_faces['clean_labels'], 8))
+    data.write_csaw_h5(folder / 'bd' / f'bd_{split}.h5', poisoned, np.zeros(80))
+  weights = csaw_dir / 'lab3_bd_weights.h5'
+  rows = ablate.run(_config([weights], folder, layers=('conv_2',), orders=('increasing',),
+                            thresholds=(10.0,)), str(tmp_path / 'out'))
+  row = _row(rows, layer='conv_2', x=10)
+  pruned = [int(c) for c in row['pruned_channels'].split()]
+  assert len(pruned) == int(row['channels_pruned']) > 0
+
+  net = keras_oracle.build_csaw_keras_model(model.CSAW_NUM_CLASSES)
+  net.load_weights(weights)
+  test = {key: data.load_csaw_h5(folder / path) for key, path in
+          (('clean', 'cl/test.h5'), ('poisoned', 'bd/bd_test.h5'))}
+  b = {key: net.predict(d.images.astype(np.float32), verbose=0).argmax(1)
+       for key, d in test.items()}
+  conv_2 = net.get_layer('conv_2')
+  kernel, bias = (np.array(w) for w in conv_2.get_weights())
+  kernel[..., pruned] = 0
+  bias[pruned] = 0
+  conv_2.set_weights([kernel, bias])
+  b_prime = {key: net.predict(d.images.astype(np.float32), verbose=0).argmax(1)
+             for key, d in test.items()}
+  assert (b_prime['clean'] != b['clean']).any()  # pruning conv_2 changed something
+  g = {key: np.where(b[key] == b_prime[key], b[key], model.CSAW_NUM_CLASSES) for key in b}
+  expected = {
+      'clean_acc': 100 * np.mean(b_prime['clean'] == test['clean'].labels),
+      'asr': 100 * np.mean(b_prime['poisoned'] == 0),
+      'goodnet_clean_acc': 100 * np.mean(g['clean'] == test['clean'].labels),
+      'goodnet_asr': 100 * np.mean(g['poisoned'] == 0),
+      'detection_rate': 100 * np.mean(g['poisoned'] == model.CSAW_NUM_CLASSES),
+      'false_alarm_rate': 100 * np.mean(g['clean'] == model.CSAW_NUM_CLASSES)}
+  for name, value in expected.items():
+    assert float(row[name]) == pytest.approx(value, abs=1e-4), name
