@@ -79,23 +79,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 
 def _check_finetune(config: ml_collections.ConfigDict) -> None:
-  tune = config.finetune
-  if tune.optimizer not in fine_prune_job.train.OPTIMIZERS:
-    raise ConfigError(f'config.finetune.optimizer: unknown optimizer {tune.optimizer!r}')
-  if tune.schedule not in fine_prune_job.train.SCHEDULES:
-    raise ConfigError(f'config.finetune.schedule: unknown schedule {tune.schedule!r}')
-  if isinstance(tune.batch_size, bool) or not isinstance(tune.batch_size, int) or (
-      tune.batch_size < 1):
-    raise ConfigError(f'config.finetune.batch_size must be a positive integer, '
-                      f'got {tune.batch_size!r}')
-  tuned = [e for e in _axis(config, 'finetune_epochs') if e > 0]
-  fine_prune_job._number(config, 'learning_rate', 0, math.inf, True, True, 'positive')  # pylint: disable=protected-access
-  fine_prune_job._number(config, 'weight_decay', 0, math.inf, False, True, 'zero or positive')  # pylint: disable=protected-access
-  fine_prune_job._number(config, 'holdout_fraction', 0, 1, True, True, 'in (0, 1)')  # pylint: disable=protected-access
-  limit = min(tuned, default=0)
-  fine_prune_job._number(config, 'warmup_epochs', 0, limit, False, False, f'in [0, {limit}]')  # pylint: disable=protected-access
-  if isinstance(tune.seed, bool) or not isinstance(tune.seed, int):
-    raise ConfigError(f'config.finetune.seed must be an integer, got {tune.seed!r}')
+  tuned = [epochs for epochs in _axis(config, 'finetune_epochs') if epochs > 0]
+  fine_prune_job.check_recipe(config, min(tuned, default=0))
 
 
 def _variants(config: ml_collections.ConfigDict) -> list[Variant]:
@@ -120,7 +105,9 @@ def _resolve(config: ml_collections.ConfigDict, out: pathlib.Path
     if not shipped_only:
       raise ConfigError('config.data is empty but config.models names a file: give the data '
                         '(config.data.dir), or use only the shipped nets')
-    _, data_dir = common.shipped_benchmark(out)
+    print(f'Running on the shipped synthetic benchmark (nets: {", ".join(models)}; no data '
+          f'given); its data is regenerated under {out / "data"}.', flush=True)
+    _, data_dir = common.shipped_benchmark(out, quiet=True)
     return models, {k: data_dir / v for k, v in common.CSAW_FILES.items()}, True
   paths = {}
   for key, relative in common.CSAW_FILES.items():
@@ -260,7 +247,7 @@ def _model_layer(name, params, layer, variants, thresholds, epochs_axis, splits,
                                      batch, precision).reshape(-1, *test_levels.shape)
           for key in ('clean_test', 'poisoned_test')}
   b_test = {key: test[key][:, 0, 0] for key in test}
-  curves = []
+  curves, tuned = [], {}
   for index, (variant, order) in enumerate(zip(variants, orders)):
     clean_acc, asr = curves_of[index]
     for step in range(channels + 1):
@@ -286,9 +273,14 @@ def _model_layer(name, params, layer, variants, thresholds, epochs_axis, splits,
                              test['poisoned_test'][:, index, 1 + column], b_test['clean_test'],
                              b_test['poisoned_test'], labels, num_classes)
         else:
-          figures = _fine_pruned(params, masks[index, level], layer, epochs, splits, b_test,
-                                 labels, num_classes, config, recipe,
-                                 f'{name}/{layer}/{variant.order}{variant.seed_text} X={x:g}')
+          # X values (or orders) that land on the same mask share one fine-tuning.
+          memo = (masks[index, level].tobytes(), epochs)
+          if memo not in tuned:
+            tuned[memo] = _fine_pruned(
+                params, masks[index, level], layer, epochs, splits, b_test, labels,
+                num_classes, config, recipe,
+                f'{name}/{layer}/{variant.order}{variant.seed_text} X={x:g}')
+          figures = tuned[memo]
         record({**row, **{k: _percent(v) for k, v in figures.items()}})
   return curves
 

@@ -39,21 +39,29 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError('the fine_prune job runs on one process; fine-tuning across '
                       'processes is not supported (run configs/prune.py across processes)')
   tune = config.finetune
+  if isinstance(tune.epochs, bool) or not isinstance(tune.epochs, int) or tune.epochs < 1:
+    raise ConfigError(f'config.finetune.epochs must be a positive integer, got {tune.epochs!r}')
+  check_recipe(config, tune.epochs)
+  _number(config, 'max_clean_drop', 0, 100, False, False, 'in [0, 100]')
+
+
+def check_recipe(config: ml_collections.ConfigDict, epochs: int) -> None:
+  """The fine-tuning recipe's fields but ``epochs`` (warm-up at most ``epochs``)."""
+  tune = config.finetune
   if tune.optimizer not in train.OPTIMIZERS:
     raise ConfigError(f'config.finetune.optimizer: unknown optimizer {tune.optimizer!r}; '
                       f'expected one of {", ".join(train.OPTIMIZERS)}')
   if tune.schedule not in train.SCHEDULES:
     raise ConfigError(f'config.finetune.schedule: unknown schedule {tune.schedule!r}; '
                       f'expected one of {", ".join(train.SCHEDULES)}')
-  for name in ('epochs', 'batch_size'):
-    value = tune[name]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-      raise ConfigError(f'config.finetune.{name} must be a positive integer, got {value!r}')
+  if isinstance(tune.batch_size, bool) or not isinstance(tune.batch_size, int) or (
+      tune.batch_size < 1):
+    raise ConfigError(f'config.finetune.batch_size must be a positive integer, '
+                      f'got {tune.batch_size!r}')
   _number(config, 'learning_rate', 0, math.inf, True, True, 'positive')
   _number(config, 'weight_decay', 0, math.inf, False, True, 'zero or positive')
-  _number(config, 'warmup_epochs', 0, tune.epochs, False, False, f'in [0, {tune.epochs}]')
+  _number(config, 'warmup_epochs', 0, epochs, False, False, f'in [0, {epochs}]')
   _number(config, 'holdout_fraction', 0, 1, True, True, 'in (0, 1)')
-  _number(config, 'max_clean_drop', 0, 100, False, False, 'in [0, 100]')
   if isinstance(tune.seed, bool) or not isinstance(tune.seed, int):
     raise ConfigError(f'config.finetune.seed must be an integer, got {tune.seed!r}')
 
