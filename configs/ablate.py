@@ -21,8 +21,13 @@ and prints one markdown table; it writes
     ablation.md, plots/tradeoff.png, plots/curves.png, config.json
 
 Rerunning into the same workdir skips the points already in ablation.csv, so
-an interrupted run resumes. The default grid's time on a 2-core CPU is in
-WORKSPACE.md.
+an interrupted run resumes. The default grid (both shipped nets, 64 rows) took
+5:12 on a 2-core CPU, almost all of it fine-tuning; its table and what it shows
+are in WORKSPACE.md ("Ablations"). On your own nets and data:
+
+    python main.py --config=configs/ablate.py \
+        --config.models="('models/bd_net.h5',)" --config.data.dir=data \
+        --config.layers="('conv_2', 'conv_3')" --config.finetune_epochs="(0,)"
 """
 
 import ml_collections
