@@ -1,7 +1,6 @@
 """The ablation job: rows equal the prune job's and Keras', one compilation per shape, resuming."""
 
 import csv
-import json
 import pathlib
 
 import jax

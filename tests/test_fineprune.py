@@ -4,11 +4,12 @@ import json
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
 
-from badnet import data, evaluate, fineprune, goodnet, keras_io, prune, train
+from badnet import data, evaluate, fineprune, goodnet, keras_io, train
 from badnet.errors import ConfigError
 from badnet.jobs import fine_prune as fine_prune_job
 from configs import fine_prune as fine_prune_config

@@ -1,7 +1,6 @@
 """Pruning any of conv_1..conv_4: the shared-prefix functions against zeroing the layer's weights."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
