@@ -224,8 +224,11 @@ def _model_layer(name, params, layer, variants, thresholds, epochs_axis, splits,
   batch, precision = config.batch_size, config.precision
   num_classes = model.num_classes_of(params)
   # The layers before the pruned one: once per data file.
+  start = time.perf_counter()
   features = {key: sweep.features(params, split.images, batch, precision, layer)
               for key, split in splits.items()}
+  logging.info('%s / %s: features of %d images in %.1f s.', name, layer,
+               sum(len(split) for split in splits.values()), time.perf_counter() - start)
   means = features['clean_valid'].mean_activations()
   orders = [prune.pruning_order(means, v.order, v.seed or 0) for v in variants]
   masks = np.stack([prune.prefix_masks(order) for order in orders])  # [V, C + 1, C]
@@ -247,6 +250,8 @@ def _model_layer(name, params, layer, variants, thresholds, epochs_axis, splits,
                                      batch, precision).reshape(-1, *test_levels.shape)
           for key in ('clean_test', 'poisoned_test')}
   b_test = {key: test[key][:, 0, 0] for key in test}
+  logging.info('%s / %s: %d orders x %d levels swept, and the test split scored, in %.1f s.',
+               name, layer, len(variants), masks.shape[1], time.perf_counter() - start)
   curves, tuned = [], {}
   for index, (variant, order) in enumerate(zip(variants, orders)):
     clean_acc, asr = curves_of[index]
