@@ -1,5 +1,6 @@
 """Small inputs shared by tests that need no real data."""
 
+import jax
 import numpy as np
 
 from badnet import model
@@ -45,3 +46,15 @@ def random_params(num_classes: int, seed: int, conv_bias_scale: float = 0.5,
     biased[layer] = {'kernel': np.asarray(weights['kernel']), 'bias': bias.astype(np.float32)}
   assert all((weights['bias'] != 0).all() for weights in biased.values())
   return biased
+
+
+def count_compilations(fn) -> int:
+  """How many XLA compilations ``fn()`` causes (JAX's backend-compile events)."""
+  events = []
+  listener = lambda event, duration, **kwargs: events.append(event)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    fn()
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  return sum(event == '/jax/core/compile/backend_compile_duration' for event in events)

@@ -3,7 +3,6 @@
 import csv
 import pathlib
 
-import jax
 import numpy as np
 import pytest
 
@@ -97,27 +96,16 @@ def test_outputs_hold_every_point_and_curve(world_grid):
     assert (out / name).stat().st_size > 0
 
 
-def _count_compilations(fn) -> int:
-  events = []
-  listener = lambda event, duration, **kwargs: events.append(event)
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
-    fn()
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
-  return sum(event == '/jax/core/compile/backend_compile_duration' for event in events)
-
-
 def test_a_second_net_of_the_same_shape_compiles_nothing(world, tmp_path):
   """Several orders and seeds, fine-tuning included: compilations per shape, not per point."""
   root, _ = world
   other = tmp_path / 'other.h5'
   keras_io.write_keras_weights(other, helpers.random_params(WORLD_CLASSES, seed=31))
   fields = dict(layers=('conv_3', 'conv_4'), finetune_epochs=(0, 1), thresholds=(2.0, 30.0))
-  first = _count_compilations(lambda: ablate.run(
+  first = helpers.count_compilations(lambda: ablate.run(
       _config([root / 'bd_weights.h5'], root / 'data', **fields), str(tmp_path / 'a')))
   assert first > 0
-  second = _count_compilations(lambda: ablate.run(
+  second = helpers.count_compilations(lambda: ablate.run(
       _config([other], root / 'data', **fields), str(tmp_path / 'b')))
   assert second == 0
   assert len(_rows(tmp_path / 'b' / 'ablation.csv')) == 2 * 3 * 2 * 2

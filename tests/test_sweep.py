@@ -78,17 +78,6 @@ def test_bad_order_or_levels_are_refused(sparse_net):
     sweep.prefix_classes(params, features.pool_3, np.arange(60), [0, 61])
 
 
-def _count_compilations(fn) -> int:
-  events = []
-  listener = lambda event, duration, **kwargs: events.append(event)
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
-    fn()
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
-  return sum(event == '/jax/core/compile/backend_compile_duration' for event in events)
-
-
 def test_a_second_sweep_of_the_same_shapes_compiles_nothing(sparse_net):
   params, images, _ = sparse_net
   other = helpers.random_params(NUM_CLASSES, seed=10)
@@ -99,10 +88,10 @@ def test_a_second_sweep_of_the_same_shapes_compiles_nothing(sparse_net):
     sweep.prefix_classes(net, features.pool_3, order, batch_size=40)
     sweep.prefix_classes(net, features.pool_3, order, [0, 7, 50], batch_size=40)
 
-  first = _count_compilations(lambda: run(params, images, 0))
+  first = helpers.count_compilations(lambda: run(params, images, 0))
   assert first > 0  # the counter sees compilations
   # Other weights, other images, another order: the same shapes, nothing new to compile.
-  assert _count_compilations(lambda: run(other, helpers.varied_images(160, 8), 1)) == 0
+  assert helpers.count_compilations(lambda: run(other, helpers.varied_images(160, 8), 1)) == 0
 
 
 def test_every_layer_runs_at_the_requested_precision():

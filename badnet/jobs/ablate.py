@@ -3,7 +3,6 @@
 import csv
 import dataclasses
 import io
-import math
 import pathlib
 import time
 
@@ -63,16 +62,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if isinstance(seed, bool) or not isinstance(seed, int):
       raise ConfigError(f'config.seeds: {seed!r} is not an integer')
   for x in _axis(config, 'thresholds'):
-    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or not (
-        0 < x <= 100):
-      raise ConfigError(f'config.thresholds: {x!r} is not in (0, 100] '
-                        f'(X is a drop in clean accuracy, in percentage points)')
+    common.check_threshold(x)
   for epochs in _axis(config, 'finetune_epochs'):
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
       raise ConfigError(f'config.finetune_epochs: {epochs!r} is not a whole number >= 0')
-  if config.precision not in model.PRECISIONS:
-    raise ConfigError(f'config.precision: unknown precision {config.precision!r}; expected '
-                      f'one of {", ".join(model.PRECISIONS)}')
+  common.check_precision(config)
   if jax.process_count() > 1:
     raise ConfigError('the ablate job runs on one process')
   _check_finetune(config)
@@ -179,7 +173,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   variants = _variants(config)
   thresholds = sorted({float(x) for x in _axis(config, 'thresholds')})
   epochs_axis = sorted(set(_axis(config, 'finetune_epochs')))
-  recipe = fine_prune_job.recipe(_with_epochs(config, 1))
+  recipe = fine_prune_job.recipe(config, epochs=1)  # each fine-tuning sets its own epochs
   start = time.perf_counter()
   for name, params in nets.items():
     for layer in dict.fromkeys(_axis(config, 'layers')):
@@ -210,12 +204,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   _plot_curves(out / 'plots' / 'curves.png', curves)
   print(markdown, flush=True)
   return rows
-
-
-def _with_epochs(config: ml_collections.ConfigDict, epochs: int) -> ml_collections.ConfigDict:
-  tuned = ml_collections.ConfigDict(config.to_dict())
-  tuned.finetune.epochs = epochs
-  return tuned
 
 
 def _model_layer(name, params, layer, variants, thresholds, epochs_axis, splits, labels, done,

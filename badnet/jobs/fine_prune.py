@@ -66,11 +66,13 @@ def check_recipe(config: ml_collections.ConfigDict, epochs: int) -> None:
     raise ConfigError(f'config.finetune.seed must be an integer, got {tune.seed!r}')
 
 
-def recipe(config: ml_collections.ConfigDict) -> train.Recipe:
+def recipe(config: ml_collections.ConfigDict, epochs: int | None = None) -> train.Recipe:
+  """config.finetune as a Recipe (``epochs`` overrides config.finetune.epochs)."""
   tune = config.finetune
   return train.Recipe(optimizer=tune.optimizer, learning_rate=float(tune.learning_rate),
                       schedule=tune.schedule, warmup_epochs=float(tune.warmup_epochs),
-                      epochs=tune.epochs, batch_size=tune.batch_size,
+                      epochs=tune.epochs if epochs is None else epochs,
+                      batch_size=tune.batch_size,
                       weight_decay=float(tune.weight_decay), seed=tune.seed)
 
 

@@ -2,7 +2,6 @@
 
 import concurrent.futures
 import dataclasses
-import math
 import pathlib
 import time
 
@@ -34,13 +33,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if not thresholds:
     raise ConfigError('config.thresholds is empty; give at least one X in (0, 100]')
   for x in thresholds:
-    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or not (
-        0 < x <= 100):
-      raise ConfigError(f'config.thresholds: {x!r} is not in (0, 100] '
-                        f'(X is a drop in clean accuracy, in percentage points)')
-  if config.precision not in model.PRECISIONS:
-    raise ConfigError(f'config.precision: unknown precision {config.precision!r}; expected '
-                      f'one of {", ".join(model.PRECISIONS)}')
+    common.check_threshold(x)
+  common.check_precision(config)
   if config.order not in prune.ORDERS:
     raise ConfigError(f'config.order: unknown order {config.order!r}; expected one of '
                       f'{", ".join(prune.ORDERS)}')
