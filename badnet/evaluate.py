@@ -54,22 +54,26 @@ def _padded_batches(arrays: tuple[np.ndarray, ...], batch_size: int
 
 
 def map_batches(fn: Callable[..., Any], replicated: Any, arrays: tuple[np.ndarray, ...],
-                batch_size: int = DEFAULT_BATCH_SIZE) -> Any:
+                batch_size: int = DEFAULT_BATCH_SIZE, fixed_batch: bool = False) -> Any:
   """Applies ``fn(replicated, *batch)`` over batches and concatenates per-row outputs.
 
   Args:
     fn: a pure function returning a pytree of per-row arrays [B, ...].
     replicated: a pytree (usually params) copied to every device.
     arrays: host arrays with the same leading size N, split on the mesh.
-    batch_size: rows per step (at most N, rounded up to a multiple of the
-      device count).
+    batch_size: rows per step (at most N unless ``fixed_batch``, rounded up
+      to a multiple of the device count).
+    fixed_batch: always ``batch_size`` rows a step, the last one padded, so
+      inputs of any length share one compilation.
 
   Returns:
     The pytree of per-row outputs over all N rows, as numpy arrays.
   """
   mesh = data_mesh()
   # Fewer rows than a batch (a handful of image files): a smaller batch, not padding.
-  batch_size = global_batch_size(min(batch_size, len(arrays[0])), mesh)
+  if not fixed_batch:
+    batch_size = min(batch_size, len(arrays[0]))
+  batch_size = global_batch_size(batch_size, mesh)
   rows_sharding = NamedSharding(mesh, P('data'))
   replicated = jax.device_put(replicated, NamedSharding(mesh, P()))
   step = _jitted(fn, rows_sharding)
