@@ -14,7 +14,7 @@ copy in memory; ``rows`` reads only a range of them (one process's share).
 import dataclasses
 import operator
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import h5py
 import numpy as np
@@ -178,6 +178,69 @@ def _row_range(path: str, rows: tuple[int, int] | None, count: int) -> tuple[int
   return start, stop
 
 
+@dataclasses.dataclass(frozen=True)
+class CsawChunks:
+  """A CSAW file's labels, and its images as an iterator of validated NHWC chunks.
+
+  Iterating reads the file: each chunk (``chunk_size`` images, fewer in the
+  last) is uint8 if all its values are integers, else float32, the values
+  the net sees either way. A chunk with NaN, inf or a value outside [0, 255]
+  raises a DataError when it is reached, and so does the end of a file whose
+  fractional values all lie in [0, 1] (normalised pixels). Iterate once.
+  """
+  path: str
+  labels: np.ndarray  # int32, checked
+  chunks: Iterator[np.ndarray]
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+
+def iter_csaw_h5(path: str | os.PathLike, num_classes: int | None = None, *,
+                 rows: tuple[int, int] | None = None, chunk_size: int | None = None) -> CsawChunks:
+  """Opens a CSAW file for reading in chunks: what ``load_csaw_h5`` reads, without holding it.
+
+  Everything but the pixel values is checked here, as ``load_csaw_h5`` checks
+  it (the layout, dtypes and counts, ``rows``, the labels); the pixel values
+  are checked chunk by chunk as they are read (see ``CsawChunks``), 512
+  images at a time unless ``chunk_size`` says otherwise. A job can so compute
+  on each chunk while the next one is read and never hold a whole file's
+  images.
+
+  Raises:
+    DataError: naming the file and what is wrong with it.
+  """
+  path = str(path)
+  with open_hdf5(path, DataError, 'data') as handle:
+    _, label, _ = _datasets(path, handle)
+    start, stop = _row_range(path, rows, label.shape[0])
+    try:
+      labels = _read_labels(path, label[start:stop], num_classes)
+    except OSError as error:
+      raise DataError(f'{path}: dataset "label" is unreadable ({error})') from None
+  return CsawChunks(path, labels, _chunks(path, start, stop, chunk_size or _CHUNK))
+
+
+def _chunks(path: str, start: int, stop: int, chunk_size: int) -> Iterator[np.ndarray]:
+  """The images of rows start..stop, validated, ``chunk_size`` at a time (see ``CsawChunks``)."""
+  with open_hdf5(path, DataError, 'data') as handle:
+    data, _, layout = _datasets(path, handle)
+    highest, fractional = 0.0, False
+    for first in range(start, stop, chunk_size):
+      try:
+        chunk = data[first:min(first + chunk_size, stop)]
+      except OSError as error:
+        raise DataError(f'{path}: dataset "data" is unreadable ({error})') from None
+      as_uint8, chunk_max = _to_uint8(path, chunk, first)
+      highest = max(highest, chunk_max)
+      fractional |= as_uint8 is None
+      values = chunk.astype(np.float32) if as_uint8 is None else as_uint8
+      yield values.transpose(0, 2, 3, 1) if layout == 'nchw' else values
+  if fractional and highest <= 1:
+    raise DataError(f'{path}: dataset "data" holds fractional values, all in [0, 1]: '
+                    f'normalised pixels? The nets take raw pixel values 0..255')
+
+
 def load_csaw_h5(path: str | os.PathLike, num_classes: int | None = None, *,
                  rows: tuple[int, int] | None = None) -> Dataset:
   """Reads and validates a CSAW data file, or a range of its rows.
@@ -209,37 +272,19 @@ def load_csaw_h5(path: str | os.PathLike, num_classes: int | None = None, *,
     DataError: naming the file and what is wrong with it (also for a range
       that is empty or outside the file).
   """
-  path = str(path)
-  with open_hdf5(path, DataError, 'data') as handle:
-    data, label, layout = _datasets(path, handle)
-    start, stop = _row_range(path, rows, data.shape[0])
-    try:
-      labels = _read_labels(path, label[start:stop], num_classes)
-    except OSError as error:
-      raise DataError(f'{path}: dataset "label" is unreadable ({error})') from None
-    # np.empty pages are only resident once written: the part of a uint8 array
-    # left unwritten when switching to float32 costs nothing.
-    images = np.empty((stop - start, *IMAGE_SHAPE), np.uint8)
-    highest = 0.0
-    for offset in range(0, stop - start, _CHUNK):
-      first = start + offset
-      try:
-        chunk = data[first:min(first + _CHUNK, stop)]
-      except OSError as error:
-        raise DataError(f'{path}: dataset "data" is unreadable ({error})') from None
-      as_uint8, chunk_max = _to_uint8(path, chunk, first)
-      highest = max(highest, chunk_max)
-      if as_uint8 is None and images.dtype == np.uint8:
-        wider = np.empty(images.shape, np.float32)
-        wider[:offset] = images[:offset]  # integers: exact in float32
-        images = wider
-      values = chunk if as_uint8 is None else as_uint8
-      images[offset:offset + len(chunk)] = (
-          values.transpose(0, 2, 3, 1) if layout == 'nchw' else values)
-  if images.dtype == np.float32 and highest <= 1:
-    raise DataError(f'{path}: dataset "data" holds fractional values, all in [0, 1]: '
-                    f'normalised pixels? The nets take raw pixel values 0..255')
-  return Dataset(images, labels)
+  opened = iter_csaw_h5(path, num_classes, rows=rows)
+  # np.empty pages are only resident once written: the part of a uint8 array
+  # left unwritten when switching to float32 costs nothing.
+  images = np.empty((len(opened), *IMAGE_SHAPE), np.uint8)
+  offset = 0
+  for chunk in opened.chunks:
+    if chunk.dtype != images.dtype and images.dtype == np.uint8:
+      wider = np.empty(images.shape, np.float32)
+      wider[:offset] = images[:offset]  # integers: exact in float32
+      images = wider
+    images[offset:offset + len(chunk)] = chunk
+    offset += len(chunk)
+  return Dataset(images, opened.labels)
 
 
 def write_csaw_h5(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray) -> None:

@@ -97,11 +97,24 @@ def _features_step_for(layer: str, precision: str):
 def features(params: Params, images: np.ndarray,
              batch_size: int = evaluate.DEFAULT_BATCH_SIZE,
              precision: str = model_lib.DEFAULT_PRECISION,
-             layer: str = model_lib.FEATURE_LAYER) -> Features:
-  """The pruned layer's activation (and per-image channel means) of ``images``, in one pass."""
+             layer: str = model_lib.FEATURE_LAYER, fixed_batch: bool = False) -> Features:
+  """The pruned layer's activation (and per-image channel means) of ``images``, in one pass.
+
+  ``fixed_batch``: pad to ``batch_size`` rows a step even for fewer images, so
+  calls on chunks of any length share one compilation.
+  """
   state, means = evaluate.map_batches(_features_step_for(layer, precision), params, (images,),
-                                      batch_size)
+                                      batch_size, fixed_batch)
   return Features(state, means, layer)
+
+
+def concatenate(pieces: Sequence[Features]) -> Features:
+  """The features of the images of ``pieces`` one after the other (one layer)."""
+  layers = {piece.layer for piece in pieces}
+  if len(layers) != 1:
+    raise ValueError(f'features of one layer expected, got {sorted(layers)}')
+  state = {key: np.concatenate([piece.state[key] for piece in pieces]) for key in pieces[0].state}
+  return Features(state, np.concatenate([piece.channel_means for piece in pieces]), layers.pop())
 
 
 def masked_logits(params: Params, images: jax.Array, masks: jax.Array,
@@ -371,6 +384,8 @@ def _narrow_head(params: Params, pool_3: np.ndarray, order: np.ndarray, live_in_
   widths = np.array(head_widths(num_channels))
   row_widths = widths[np.searchsorted(widths, needs)]
   first_kept = np.maximum(0, pruned_live + row_widths - len(live)).astype(np.int32)
+  logging.info('Head rows by channels read (%d of %d live): %s.', len(live), num_channels,
+               ' '.join(f'{w}:{np.count_nonzero(row_widths == w)}' for w in widths))
   classes = np.empty(len(rows), np.int32)
   for width in widths:
     chosen = np.flatnonzero(row_widths == width)

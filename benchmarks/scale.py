@@ -63,10 +63,17 @@ MARKER = 'COMPLETE'
 FEATURE_MACS = (52 * 44 * 20 * 4 * 4 * 3      # conv_1 on 55x47x3
                 + 24 * 20 * 40 * 3 * 3 * 20   # conv_2 on pool_1 26x22x20
                 + 10 * 8 * 60 * 3 * 3 * 40)   # conv_3 on pool_2 12x10x40
-HEAD_MACS = (1200 * 160                       # fc_1 on flattened pool_3 5x4x60
-             + 4 * 3 * 80 * 2 * 2 * 60        # conv_4 on pool_3
-             + 960 * 160                      # fc_2 on flattened conv_4 4x3x80
-             + 160 * 1283)                    # output
+
+
+def head_macs(channels: int = 60) -> int:
+  """The head's multiply-adds per row when it reads ``channels`` of pool_3's 60."""
+  return (5 * 4 * channels * 160                # fc_1 on flattened pool_3 5x4xC
+          + 4 * 3 * 80 * 2 * 2 * channels       # conv_4 on pool_3
+          + 960 * 160                           # fc_2 on flattened conv_4 4x3x80
+          + 160 * 1283)                         # output
+
+
+HEAD_MACS = head_macs()
 
 
 def counts_for(size: int) -> dict[str, int]:
@@ -152,8 +159,14 @@ def run_job(model: pathlib.Path, folder: pathlib.Path) -> dict:
   sweep = re.search(r'Sweep done in ([\d.]+) s', stderr)
   # The job logs how many (image, level) pairs its head ran on, per file swept.
   head_rows = sum(int(n) for n in re.findall(r'Head on (\d+) \(image, level\) pairs', stderr))
+  # ... and how many channels each of those rows read ("Head rows by channels read").
+  head_macs_run = sum(
+      int(rows) * head_macs(int(width))
+      for line in re.findall(r'Head rows by channels read[^:]*: ([\d: ]+)', stderr)
+      for width, rows in re.findall(r'(\d+):(\d+)', line))
   return {'wall': wall, 'rss_mb': usage.ru_maxrss / 1024, 'stdout': stdout,
           'load': (load_before, os.getloadavg()[0]), 'head_rows': head_rows or None,
+          'head_macs': head_macs_run or None,
           'sweep': float(sweep.group(1)) if sweep else None}
 
 
@@ -255,9 +268,13 @@ def every_level_macs(counts: dict[str, int]) -> int:
   return (FEATURE_MACS * sum(counts.values()) + HEAD_MACS * (LEVELS * valid + TEST_LEVELS * test))
 
 
-def job_macs(counts: dict[str, int], head_rows: int) -> int:
-  """Multiply-adds the job's method does: features once, the head on the pairs it logged."""
-  return FEATURE_MACS * sum(counts.values()) + HEAD_MACS * head_rows
+def job_macs(counts: dict[str, int], job: dict) -> int:
+  """Multiply-adds the job's method does: features once, the head on the pairs it logged.
+
+  Each row's head at the width it logged, or at full width if the job logs no widths.
+  """
+  head = job['head_macs'] or HEAD_MACS * job['head_rows']
+  return FEATURE_MACS * sum(counts.values()) + head
 
 
 def print_table(size: int, counts: dict[str, int], job: dict, keras_s: float | None,
@@ -280,12 +297,13 @@ def print_table(size: int, counts: dict[str, int], job: dict, keras_s: float | N
        f'{full / 1e9:,.0f} GMAC ({full / gmacs / 1e9:.1f} s at {gmacs:.1f} GMAC/s)'),
   ]
   if job['head_rows']:
-    macs = job_macs(counts, job['head_rows'])
+    macs = job_macs(counts, job)
     rows += [
         (f'head rows the job ran (image, level pairs; all levels: '
          f'{LEVELS * valid + TEST_LEVELS * (sum(counts.values()) - valid):,})',
          f'{job["head_rows"]:,}'),
-        ("multiply-adds of the job's method (features once + those head rows)",
+        ("multiply-adds of the job's method (features once + those head rows, each at "
+         "the channels it read)",
          f'{macs / 1e9:,.0f} GMAC'),
         # What this machine's matmul rate allows for that work: compute only, no loading.
         (f'arithmetic floor, those at {gmacs:.1f} GMAC/s', f'{macs / gmacs / 1e9:.1f} s'),

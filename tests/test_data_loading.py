@@ -268,3 +268,50 @@ def test_loading_never_holds_a_second_full_size_copy(late_fraction, tmp_path, mo
     assert images.dtype == np.float32
     assert peak < 4 * uint8_bytes + uint8_bytes + 3 * chunk_bytes, peak
   assert peak < 0.75 * pixels.nbytes  # well under the float64 file's size
+
+
+# --- reading in chunks (what the prune job streams into its feature pass) ---
+
+
+@pytest.mark.parametrize('rows', [None, (0, 600), (7, 593), (590, 600)])
+@pytest.mark.parametrize('chunk_size', [1, 16, 512, 1000])
+def test_chunks_are_the_full_load_in_order(late_fraction, rows, chunk_size):
+  """Concatenated, the chunks are load_csaw_h5's images (values and dtype per chunk)."""
+  path, pixels, labels = late_fraction
+  opened = data.iter_csaw_h5(path, NUM_CLASSES, rows=rows, chunk_size=chunk_size)
+  start, stop = rows or (0, len(pixels))
+  np.testing.assert_array_equal(opened.labels, labels[start:stop].astype(np.int32))
+  assert len(opened) == stop - start
+  chunks = list(opened.chunks)
+  assert [len(chunk) for chunk in chunks[:-1]] == [chunk_size] * (len(chunks) - 1)
+  assert 0 < len(chunks[-1]) <= chunk_size
+  # Each chunk is uint8 unless it holds a fractional value, then the file's values as float32.
+  for chunk in chunks:
+    assert chunk.dtype == (np.float32 if (chunk != np.round(chunk)).any() else np.uint8)
+  _assert_identical(np.concatenate([c.astype(np.float32) for c in chunks]),
+                    _expected(pixels[start:stop]))
+
+
+@pytest.mark.parametrize('name', BAD_DATA_FILES)
+def test_chunks_refuse_what_load_refuses_with_the_same_message(tmp_path, name):
+  """Layout, label and pixel errors: iter_csaw_h5 (opening, then reading) says what load_csaw_h5 says."""
+  datasets, message = BAD_DATA_FILES[name]
+  path = tmp_path / f'{name}.h5'
+  if datasets is not None:
+    _h5(path, **datasets)
+  with pytest.raises(DataError, match=message) as loading:
+    data.load_csaw_h5(path, NUM_CLASSES)
+  with pytest.raises(DataError) as streaming:
+    list(data.iter_csaw_h5(path, NUM_CLASSES, chunk_size=2).chunks)
+  assert str(streaming.value) == str(loading.value)
+
+
+def test_a_bad_value_in_a_late_chunk_is_raised_when_reached(tmp_path):
+  pixels = _integers(40)
+  pixels[33, 2, 7, 7] = np.nan
+  path = _h5(tmp_path / 'late_nan.h5', data=pixels, label=np.zeros(40))
+  chunks = data.iter_csaw_h5(path, chunk_size=16).chunks
+  assert len(next(chunks)) == len(next(chunks)) == 16  # rows 0..31 are fine
+  with pytest.raises(DataError, match=re.escape(f'{path}: dataset "data" holds NaN or inf '
+                                                '(first in image 33)')):
+    next(chunks)

@@ -3,8 +3,12 @@
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
+import threading
+import time
+import tracemalloc
 
 import h5py
 import ml_collections
@@ -12,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from badnet import data, evaluate, goodnet, keras_io, model, prune
+from badnet import data, evaluate, goodnet, keras_io, model, prune, sweep
 from badnet.errors import ConfigError, DataError, ModelFileError, WorkdirError
 from badnet.jobs import prune as prune_job
 from configs import prune as prune_config
@@ -174,3 +178,85 @@ def test_default_prune_job_runs_on_the_shipped_benchmark(tmp_path):
     entry = results['thresholds'][x]
     assert entry['reached'] and (tmp_path / 'run' / entry['model_file']).is_file()
   assert (tmp_path / 'run' / 'plots' / 'sweep.png').is_file()
+
+
+# --- the prune job reads each file in chunks straight into its feature pass ---
+
+
+def _paths(folder) -> dict:
+  return {key: folder / relative for key, relative in prune_job.common.CSAW_FILES.items()}
+
+
+def _observe(paths, params, batch_size, keep_images=False):
+  config = prune_config.get_config()
+  config.batch_size = batch_size
+  counts = {key: data.csaw_length(path) for key, path in paths.items()}
+  return prune_job._load_and_observe(paths, counts, params, NUM_CLASSES, keep_images, config)
+
+
+def test_streamed_features_equal_those_of_the_whole_files(world):
+  """Chunks of 48 (partial last chunks, 120 and 60 images): bit for bit the whole-file pass."""
+  root, params = world
+  paths = _paths(root / 'data')
+  splits, labels, features = _observe(paths, params, batch_size=48)
+  assert splits == {}  # nothing kept: the images are dropped chunk by chunk
+  for key, path in paths.items():
+    whole = data.load_csaw_h5(path, NUM_CLASSES)
+    np.testing.assert_array_equal(labels[key], whole.labels)
+    expected = sweep.features(params, whole.images, batch_size=48)
+    assert features[key].pool_3.tobytes() == expected.pool_3.tobytes(), key
+    assert features[key].channel_means.tobytes() == expected.channel_means.tobytes(), key
+
+
+def _blended_copy(world_root, folder):
+  """The world's data with fractional pixels (float32 images on loading), 300 clean valid images."""
+  for key, relative in prune_job.common.CSAW_FILES.items():
+    whole = data.load_csaw_h5(world_root / 'data' / relative)
+    images = np.concatenate([whole.images] * (5 if key == 'clean_valid' else 1))
+    labels = np.concatenate([whole.labels] * (5 if key == 'clean_valid' else 1))
+    target = folder / relative
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(target, 'w') as handle:
+      handle['data'] = images.transpose(0, 3, 1, 2).astype(np.float64) * 0.75 + 0.25
+      handle['label'] = labels.astype(np.float64)
+  return _paths(folder)
+
+
+def test_streaming_never_holds_a_files_images(world, tmp_path):
+  """Peak host memory stays well under one file's float32 images."""
+  root, params = world
+  paths = _blended_copy(root, tmp_path)
+  _observe(paths, params, batch_size=16)  # compile first: tracemalloc sees only the job's arrays
+  whole_valid = 600 * 55 * 47 * 3 * 4  # bytes of clean valid's images as float32
+  tracemalloc.start()
+  try:
+    _, _, features = _observe(paths, params, batch_size=16)
+    peak = tracemalloc.get_traced_memory()[1]
+  finally:
+    tracemalloc.stop()
+  assert len(features['clean_valid'].pool_3) == 600
+  # The features (4.8 KB an image, twice while a file's pieces are joined) and a few
+  # chunks; a whole file's float32 images (31 KB an image) would not fit.
+  assert peak < 0.6 * whole_valid, peak
+  # Keeping the images (fine-pruning) holds them, which this bound would catch.
+  tracemalloc.start()
+  try:
+    _observe(paths, params, batch_size=16, keep_images=True)
+    assert tracemalloc.get_traced_memory()[1] > whole_valid
+  finally:
+    tracemalloc.stop()
+
+
+def test_a_bad_chunk_in_a_later_file_stops_streaming_with_its_message(world, tmp_path):
+  root, params = world
+  paths = _blended_copy(root, tmp_path)
+  with h5py.File(paths['poisoned_valid'], 'r+') as handle:
+    handle['data'][50, 1, 20, 20] = np.nan
+  threads = threading.active_count()
+  with pytest.raises(DataError, match=re.escape(
+      f'{paths["poisoned_valid"]}: dataset "data" holds NaN or inf (first in image 50)')):
+    _observe(paths, params, batch_size=16)
+  deadline = time.monotonic() + 10
+  while threading.active_count() > threads and time.monotonic() < deadline:
+    time.sleep(0.01)
+  assert threading.active_count() == threads  # the reader thread has ended

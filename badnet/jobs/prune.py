@@ -3,6 +3,8 @@
 import concurrent.futures
 import dataclasses
 import pathlib
+import queue
+import threading
 import time
 
 from absl import logging
@@ -175,8 +177,12 @@ def _load_and_observe(paths, counts, params, num_classes, keep_images, config):
   """This process's rows of each file: (data sets if kept, labels, features), by file key.
 
   One pass of conv_1..pool_3 per file: the ranking, the sweep and the test
-  figures share it. The next file loads (a thread) while the device works.
+  figures share it. Files are read by a thread while the device works: in
+  chunks straight into the feature pass, or whole when ``keep_images``.
   """
+  if not keep_images:
+    labels, features = _stream_and_observe(paths, counts, params, num_classes, config)
+    return {}, labels, features
   splits, labels, features = {}, {}, {}
   loader = concurrent.futures.ThreadPoolExecutor(1)
   try:
@@ -193,6 +199,66 @@ def _load_and_observe(paths, counts, params, num_classes, keep_images, config):
   finally:
     loader.shutdown(wait=False, cancel_futures=True)
   return splits, labels, features
+
+
+def _stream_and_observe(paths, counts, params, num_classes, config):
+  """Features of this process's rows of each file, computed chunk by chunk as a thread reads them.
+
+  No file's images are ever held whole: at most a few chunks wait in the
+  queue (``_read_chunks``), so memory stays at the features (4.8 KB an image).
+  """
+  chunks = queue.Queue(maxsize=4)
+  stop = threading.Event()
+  reader = threading.Thread(target=_read_chunks, daemon=True,
+                            args=(paths, counts, num_classes, config.batch_size, chunks, stop))
+  reader.start()
+  labels, features = {}, {}
+  try:
+    for key in paths:
+      pieces = []
+      while True:
+        kind, item = chunks.get()
+        if kind == 'error':
+          raise item
+        if kind == 'end':
+          break
+        if kind == 'labels':
+          labels[key] = item
+        else:
+          pieces.append(sweep.features(params, item, config.batch_size, config.precision,
+                                       fixed_batch=True))
+      features[key] = sweep.concatenate(pieces)
+  finally:
+    stop.set()
+    while reader.is_alive():  # unblock a reader waiting on a full queue
+      try:
+        chunks.get_nowait()
+      except queue.Empty:
+        reader.join(0.01)
+  return labels, features
+
+
+def _read_chunks(paths, counts, num_classes, batch_size, chunks, stop):
+  """Puts ('labels', ...), then ('images', chunk) for each validated chunk, then ('end', None) on ``chunks``, file by file.
+
+  An error (a DataError naming the file, or any other) goes on the queue as
+  ('error', error) for the consumer to raise.
+  """
+  try:
+    for key, path in paths.items():
+      rows = None if jax.process_count() == 1 else distributed.row_range(counts[key])
+      if rows is not None and counts[key] < jax.process_count():
+        raise DataError(f'{path}: {counts[key]} images, fewer than the {jax.process_count()} '
+                        f'processes that share them')
+      opened = data.iter_csaw_h5(path, num_classes, rows=rows, chunk_size=batch_size)
+      chunks.put(('labels', opened.labels))
+      for chunk in opened.chunks:
+        if stop.is_set():
+          return
+        chunks.put(('images', chunk))
+      chunks.put(('end', None))
+  except BaseException as error:  # handed to the consumer, which raises it
+    chunks.put(('error', error))
 
 
 def _say(line: str) -> None:
