@@ -108,3 +108,59 @@ def test_every_layer_runs_at_the_requested_precision():
       assert tuple(eqn.params['precision']) == (expected, expected), eqn
   with pytest.raises(ValueError, match='unknown precision'):
     model.check_precision('tf32')
+
+
+# --- narrow heads: each row reads only the live channels its level keeps ---
+
+
+def test_head_widths():
+  assert sweep.head_widths(60) == (8, 16, 32, 60)
+  assert sweep.head_widths(20) == (8, 16, 20)
+  assert sweep.head_widths(6) == (6,)
+
+
+def test_a_narrow_head_gives_the_full_heads_logits_when_the_rest_is_zero():
+  """narrow_params + the channels' slice of pool_3 = the full head on pool_3 with the others zeroed."""
+  params = helpers.random_params(NUM_CLASSES, seed=2)
+  rng = np.random.default_rng(0)
+  pool_3 = rng.gamma(1.0, 3.0, (64, 5, 4, 60)).astype(np.float32)
+  channels = rng.permutation(60)[:16]
+  kept = np.zeros(60, np.float32)
+  kept[channels] = 1
+  masks = (rng.random((64, 16)) < 0.7).astype(np.float32)
+  full_masks = np.zeros((64, 60), np.float32)
+  full_masks[:, channels] = masks
+  narrow = sweep.head_logits(sweep.narrow_params(params, channels), pool_3[..., channels], masks)
+  full = sweep.head_logits(params, pool_3, full_masks)
+  np.testing.assert_allclose(narrow, full, rtol=1e-4, atol=1e-3 * np.abs(full).max())
+  np.testing.assert_array_equal(np.argmax(narrow, -1), np.argmax(full, -1))
+  # The same with the other channels merely zero (no mask): what the sweep relies on.
+  zeroed = sweep.head_logits(params, pool_3 * kept, np.ones(60, np.float32))
+  np.testing.assert_allclose(sweep.head_logits(sweep.narrow_params(params, channels),
+                                               pool_3[..., channels], np.ones(16, np.float32)),
+                             zeroed, rtol=1e-4, atol=1e-3 * np.abs(zeroed).max())
+
+
+def test_the_sparse_net_sweep_runs_every_head_width(sparse_net, caplog):
+  """The equality tests above cover all four widths, not only the full one."""
+  params, _, features = sparse_net
+  order = prune.pruning_order(features.mean_activations(), 'increasing')
+  with caplog.at_level('INFO'):
+    sweep.prefix_classes(params, features.pool_3, order, batch_size=64)
+  line, = [r.getMessage() for r in caplog.records if 'by channels read' in r.getMessage()]
+  counts = dict(pair.split(':') for pair in line.rstrip('.').split(': ', 1)[1].split())
+  assert set(counts) == {'8', '16', '32', '60'}
+  assert all(int(rows) > 0 for rows in counts.values()), line
+
+
+def test_a_file_with_every_channel_dead_sweeps_like_the_naive_loop(sparse_net):
+  """No live channel: every head reads zeros, as the naive loop's net sees them."""
+  params, images, _ = sparse_net
+  bias = np.full(60, -1e6, np.float32)  # relu(conv_3 - 1e6) = 0 everywhere
+  dead = {**params, 'conv_3': {**params['conv_3'], 'bias': bias}}
+  features = sweep.features(dead, images[:40], batch_size=40)
+  assert not features.active().any()
+  order = np.random.default_rng(1).permutation(60)
+  classes = sweep.prefix_classes(dead, features.pool_3, order, batch_size=16)
+  naive = evaluate.predict(dead, images[:40], batch_size=40)
+  np.testing.assert_array_equal(classes, np.repeat(naive[:, None], 61, axis=1))
