@@ -94,11 +94,13 @@ def _to_uint8(path: str, chunk: np.ndarray, start: int) -> tuple[np.ndarray | No
   _check_pixel_dtype(path, chunk.dtype)
   # The common case first, in two passes: a chunk equals its uint8 cast exactly
   # when every value is an integer in 0..255 (NaN, inf and anything out of
-  # range cast to something else, hence the silenced warning).
+  # range cast to something else, hence the silenced warning). A blended file
+  # shows fractions in a chunk's first image already: no need to try then.
   with np.errstate(invalid='ignore'):
-    as_uint8 = chunk.astype(np.uint8)
-  if np.array_equal(as_uint8, chunk):
-    return as_uint8, float(as_uint8.max(initial=0))
+    if np.array_equal(chunk[0].astype(np.uint8), chunk[0]):
+      as_uint8 = chunk.astype(np.uint8)
+      if np.array_equal(as_uint8, chunk):
+        return as_uint8, float(as_uint8.max(initial=0))
   low, high = chunk.min(), chunk.max()
   if not (low >= 0 and high <= 255):  # NaN fails both comparisons
     if np.issubdtype(chunk.dtype, np.floating):
@@ -234,8 +236,11 @@ def _chunks(path: str, start: int, stop: int, chunk_size: int) -> Iterator[np.nd
       as_uint8, chunk_max = _to_uint8(path, chunk, first)
       highest = max(highest, chunk_max)
       fractional |= as_uint8 is None
-      values = chunk.astype(np.float32) if as_uint8 is None else as_uint8
-      yield values.transpose(0, 2, 3, 1) if layout == 'nchw' else values
+      values = chunk if as_uint8 is None else as_uint8
+      # One pass to a contiguous NHWC array (converting to float32 on the way).
+      nhwc = np.empty((len(values), *IMAGE_SHAPE), np.float32 if as_uint8 is None else np.uint8)
+      nhwc[...] = values.transpose(0, 2, 3, 1) if layout == 'nchw' else values
+      yield nhwc
   if fractional and highest <= 1:
     raise DataError(f'{path}: dataset "data" holds fractional values, all in [0, 1]: '
                     f'normalised pixels? The nets take raw pixel values 0..255')
