@@ -10,7 +10,7 @@ import pytest
 
 from badnet import data
 from badnet.errors import DataError
-from tests.test_validation import BAD_DATA_FILES, NUM_CLASSES
+from tests.test_validation import BAD_DATA_FILES, NUM_CLASSES, bad_data_file
 
 # Values a blended trigger leaves: exact in float32 (12.25, 254.999 is not), and
 # float64 values with no exact float32 (0.1, 1/3, 254.99999999999997 -> 255.0).
@@ -210,10 +210,7 @@ METADATA_PROBLEMS = ('missing', 'no_data', 'no_label', 'label_is_group', 'rank_3
 @pytest.mark.parametrize('name', BAD_DATA_FILES)
 def test_csaw_length_refuses_a_bad_layout_with_load_csaw_h5s_message(tmp_path, name):
   """Layout problems: the very message load_csaw_h5 gives. Bad values: not read, so N."""
-  datasets, message = BAD_DATA_FILES[name]
-  path = tmp_path / f'{name}.h5'
-  if datasets is not None:
-    _h5(path, **datasets)
+  path, message = bad_data_file(tmp_path, name)
   with pytest.raises(DataError) as loading:
     data.load_csaw_h5(path, num_classes=NUM_CLASSES)
   if name in METADATA_PROBLEMS:
@@ -295,10 +292,7 @@ def test_chunks_are_the_full_load_in_order(late_fraction, rows, chunk_size):
 @pytest.mark.parametrize('name', BAD_DATA_FILES)
 def test_chunks_refuse_what_load_refuses_with_the_same_message(tmp_path, name):
   """Layout, label and pixel errors: iter_csaw_h5 (opening, then reading) says what load_csaw_h5 says."""
-  datasets, message = BAD_DATA_FILES[name]
-  path = tmp_path / f'{name}.h5'
-  if datasets is not None:
-    _h5(path, **datasets)
+  path, message = bad_data_file(tmp_path, name)
   with pytest.raises(DataError, match=message) as loading:
     data.load_csaw_h5(path, NUM_CLASSES)
   with pytest.raises(DataError) as streaming:

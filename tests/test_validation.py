@@ -116,13 +116,19 @@ BAD_DATA_FILES = {
 }
 
 
+def bad_data_file(folder: pathlib.Path, name: str) -> tuple[pathlib.Path, str]:
+  """The file BAD_DATA_FILES[name] describes, written under ``folder`` (absent for 'missing'), and its message."""
+  datasets, message = BAD_DATA_FILES[name]
+  path = folder / f'{name}.h5'
+  if datasets is not None:
+    _h5(path, **datasets)
+  return path, message
+
+
 @pytest.mark.parametrize('name', BAD_DATA_FILES)
 def test_bad_data_file_gets_its_message(tmp_path, name):
   """Each malformed CSAW file raises DataError: the path, then what is wrong with it."""
-  datasets, message = BAD_DATA_FILES[name]
-  path = tmp_path / f'{name}.h5'
-  if datasets is not None:
-    _h5(path, **datasets)
+  path, message = bad_data_file(tmp_path, name)
   with pytest.raises(DataError, match=message) as caught:
     data.load_csaw_h5(path, num_classes=NUM_CLASSES)
   assert str(caught.value).startswith(f'{path}: ')

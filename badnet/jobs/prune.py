@@ -99,14 +99,19 @@ class Defence:
   results: dict                     # what results.json holds
 
 
-def _load_share(path: pathlib.Path, count: int, num_classes: int) -> data.Dataset:
-  """This process's rows of a data file of ``count`` rows (all of them on one process)."""
+def _share(path: pathlib.Path, count: int) -> tuple[int, int] | None:
+  """This process's rows of a data file of ``count`` rows (None: all, on one process)."""
   if jax.process_count() == 1:
-    return data.load_csaw_h5(path, num_classes)
+    return None
   if count < jax.process_count():
     raise DataError(f'{path}: {count} images, fewer than the {jax.process_count()} processes '
                     f'that share them')
-  return data.load_csaw_h5(path, num_classes, rows=distributed.row_range(count))
+  return distributed.row_range(count)
+
+
+def _load_share(path: pathlib.Path, count: int, num_classes: int) -> data.Dataset:
+  """This process's rows of a data file of ``count`` rows, loaded whole."""
+  return data.load_csaw_h5(path, num_classes, rows=_share(path, count))
 
 
 def defend(config: ml_collections.ConfigDict, out: pathlib.Path,
@@ -207,6 +212,7 @@ def _stream_and_observe(paths, counts, params, num_classes, config):
   No file's images are ever held whole: at most a few chunks wait in the
   queue (``_read_chunks``), so memory stays at the features (4.8 KB an image).
   """
+  params = evaluate.replicate(params)  # once, not for every chunk's map_batches
   chunks = queue.Queue(maxsize=4)
   stop = threading.Event()
   reader = threading.Thread(target=_read_chunks, daemon=True,
@@ -246,11 +252,8 @@ def _read_chunks(paths, counts, num_classes, batch_size, chunks, stop):
   """
   try:
     for key, path in paths.items():
-      rows = None if jax.process_count() == 1 else distributed.row_range(counts[key])
-      if rows is not None and counts[key] < jax.process_count():
-        raise DataError(f'{path}: {counts[key]} images, fewer than the {jax.process_count()} '
-                        f'processes that share them')
-      opened = data.iter_csaw_h5(path, num_classes, rows=rows, chunk_size=batch_size)
+      opened = data.iter_csaw_h5(path, num_classes, rows=_share(path, counts[key]),
+                                 chunk_size=batch_size)
       chunks.put(('labels', opened.labels))
       for chunk in opened.chunks:
         if stop.is_set():
