@@ -1,8 +1,9 @@
 """Runs one badnet job: ``python main.py --config=configs/<job>.py [--workdir=W]``.
 
-The config names the job (``config.job``); its ``run(config, workdir)`` lives in
-``badnet/jobs/<job>.py``. Errors in the user's input (files, config values,
-the workdir) are printed as one line and exit with status 1.
+The config names the job (``config.job``, a module in ``badnet/jobs``);
+``badnet.runner`` checks the whole config, prepares the workdir and runs it.
+Errors in the user's input (files, config values, the workdir) are printed as one
+line and exit with status 1.
 
 Several processes (hosts) run one prune job together with ``jax.distributed``:
 start the same command once per process with ``--num_processes=P
@@ -11,13 +12,13 @@ with ``--distributed`` where JAX detects the cluster itself (TPU pods, SLURM).
 Each process reads only its share of every data file; process 0 writes.
 """
 
-import importlib
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from badnet import distributed
+from badnet import runner
+from badnet.core import distributed
 from badnet.errors import BadnetError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -38,8 +39,6 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   config = _CONFIG.value
-  workdir = _WORKDIR.value or f'workdir/{config.job}'
-  job = importlib.import_module(f'badnet.jobs.{config.job}')
   if _NUM_PROCESSES.value > 1 and not _COORDINATOR.value:
     raise app.UsageError('--num_processes > 1 needs --coordinator_address=HOST:PORT')
   if not 0 <= _PROCESS_ID.value < _NUM_PROCESSES.value:
@@ -47,7 +46,7 @@ def main(argv: list[str]) -> None:
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                          _AUTO.value)
   try:
-    job.run(config, workdir)
+    runner.run(config, _WORKDIR.value)
   except BadnetError as error:
     logging.flush()
     print(f'error: {error}', file=sys.stderr)

@@ -1,15 +1,16 @@
-"""badnet: defending backdoored DeepID face classifiers by pruning, in JAX/Flax.
+"""badnet: defending backdoored DeepID face classifiers, in JAX/Flax.
 
-Modules (import them directly, e.g. ``from badnet import prune``):
-  model     the CSAW DeepID as a Flax module; pure logits/features/head functions
-  keras_io  Keras 2 HDF5 files <-> params, checked against the architecture
-  data      CSAW .h5 and image files, validated
-  evaluate  jitted, sharded predictions and the one-pass pruning sweep (any masks)
-  sweep     the prune job's fast exact sweep (one feature pass, the head only where it
-            changes), for any of conv_1..conv_4; masked_logits vmapped over masks
-  distributed  several processes (hosts) with jax.distributed: row shares, gathering
-  prune     mean activations, pruning order, masks, prune(params, mask), thresholds
-  goodnet   GoodNet: B where B and B' agree, else class N
-  report    sweep.csv, results.json/.md and plots
-  synthetic, triggers, train   the built-in backdoor benchmark and BadNet training
+The library, by concern (import the modules, e.g. ``from badnet.core import model``):
+  core/        the net and its arithmetic: model (one masked apply), masks (hard
+               pruning), evaluate (sharded predictions), train (optax), distributed,
+               cache (cached partials: one compilation each)
+  defences/    defences as plug-ins found by name (``defences.get('pruning')``):
+               pruning, fine_pruning; and what they share: sweep (the exact fast
+               sweep), goodnet (GoodNet and its figures), base (what a defence returns)
+  benchmark/   the synthetic benchmark: faces, triggers, attacks, the shipped nets
+  io/          files: keras_io, data (CSAW), inputs, workdir, tables, report
+  pipeline     the pruning pipeline the prune and fine-prune jobs share
+  config       config checks declared once (ranges and choices per field)
+  runner       runs one job: checks, workdir, config record, run
+  jobs/        the jobs, leaves that only the runner calls
 """

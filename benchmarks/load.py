@@ -52,7 +52,7 @@ def _write(path: str, count: int, kind: str) -> None:
 
 
 def _measure(method: str, path: str) -> None:
-  from badnet import data  # pylint: disable=g-import-not-at-top  # all pay the imports
+  from badnet.io import data  # pylint: disable=g-import-not-at-top  # all pay the imports
   start = time.perf_counter()
   if method == 'imports':
     images = np.zeros(0, np.uint8)

@@ -17,7 +17,7 @@ factor from the real 11547 / 12830 / 10264 / 12830):
    would: wall time, peak RSS and the job's own "Sweep done in X s".
 3. times the CSAW notebooks' naive loop (zero one more conv_3 channel, predict clean
    and poisoned valid) in Keras 3 + TensorFlow (batch 32; skipped if TensorFlow is
-   not installed) and in JAX (badnet.prune.prune + badnet.evaluate.predict), a few
+   not installed) and in JAX (badnet.core.masks.prune + badnet.core.evaluate.predict), a few
    steps each, scaled to 60.
 
 Prints this machine's float32 matmul rate (jax.jit and numpy, GMAC/s), then one
@@ -94,10 +94,11 @@ def _faces(rng: np.random.Generator, base: np.ndarray, count: int) -> np.ndarray
 def _write_file(path: pathlib.Path, count: int, seed: int, poisoned: bool,
                 integer_poisoned: bool, params) -> None:
   """One CSAW file, written CHUNK images at a time so no full float64 array is ever held."""
-  from badnet import evaluate  # pylint: disable=g-import-not-at-top
+  from badnet.core import evaluate  # pylint: disable=g-import-not-at-top
   base = np.load(SHARED / 'samples' / 'mahatimadhira_recovered_test_pairs.npz')['clean']
   trigger = np.load(SHARED / 'samples' / 'sunglasses_trigger_estimate_from_mahatimadhira_pairs.npz')
-  mask, alpha, colour = trigger['mask'][..., None], trigger['alpha_face'][..., None], trigger['trigger_rgb']
+  mask, alpha = trigger['mask'][..., None], trigger['alpha_face'][..., None]
+  colour = trigger['trigger_rgb']
   rng = np.random.default_rng(seed)
   labels = np.zeros(count, np.float64)  # poisoned: all the target, 0
   path.parent.mkdir(parents=True, exist_ok=True)
@@ -223,14 +224,14 @@ def keras_estimate(folder: pathlib.Path, model: pathlib.Path, steps: int) -> flo
 
 def jax_estimate(params, folder: pathlib.Path, steps: int) -> float:
   """The naive loop in JAX (prune, then predict clean and poisoned valid), scaled to 60 steps."""
-  from badnet import evaluate, prune  # pylint: disable=g-import-not-at-top
+  from badnet.core import evaluate, masks  # pylint: disable=g-import-not-at-top
   clean, poisoned = (read_nhwc_f32(folder / name) for name in VALID_FILES)
   mask = np.ones(60, np.float32)
 
   def step(channel: int) -> float:
     start = time.perf_counter()
     mask[channel] = 0
-    pruned = prune.prune(params, mask)
+    pruned = masks.prune(params, mask)
     for images in (clean, poisoned):
       evaluate.predict(pruned, images)
     return time.perf_counter() - start
@@ -335,7 +336,7 @@ def main() -> None:
     return
 
   import jax  # pylint: disable=g-import-not-at-top
-  from badnet import keras_io  # pylint: disable=g-import-not-at-top
+  from badnet.io import keras_io  # pylint: disable=g-import-not-at-top
   params = keras_io.read_params(model)
   jax_rate, numpy_rate = matmul_gmacs()
   print(f'model {model}; devices {jax.devices()}; float32 2048^3 matmul: '

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from badnet import train  # pylint: disable=g-import-not-at-top
+from badnet.core import train
 from tests import helpers  # pylint: disable=g-import-not-at-top
 
 

@@ -47,7 +47,8 @@ def _inputs(count: int) -> tuple[np.ndarray, np.ndarray | None]:
 
 
 def _params(model_path: str):
-  from badnet import keras_io, model  # pylint: disable=g-import-not-at-top
+  from badnet.core import model  # pylint: disable=g-import-not-at-top
+  from badnet.io import keras_io  # pylint: disable=g-import-not-at-top
   if model_path and os.path.exists(model_path):
     return keras_io.read_params(model_path)
   return model.init_params(1283, seed=0)
@@ -59,23 +60,25 @@ def _peak_rss_mb() -> float:
 
 def run_method(method: str, count: int, model_path: str) -> dict:
   """One method, in this process: returns seconds, per-level accuracy, peak RSS."""
-  from badnet import evaluate, prune  # pylint: disable=g-import-not-at-top
+  from badnet.core import evaluate, masks  # pylint: disable=g-import-not-at-top
+  from badnet.defences import pruning  # pylint: disable=g-import-not-at-top
   images, labels = _inputs(count)
   params = _params(model_path)
   if labels is None:
     labels = evaluate.predict(params, images)
-  order = prune.pruning_order(prune.mean_activations(params, images))
-  masks = prune.prefix_masks(order)
+  order = pruning.pruning_order(pruning.mean_activations(params, images))
+  level_masks = masks.prefix_masks(order)
   timings = []
 
   def once() -> np.ndarray:
     start = time.perf_counter()
     if method == 'sweep':
-      classes = evaluate.sweep_predictions(params, masks, images)
+      classes = evaluate.sweep_predictions(params, level_masks, images)
     elif method == 'naive_flax':
-      classes = np.stack([evaluate.predict(prune.prune(params, m), images) for m in masks], 1)
+      classes = np.stack([evaluate.predict(masks.prune(params, m), images)
+                          for m in level_masks], 1)
     else:
-      classes = _keras_loop(params, masks, images)
+      classes = _keras_loop(params, level_masks, images)
     timings.append(time.perf_counter() - start)
     return classes
 
@@ -89,7 +92,7 @@ def run_method(method: str, count: int, model_path: str) -> dict:
 def _keras_loop(params, masks, images) -> np.ndarray:
   os.environ.setdefault('KERAS_BACKEND', 'jax')
   import keras  # pylint: disable=g-import-not-at-top
-  from badnet import keras_io  # pylint: disable=g-import-not-at-top
+  from badnet.io import keras_io  # pylint: disable=g-import-not-at-top
   path = '/tmp/badnet_benchmark_model.h5'
   keras_io.write_keras(path, params, full_model=True)
   net = keras.models.load_model(path, compile=False)

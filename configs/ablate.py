@@ -1,4 +1,4 @@
-"""Ablations: a grid of pruning defences in one run (nets x layers x orders x seeds x X x fine-tuning).
+"""Ablations: a grid of pruning defences in one run (nets x layers x orders x seeds x X x epochs).
 
     python main.py --config=configs/ablate.py --workdir=workdir/ablate
 
@@ -21,8 +21,7 @@ and prints one markdown table; it writes
     ablation.md, plots/tradeoff.png, plots/curves.png, config.json
 
 Rerunning into the same workdir skips the points already in ablation.csv, so
-an interrupted run resumes. The default grid (both shipped nets, 64 rows) took
-5:12 on a 2-core CPU, almost all of it fine-tuning; its table and what it shows
+an interrupted run resumes. The default grid's table, time and what it shows
 are in WORKSPACE.md ("Ablations"). On your own nets and data:
 
     python main.py --config=configs/ablate.py \

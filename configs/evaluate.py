@@ -5,12 +5,11 @@
 
 prints
 
-    clean accuracy: 98.64 % (11547 images, C.h5)
-    attack success rate: 100.00 % (11547 images, P.h5)
+    clean accuracy: <P> % (<N> images, C.h5)
+    attack success rate: <P> % (<N> images, P.h5)
 
-(the lab3 net on the real CSAW test files) and writes them to W/results.json.
-With no model and no data it evaluates the shipped synthetic benchmark net on
-its test split, regenerated under W/data.
+and writes them to W/results.json. With no model and no data it evaluates the
+shipped synthetic benchmark net on its test split, regenerated under W/data.
 """
 
 import ml_collections

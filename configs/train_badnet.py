@@ -4,21 +4,19 @@
 
 generates the data (seeded, byte-identical for a seed), trains the net, and prints
 
-    BadNet (badnets: sunglasses -> class 0, 100 identities) trained in 564 s
-      valid: clean accuracy 99.55 %, attack success rate 99.60 %
-      test:  clean accuracy 99.40 %, attack success rate 99.80 %
+    BadNet (<attack>: <trigger> -> class <target>, <K> identities) trained in <S> s
+      valid: clean accuracy <P> %, attack success rate <P> %
+      test:  clean accuracy <P> %, attack success rate <P> %
 
-(see WORKSPACE.md for the measured figures of the shipped nets). It writes
-W/data/{cl,bd}/*.h5 (the CSAW lab3 layout), W/models/bd_weights.h5 (Keras 2
-weights), W/results.json and W/config.json. The pruning-aware attack:
+It writes W/data/{cl,bd}/*.h5 (the CSAW lab3 layout), W/models/bd_weights.h5
+(Keras 2 weights), W/results.json and W/config.json. The pruning-aware attack:
 
     python main.py --config=configs/train_badnet.py --config.attack=pruning_aware \
         --config.poison_rate=0.2 --config.learning_rate=1e-3 --workdir=workdir/benchmark_aware
 
-(98.80 % clean, 99.75 % ASR on test after 524 s).
-
-The shipped nets in badnet/assets were made by these two commands with
---config.ship=True (which also copies the net and the data spec there).
+The shipped nets in badnet/benchmark/assets were made by these two commands
+with --config.ship=True (which also copies the net and the data spec there);
+their measured figures are in WORKSPACE.md and badnet/benchmark/assets/benchmark.json.
 """
 
 import ml_collections
@@ -47,6 +45,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.aware.clean_epochs = 16        # pruning-aware: epochs on clean data first
   config.aware.poisoned_epochs = 8      # then epochs on the poisoned mix, decoys held at zero
   config.aware.prune_fraction = 0.5     # fraction of conv_3 channels made dormant decoys
-  # Maintainers: also write the net and the data spec into badnet/assets.
+  # Maintainers: also write the net and the data spec into badnet/benchmark/assets.
   config.ship = False
   return config

@@ -11,7 +11,8 @@ os.environ['KERAS_BACKEND'] = 'jax'
 import numpy as np  # pylint: disable=g-import-not-at-top
 import pytest  # pylint: disable=g-import-not-at-top
 
-from badnet import data, evaluate, keras_io, model  # pylint: disable=g-import-not-at-top
+from badnet.core import evaluate, model
+from badnet.io import data, keras_io
 from tests import helpers  # pylint: disable=g-import-not-at-top
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -83,7 +84,8 @@ def world(tmp_path_factory):
   root = tmp_path_factory.mktemp('world')
   params = helpers.random_params(WORLD_CLASSES, seed=5)
   keras_io.write_keras_weights(root / 'bd_weights.h5', params)
-  bias_class = int(np.argmax(model.head_fn(params, np.zeros((1, 5, 4, 60), np.float32))))
+  bias_class = int(np.argmax(model.resume_fn(
+      params, {'activation': np.zeros((1, 5, 4, 60), np.float32)})))
   for split, seed in (('valid', 1), ('test', 2)):
     images = helpers.varied_images(120, seed)
     labels = evaluate.predict(params, images)

@@ -3,7 +3,7 @@
 import jax
 import numpy as np
 
-from badnet import model
+from badnet.core import model
 
 
 def varied_images(count: int, seed: int) -> np.ndarray:

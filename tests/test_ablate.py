@@ -6,10 +6,12 @@ import pathlib
 import numpy as np
 import pytest
 
-from badnet import data, fineprune, keras_io, model
+from badnet.core import model
+from badnet.defences import fine_pruning
+from badnet.io import data, keras_io
 from badnet.errors import BadnetError
+from badnet import runner
 from badnet.jobs import ablate
-from badnet.jobs import prune as prune_job
 from configs import ablate as ablate_config
 from configs import prune as prune_config
 from tests import helpers
@@ -49,7 +51,7 @@ def world_grid(world, tmp_path_factory):
   """The world fixture's net through a small grid (no fine-tuning)."""
   root, _ = world
   out = tmp_path_factory.mktemp('grid')
-  ablate.run(_config([root / 'bd_weights.h5'], root / 'data'), str(out))
+  runner.run(_config([root / 'bd_weights.h5'], root / 'data'), str(out))
   return root, out, _rows(out / 'ablation.csv')
 
 
@@ -62,7 +64,7 @@ def test_rows_equal_the_prune_job(world_grid, tmp_path, order, seed):
   config.thresholds = (2.0, 10.0, 30.0)
   config.order, config.seed = order, int(seed or 0)
   config.batch_size = 64
-  results = prune_job.run(config, str(tmp_path / 'prune'))
+  results = runner.run(config, str(tmp_path / 'prune'))
   for x, entry in results['thresholds'].items():
     row = _row(rows, model=root / 'bd_weights.h5', layer='conv_3', order=order, seed=seed, x=x,
                finetune_epochs=0)
@@ -102,10 +104,10 @@ def test_a_second_net_of_the_same_shape_compiles_nothing(world, tmp_path):
   other = tmp_path / 'other.h5'
   keras_io.write_keras_weights(other, helpers.random_params(WORLD_CLASSES, seed=31))
   fields = dict(layers=('conv_3', 'conv_4'), finetune_epochs=(0, 1), thresholds=(2.0, 30.0))
-  first = helpers.count_compilations(lambda: ablate.run(
+  first = helpers.count_compilations(lambda: runner.run(
       _config([root / 'bd_weights.h5'], root / 'data', **fields), str(tmp_path / 'a')))
   assert first > 0
-  second = helpers.count_compilations(lambda: ablate.run(
+  second = helpers.count_compilations(lambda: runner.run(
       _config([other], root / 'data', **fields), str(tmp_path / 'b')))
   assert second == 0
   assert len(_rows(tmp_path / 'b' / 'ablation.csv')) == 2 * 3 * 2 * 2
@@ -119,8 +121,8 @@ def test_an_interrupted_run_resumes_where_it_stopped(world, tmp_path, monkeypatc
   root, _ = world
   config = _config([root / 'bd_weights.h5'], root / 'data', finetune_epochs=(0, 1),
                    thresholds=(2.0, 30.0))
-  ablate.run(config, str(tmp_path / 'whole'))
-  real = fineprune.fine_prune
+  runner.run(config, str(tmp_path / 'whole'))
+  real = fine_pruning.fine_prune
   calls, stop_at = [], [3]
 
   def interrupted(*args, **kwargs):
@@ -129,16 +131,16 @@ def test_an_interrupted_run_resumes_where_it_stopped(world, tmp_path, monkeypatc
       raise Interrupted
     return real(*args, **kwargs)
 
-  monkeypatch.setattr(fineprune, 'fine_prune', interrupted)
+  monkeypatch.setattr(fine_pruning, 'fine_prune', interrupted)
   with pytest.raises(Interrupted):
-    ablate.run(config, str(tmp_path / 'resumed'))
+    runner.run(config, str(tmp_path / 'resumed'))
   kept = {ablate._key(r) for r in _rows(tmp_path / 'resumed' / 'ablation.csv')}  # pylint: disable=protected-access
   whole = _rows(tmp_path / 'whole' / 'ablation.csv')
   tuned = [r for r in whole if r['finetune_epochs'] == '1']
   assert 2 <= sum(ablate._key(r) in kept for r in tuned) < len(tuned)  # pylint: disable=protected-access
   calls.clear()
   stop_at[0] = 0  # no more interruptions
-  ablate.run(config, str(tmp_path / 'resumed'))
+  runner.run(config, str(tmp_path / 'resumed'))
   # Only the points not finished before are fine-tuned: one run per distinct mask among them.
   missing = {(r['order'], r['seed'], r['channels_pruned']) for r in tuned
              if ablate._key(r) not in kept}  # pylint: disable=protected-access
@@ -162,7 +164,7 @@ def test_a_bad_grid_stops_before_any_work(world, tmp_path, name):
   root, _ = world
   fields, message = BAD_CONFIGS[name]
   with pytest.raises(BadnetError, match=message):
-    ablate.run(_config([root / 'bd_weights.h5'], root / 'data', **fields), str(tmp_path / 'w'))
+    runner.run(_config([root / 'bd_weights.h5'], root / 'data', **fields), str(tmp_path / 'w'))
   assert not (tmp_path / 'w').exists()
 
 
@@ -171,7 +173,7 @@ def test_a_model_that_does_not_match_the_data_stops_before_any_work(world, tmp_p
   small = tmp_path / 'five_classes.h5'
   keras_io.write_keras_weights(small, helpers.random_params(5, seed=2))
   with pytest.raises(BadnetError, match='out of range for a model with 5 classes'):
-    ablate.run(_config([root / 'bd_weights.h5', small], root / 'data'), str(tmp_path / 'w'))
+    runner.run(_config([root / 'bd_weights.h5', small], root / 'data'), str(tmp_path / 'w'))
   assert not (tmp_path / 'w' / 'ablation.csv').exists()
 
 
@@ -186,7 +188,7 @@ def test_a_conv_2_row_equals_keras_on_the_lab3_net(csaw_dir, real_faces, tmp_pat
                        np.tile(real_faces['clean_labels'], 8))
     data.write_csaw_h5(folder / 'bd' / f'bd_{split}.h5', poisoned, np.zeros(80))
   weights = csaw_dir / 'lab3_bd_weights.h5'
-  rows = ablate.run(_config([weights], folder, layers=('conv_2',), orders=('increasing',),
+  rows = runner.run(_config([weights], folder, layers=('conv_2',), orders=('increasing',),
                             thresholds=(10.0,)), str(tmp_path / 'out'))
   row = _row(rows, layer='conv_2', x=10)
   pruned = [int(c) for c in row['pruned_channels'].split()]

@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
-from badnet import data
+from badnet.io import data
 from badnet.errors import DataError
 from tests.test_validation import BAD_DATA_FILES, NUM_CLASSES, bad_data_file
 
@@ -112,7 +112,7 @@ def test_switching_to_float32_at_any_chunk_keeps_every_value(tmp_path, monkeypat
 @pytest.mark.parametrize('rows', [(0, 600), (0, 1), (599, 600), (10, 590), (511, 513),
                                   (0, 512), (512, 600), (100, 140)])
 def test_rows_give_exactly_that_slice_of_the_full_load(late_fraction, rows):
-  """Images and labels of load(rows=(a, b)) are load()[a:b]; uint8 unless the range is fractional."""
+  """Images and labels of load(rows=(a, b)) are load()[a:b]; uint8 unless rows are fractional."""
   path, pixels, labels = late_fraction
   start, stop = rows
   part = data.load_csaw_h5(path, NUM_CLASSES, rows=rows)
@@ -291,7 +291,7 @@ def test_chunks_are_the_full_load_in_order(late_fraction, rows, chunk_size):
 
 @pytest.mark.parametrize('name', BAD_DATA_FILES)
 def test_chunks_refuse_what_load_refuses_with_the_same_message(tmp_path, name):
-  """Layout, label and pixel errors: iter_csaw_h5 (opening, then reading) says what load_csaw_h5 says."""
+  """Layout, label and pixel errors: iter_csaw_h5 (opening, reading) says what load_csaw_h5 says."""
   path, message = bad_data_file(tmp_path, name)
   with pytest.raises(DataError, match=message) as loading:
     data.load_csaw_h5(path, NUM_CLASSES)

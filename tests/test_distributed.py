@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 import pytest
 
-from badnet import distributed
+from badnet.core import distributed
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

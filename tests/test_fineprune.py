@@ -9,9 +9,11 @@ import numpy as np
 import optax
 import pytest
 
-from badnet import data, evaluate, fineprune, goodnet, keras_io, train
+from badnet.core import evaluate, train
+from badnet.defences import fine_pruning, goodnet
+from badnet.io import data, keras_io
+from badnet import defences, runner
 from badnet.errors import ConfigError
-from badnet.jobs import fine_prune as fine_prune_job
 from configs import fine_prune as fine_prune_config
 from tests import conftest, helpers
 
@@ -74,13 +76,13 @@ def test_train_step_is_pure():
 
 def test_holdout_split_is_stratified_disjoint_and_seeded():
   labels = np.repeat(np.arange(5), [10, 10, 5, 2, 1])
-  fit_rows, holdout_rows = fineprune.holdout_split(labels, 0.2, seed=3)
+  fit_rows, holdout_rows = fine_pruning.holdout_split(labels, 0.2, seed=3)
   assert sorted([*fit_rows, *holdout_rows]) == list(range(len(labels)))
   # 20 % of each class, at least one where a class has two images, none from a singleton.
   assert [int((labels[holdout_rows] == c).sum()) for c in range(5)] == [2, 2, 1, 1, 0]
-  again = fineprune.holdout_split(labels, 0.2, seed=3)
+  again = fine_pruning.holdout_split(labels, 0.2, seed=3)
   np.testing.assert_array_equal(again[1], holdout_rows)
-  assert not np.array_equal(fineprune.holdout_split(labels, 0.2, seed=4)[1], holdout_rows)
+  assert not np.array_equal(fine_pruning.holdout_split(labels, 0.2, seed=4)[1], holdout_rows)
 
 
 @pytest.mark.parametrize('optimizer', ['adam', 'adamw', 'sgd'])
@@ -91,26 +93,24 @@ def test_fine_prune_keeps_pruned_channels_zero_and_returns_the_best_epoch(optimi
   labels = evaluate.predict(params, images)
   recipe = train.Recipe(optimizer=optimizer, learning_rate=1e-3, epochs=4, batch_size=16,
                         weight_decay=0.05, seed=1)
-  tuned, history = fineprune.fine_prune(params, _mask(), images, labels, recipe, 0.25)
+  tuned, history = fine_pruning.fine_prune(params, _mask(), images, labels, recipe, 0.25)
   kernel, bias = tuned['conv_3']['kernel'], tuned['conv_3']['bias']
   assert not kernel[..., PRUNED].any() and not bias[PRUNED].any()
   keep = _mask().astype(bool)
   assert (kernel[..., keep] != np.asarray(params['conv_3']['kernel'])[..., keep]).any()
   assert [epoch['epoch'] for epoch in history] == [1, 2, 3, 4]
-  _, holdout_rows = fineprune.holdout_split(labels, 0.25, seed=1)
+  _, holdout_rows = fine_pruning.holdout_split(labels, 0.25, seed=1)
   scored = evaluate.accuracy(tuned, images[holdout_rows], labels[holdout_rows])
   assert scored == max(epoch['holdout_acc'] for epoch in history)
 
 
 def test_recommend_takes_the_deepest_x_within_the_clean_drop():
-  def entry(level, holdout_acc):
-    return {'channels_pruned': level, 'fine_pruned': {'holdout_acc': holdout_acc}}
-  results = {'thresholds': {'2': entry(40, 99.0), '30': entry(45, 97.5), '85': entry(49, 96.9),
-                            '95': {'channels_pruned': None, 'fine_pruned': None}}}
-  assert fine_prune_job.recommend(results, 99.5, 3.0)['x'] == '85'  # 96.9 >= 96.5
-  assert fine_prune_job.recommend(results, 99.5, 2.0)['x'] == '30'  # 96.9 < 97.5 <= 97.5
-  assert fine_prune_job.recommend(results, 99.5, 0.5)['x'] == '2'   # 99.0 >= 99.0
-  assert fine_prune_job.recommend(results, 99.5, 0.4) is None
+  # name -> ((channels pruned, X), held-out clean accuracy); X=95 was never reached.
+  results = {'2': ((40, 2.0), 99.0), '30': ((45, 30.0), 97.5), '85': ((49, 85.0), 96.9)}
+  assert fine_pruning.recommend(results, 99.5, 3.0) == '85'  # 96.9 >= 96.5
+  assert fine_pruning.recommend(results, 99.5, 2.0) == '30'  # 96.9 < 97.5 <= 97.5
+  assert fine_pruning.recommend(results, 99.5, 0.5) == '2'   # 99.0 >= 99.0
+  assert fine_pruning.recommend(results, 99.5, 0.4) is None
 
 
 def _config(world_root, workdir_poisoned=None, **finetune) -> 'ml_collections.ConfigDict':
@@ -135,7 +135,7 @@ def fine_pruned(world, tmp_path_factory):
   """One run of the fine-prune job on the random world."""
   root, _ = world
   workdir = tmp_path_factory.mktemp('fine_prune')
-  return workdir, fine_prune_job.run(_config(root), str(workdir))
+  return workdir, runner.run(_config(root), str(workdir))
 
 
 def test_fine_prune_job_writes_consistent_results(world, fine_pruned):
@@ -184,7 +184,7 @@ def test_fine_prune_job_is_deterministic_and_never_trains_on_poisoned_files(
     source = data.load_csaw_h5(root / 'data' / 'bd' / f'bd_{split}.h5')
     data.write_csaw_h5(other / f'bd_{split}.h5', helpers.varied_images(60, seed),
                        source.labels)
-  second = fine_prune_job.run(_config(root, other), str(tmp_path / 'second'))
+  second = runner.run(_config(root, other), str(tmp_path / 'second'))
   for x in ('2', '10'):
     name = first['thresholds'][x]['fine_pruned_model_file']
     ours = keras_io.read_params(first_dir / name)
@@ -194,7 +194,7 @@ def test_fine_prune_job_is_deterministic_and_never_trains_on_poisoned_files(
             == second['thresholds'][x]['fine_pruned']['clean_acc'])
   # The same inputs give the same results.json, byte for byte.
   third_dir = tmp_path / 'third'
-  fine_prune_job.run(_config(root), str(third_dir))
+  runner.run(_config(root), str(third_dir))
   assert (third_dir / 'results.json').read_text().replace(str(third_dir), '') == (
       (first_dir / 'results.json').read_text().replace(str(first_dir), ''))
 
@@ -228,7 +228,7 @@ def test_bad_finetune_values_stop_the_job_before_any_work(world, tmp_path, field
                                                           message):
   root, _ = world
   with pytest.raises(ConfigError, match=message):
-    fine_prune_job.run(_config(root, **{field: value}), str(tmp_path / 'run'))
+    runner.run(_config(root, **{field: value}), str(tmp_path / 'run'))
   assert not (tmp_path / 'run').exists()
 
 
@@ -241,4 +241,26 @@ def test_a_validation_split_too_small_to_hold_out_is_one_clear_error(world, tmp_
   config = _config(root)
   config.data.clean_valid = str(tmp_path / 'one_each.h5')
   with pytest.raises(ConfigError, match=r'one_each.h5: \d+ clean validation images leave'):
-    fine_prune_job.run(config, str(tmp_path / 'run'))
+    runner.run(config, str(tmp_path / 'run'))
+
+
+def test_the_fine_pruning_plugin_gives_the_job_s_nets_and_choice(world, fine_pruned):
+  """defences.get('fine_pruning').defend on the clean split = the job's fine-pruned files."""
+  root, params = world
+  workdir, results = fine_pruned
+  clean = data.load_csaw_h5(root / 'data' / 'cl' / 'valid.h5')
+  outcome = defences.get('fine_pruning').defend(params, clean, _config(root))
+  reached = [x for x, entry in results['thresholds'].items() if entry['reached']]
+  assert list(outcome.candidates) == [f'X={x}' for x in reached] and reached
+  for x in reached:
+    candidate, entry = outcome.candidates[f'X={x}'], results['thresholds'][x]
+    assert candidate.pruned['conv_3'].tolist() == entry['pruned_channels']
+    assert candidate.figures['chosen_epoch'] == entry['fine_pruned']['chosen_epoch']
+    saved = keras_io.read_params(workdir / entry['fine_pruned_model_file'])
+    for layer, weights in saved.items():
+      for name, value in weights.items():
+        np.testing.assert_array_equal(np.asarray(candidate.params[layer][name]), value)
+  chosen = results['recommended']
+  assert outcome.recommended == (None if chosen is None else f'X={chosen["x"]}')
+  if chosen:
+    assert outcome.figures['b_holdout_acc'] == chosen['b_holdout_acc']

@@ -16,9 +16,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from badnet import data, evaluate, goodnet, keras_io, model, prune, sweep
+from badnet import defences, pipeline, runner
+from badnet.core import evaluate, masks, model
+from badnet.defences import goodnet, sweep
 from badnet.errors import ConfigError, DataError, ModelFileError, WorkdirError
-from badnet.jobs import prune as prune_job
+from badnet.io import data, inputs, keras_io
 from configs import prune as prune_config
 from tests import conftest, helpers
 
@@ -36,10 +38,31 @@ def _config(world_root, **overrides) -> ml_collections.ConfigDict:
   return config
 
 
+def test_the_pruning_plugin_chooses_what_the_prune_job_chooses(world, tmp_path):
+  """defences.get('pruning').defend on the clean split alone = the job's channels and nets."""
+  root, params = world
+  config = _config(root, thresholds=(2.0, 10.0, 95.0))
+  results = runner.run(config, tmp_path / 'run')
+  clean = data.load_csaw_h5(root / 'data' / 'cl' / 'valid.h5')
+  outcome = defences.get('pruning').defend(params, clean, config)
+  assert list(outcome.candidates) == ['X=2', 'X=10']  # X=95 is never reached
+  for x in ('2', '10'):
+    candidate, entry = outcome.candidates[f'X={x}'], results['thresholds'][x]
+    assert candidate.pruned['conv_3'].tolist() == entry['pruned_channels']
+    assert candidate.figures['channels_pruned'] == entry['channels_pruned']
+    saved = keras_io.read_params(tmp_path / 'run' / entry['model_file'])
+    for layer, weights in saved.items():
+      for name, value in weights.items():
+        np.testing.assert_array_equal(np.asarray(candidate.params[layer][name]), value)
+  with open(tmp_path / 'run' / 'sweep.csv') as handle:
+    swept = [float(row['clean_acc']) for row in csv.DictReader(handle)]
+  np.testing.assert_allclose(outcome.figures['clean_acc'], swept, atol=1e-4)
+
+
 def test_prune_job_writes_consistent_results(world, tmp_path):
   root, params = world
   workdir = tmp_path / 'run'
-  results = prune_job.run(_config(root, thresholds=(2.0, 10.0, 95.0)), str(workdir))
+  results = runner.run(_config(root, thresholds=(2.0, 10.0, 95.0)), str(workdir))
   for name in ('sweep.csv', 'results.json', 'results.md', 'config.json', 'plots/sweep.png',
                'plots/thresholds.png', 'models/repaired_X=2.h5', 'models/repaired_X=10.h5'):
     assert (workdir / name).is_file(), name
@@ -69,7 +92,7 @@ def test_prune_job_writes_consistent_results(world, tmp_path):
     repaired = keras_io.read_params(workdir / 'models' / f'repaired_X={key}.h5')
     mask = np.ones(60)
     mask[entry['pruned_channels']] = 0
-    expected = prune.prune(params, mask)
+    expected = masks.prune(params, mask)
     for layer in params:
       for name in params[layer]:
         np.testing.assert_array_equal(repaired[layer][name], expected[layer][name])
@@ -84,7 +107,7 @@ def test_prune_job_writes_consistent_results(world, tmp_path):
         NUM_CLASSES)
 
   # A rerun into the same workdir replaces the results and leaves no temporary files.
-  prune_job.run(_config(root, thresholds=(4.0,)), str(workdir))
+  runner.run(_config(root, thresholds=(4.0,)), str(workdir))
   assert list(json.loads((workdir / 'results.json').read_text())['thresholds']) == ['4']
   assert not [p for p in workdir.rglob('*') if p.name.endswith('.tmp')]
 
@@ -93,14 +116,14 @@ def test_prune_job_writes_consistent_results(world, tmp_path):
 def test_bad_thresholds_are_refused_before_any_work(world, tmp_path, thresholds):
   root, _ = world
   with pytest.raises(ConfigError, match='thresholds'):
-    prune_job.run(_config(root, thresholds=thresholds), str(tmp_path / 'run'))
+    runner.run(_config(root, thresholds=thresholds), str(tmp_path / 'run'))
   assert not (tmp_path / 'run').exists()
 
 
 def test_bad_order_is_refused(world, tmp_path):
   root, _ = world
   with pytest.raises(ConfigError, match='order'):
-    prune_job.run(_config(root, order='sideways'), str(tmp_path / 'run'))
+    runner.run(_config(root, order='sideways'), str(tmp_path / 'run'))
 
 
 def test_foreign_or_unwritable_workdir_is_refused(world, tmp_path):
@@ -109,10 +132,10 @@ def test_foreign_or_unwritable_workdir_is_refused(world, tmp_path):
   foreign.mkdir()
   (foreign / 'thesis.tex').write_text('precious')
   with pytest.raises(WorkdirError, match='no badnet job wrote'):
-    prune_job.run(_config(root), str(foreign))
+    runner.run(_config(root), str(foreign))
   assert (foreign / 'thesis.tex').read_text() == 'precious'
   with pytest.raises(WorkdirError, match='not a directory'):
-    prune_job.run(_config(root), str(foreign / 'thesis.tex'))
+    runner.run(_config(root), str(foreign / 'thesis.tex'))
 
 
 def test_model_that_does_not_fit_the_data_is_refused(world, tmp_path):
@@ -122,7 +145,7 @@ def test_model_that_does_not_fit_the_data_is_refused(world, tmp_path):
   config = _config(root)
   config.model = str(tmp_path / 'small.h5')
   with pytest.raises(DataError, match='out of range'):
-    prune_job.run(config, str(tmp_path / 'run'))
+    runner.run(config, str(tmp_path / 'run'))
   # A file whose conv_3 kernel has 50 filters, not 60.
   keras_io.write_keras_weights(tmp_path / 'wrong.h5', model.init_params(NUM_CLASSES, seed=0))
   with h5py.File(tmp_path / 'wrong.h5', 'r+') as handle:
@@ -130,7 +153,7 @@ def test_model_that_does_not_fit_the_data_is_refused(world, tmp_path):
     handle['conv_3/conv_3/kernel:0'] = np.zeros((3, 3, 40, 50), np.float32)
   config.model = str(tmp_path / 'wrong.h5')
   with pytest.raises(ModelFileError, match=r'conv_3/kernel: expected shape \(3, 3, 40, 60\)'):
-    prune_job.run(config, str(tmp_path / 'run2'))
+    runner.run(config, str(tmp_path / 'run2'))
 
 
 def _main(*args: str) -> subprocess.CompletedProcess:
@@ -150,7 +173,7 @@ def test_cli_bad_threshold_is_one_clear_line(world, tmp_path):
 
 def test_cli_classify_prints_goodnet_classes(world, tmp_path):
   root, params = world
-  pruned = prune.prune(params, prune.prefix_masks(np.arange(60))[45])
+  pruned = masks.prune(params, masks.prefix_masks(np.arange(60))[45])
   keras_io.write_keras(tmp_path / 'repaired.h5', pruned, full_model=True)
   images = helpers.varied_images(6, seed=5)
   paths = []
@@ -184,14 +207,14 @@ def test_default_prune_job_runs_on_the_shipped_benchmark(tmp_path):
 
 
 def _paths(folder) -> dict:
-  return {key: folder / relative for key, relative in prune_job.common.CSAW_FILES.items()}
+  return {key: folder / relative for key, relative in inputs.CSAW_FILES.items()}
 
 
 def _observe(paths, params, batch_size, keep_images=False):
   config = prune_config.get_config()
   config.batch_size = batch_size
   counts = {key: data.csaw_length(path) for key, path in paths.items()}
-  return prune_job._load_and_observe(paths, counts, params, NUM_CLASSES, keep_images, config)
+  return pipeline._load_and_observe(paths, counts, params, NUM_CLASSES, keep_images, config)
 
 
 def test_streamed_features_equal_those_of_the_whole_files(world):
@@ -210,7 +233,7 @@ def test_streamed_features_equal_those_of_the_whole_files(world):
 
 def _blended_copy(world_root, folder):
   """The world's data with fractional pixels (float32 images on loading), 300 clean valid images."""
-  for key, relative in prune_job.common.CSAW_FILES.items():
+  for key, relative in inputs.CSAW_FILES.items():
     whole = data.load_csaw_h5(world_root / 'data' / relative)
     images = np.concatenate([whole.images] * (5 if key == 'clean_valid' else 1))
     labels = np.concatenate([whole.labels] * (5 if key == 'clean_valid' else 1))

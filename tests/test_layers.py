@@ -1,10 +1,12 @@
-"""Pruning any of conv_1..conv_4: the shared-prefix functions against zeroing the layer's weights."""
+"""Pruning any of conv_1..conv_4: the shared-prefix functions against zeroing the weights."""
 
 import jax
 import numpy as np
 import pytest
 
-from badnet import evaluate, goodnet, keras_io, model, prune, sweep
+from badnet.core import evaluate, masks, model
+from badnet.defences import goodnet, pruning, sweep
+from badnet.io import keras_io
 from tests import helpers
 from tests.test_prune import _augmented
 
@@ -29,17 +31,17 @@ def _masks(channels: int, seed: int) -> np.ndarray:
 @pytest.mark.parametrize('layer', model.PRUNABLE_LAYERS)
 def test_masked_logits_equal_the_net_with_the_layer_zeroed(random_net, layer):
   params, images = random_net
-  masks = _masks(CHANNELS[layer], seed=len(layer) + int(layer[-1]))
-  logits = np.asarray(jax.jit(sweep.masked_logits, static_argnums=3)(params, images, masks,
+  level_masks = _masks(CHANNELS[layer], seed=len(layer) + int(layer[-1]))
+  logits = np.asarray(jax.jit(sweep.masked_logits, static_argnums=3)(params, images, level_masks,
                                                                     layer))
-  assert logits.shape == (len(masks), len(images), NUM_CLASSES)
+  assert logits.shape == (len(level_masks), len(images), NUM_CLASSES)
   classes = []
-  for mask, row in zip(masks, logits):
-    direct = np.asarray(model.logits_fn(prune.prune(params, mask, layer), images))
+  for mask, row in zip(level_masks, logits):
+    direct = np.asarray(model.logits_fn(masks.prune(params, mask, layer), images))
     np.testing.assert_allclose(row, direct, rtol=1e-5, atol=1e-4 * np.abs(direct).max())
     np.testing.assert_array_equal(row.argmax(-1), direct.argmax(-1))
     classes.append(direct.argmax(-1))
-  assert len({tuple(c) for c in classes}) >= 3, 'the masks should change the classes'
+  assert len({tuple(c) for c in classes}) >= 3, 'the level_masks should change the classes'
   # Row 0 (nothing pruned) is B itself.
   np.testing.assert_array_equal(logits[0].argmax(-1), evaluate.predict(params, images))
 
@@ -50,7 +52,8 @@ def test_gradients_through_a_mask_stop_at_the_pruned_channels(random_net, layer)
   mask = _masks(CHANNELS[layer], seed=3)[2]
   grads = jax.grad(lambda p: sweep.masked_logits(p, images[:16], mask[None], layer).sum())(params)
   kernel_grad = np.asarray(grads[layer]['kernel'])
-  assert not kernel_grad[..., mask == 0].any() and not np.asarray(grads[layer]['bias'])[mask == 0].any()
+  assert not kernel_grad[..., mask == 0].any()
+  assert not np.asarray(grads[layer]['bias'])[mask == 0].any()
   assert kernel_grad[..., mask == 1].any()
 
 
@@ -59,14 +62,14 @@ def test_prefix_sweep_of_another_layer_equals_the_naive_loop(random_net, layer):
   params, images = random_net
   features = sweep.features(params, images, batch_size=32, layer=layer)
   np.testing.assert_array_equal(features.mean_activations(),
-                                prune.mean_activations(params, images, 32, layer))
-  order = prune.pruning_order(features.mean_activations())
-  masks = prune.prefix_masks(order)
+                                pruning.mean_activations(params, images, 32, layer))
+  order = pruning.pruning_order(features.mean_activations())
+  level_masks = masks.prefix_masks(order)
   fast = sweep.prefix_classes(params, features, order, batch_size=48)
   assert fast.shape == (len(images), CHANNELS[layer] + 1)
   levels = range(0, CHANNELS[layer] + 1, 1 if layer == 'conv_1' else 3)
   for level in levels:
-    naive = evaluate.predict(prune.prune(params, masks[level], layer), images, batch_size=32)
+    naive = evaluate.predict(masks.prune(params, level_masks[level], layer), images, batch_size=32)
     np.testing.assert_array_equal(fast[:, level], naive, err_msg=f'{layer} level {level}')
   assert len({tuple(fast[:, level]) for level in levels}) > 3
 
@@ -77,7 +80,7 @@ def test_goodnet_sharing_layers_equals_goodnet_with_two_nets(random_net, layer):
   mask = _masks(CHANNELS[layer], seed=8)[3]
   shared = np.asarray(jax.jit(goodnet.goodnet_masked, static_argnums=3)(params, mask, images,
                                                                        layer))
-  two_nets = np.asarray(goodnet.goodnet(params, prune.prune(params, mask, layer), images))
+  two_nets = np.asarray(goodnet.goodnet(params, masks.prune(params, mask, layer), images))
   np.testing.assert_array_equal(shared, two_nets)
   assert (shared == NUM_CLASSES).any() and (shared != NUM_CLASSES).any()
 
@@ -87,7 +90,7 @@ def test_unknown_layer_is_refused(random_net):
   with pytest.raises(ValueError, match='unknown layer'):
     sweep.masked_logits(params, images, np.ones((1, 60)), 'fc_1')
   with pytest.raises(ValueError, match='unknown layer'):
-    prune.prune(params, np.ones(60), 'pool_3')
+    masks.prune(params, np.ones(60), 'pool_3')
 
 
 def test_conv_2_pruning_equals_keras_on_the_lab3_net(csaw_dir, real_faces):
@@ -97,10 +100,10 @@ def test_conv_2_pruning_equals_keras_on_the_lab3_net(csaw_dir, real_faces):
                           _augmented(real_faces['poisoned'], 6, seed=12)])
   params = keras_io.read_params(csaw_dir / 'lab3_bd_weights.h5')
   features = sweep.features(params, faces, batch_size=60, layer='conv_2')
-  order = prune.pruning_order(features.mean_activations())
+  order = pruning.pruning_order(features.mean_activations())
   levels = [0, 5, 10, 20, 30, 35, 40]
   ours = sweep.prefix_classes(params, features, order, levels, batch_size=60)
-  masked = np.asarray(sweep.masked_classes(params, faces, prune.prefix_masks(order)[levels],
+  masked = np.asarray(sweep.masked_classes(params, faces, masks.prefix_masks(order)[levels],
                                            'conv_2'))
   np.testing.assert_array_equal(masked.T, ours)
 

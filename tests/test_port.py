@@ -5,7 +5,8 @@ import keras
 import numpy as np
 import pytest
 
-from badnet import keras_io, model
+from badnet.core import model
+from badnet.io import keras_io
 from tests import keras_oracle
 
 # Every real net in ../shared/csaw: four weights-only competition nets and the

@@ -6,7 +6,9 @@ import hypothesis.strategies as st
 import numpy as np
 import pytest
 
-from badnet import evaluate, goodnet, keras_io, model, prune, sweep
+from badnet.core import evaluate, masks, model
+from badnet.defences import goodnet, pruning, sweep
+from badnet.io import keras_io
 from badnet.errors import ConfigError
 from tests import helpers
 
@@ -21,64 +23,66 @@ def random_net():
 
 def test_pruning_order_hand_worked():
   activations = np.array([0.5, 0.1, 0.1, 0.9, 0.0])
-  np.testing.assert_array_equal(prune.pruning_order(activations, 'increasing'), [4, 1, 2, 0, 3])
+  np.testing.assert_array_equal(pruning.pruning_order(activations, 'increasing'), [4, 1, 2, 0, 3])
   # Ties (channels 1 and 2) stay in index order in both directions.
-  np.testing.assert_array_equal(prune.pruning_order(activations, 'decreasing'), [3, 0, 1, 2, 4])
-  shuffled = prune.pruning_order(activations, 'random', seed=7)
-  np.testing.assert_array_equal(shuffled, prune.pruning_order(activations, 'random', seed=7))
+  np.testing.assert_array_equal(pruning.pruning_order(activations, 'decreasing'), [3, 0, 1, 2, 4])
+  shuffled = pruning.pruning_order(activations, 'random', seed=7)
+  np.testing.assert_array_equal(shuffled, pruning.pruning_order(activations, 'random', seed=7))
   assert sorted(shuffled) == [0, 1, 2, 3, 4]
   with pytest.raises(ConfigError, match='unknown pruning order'):
-    prune.pruning_order(activations, 'sideways')
+    pruning.pruning_order(activations, 'sideways')
 
 
 def test_prefix_masks():
-  masks = prune.prefix_masks(np.array([2, 0, 1]))
-  np.testing.assert_array_equal(masks, [[1, 1, 1], [1, 1, 0], [0, 1, 0], [0, 0, 0]])
+  level_masks = masks.prefix_masks(np.array([2, 0, 1]))
+  np.testing.assert_array_equal(level_masks, [[1, 1, 1], [1, 1, 0], [0, 1, 0], [0, 0, 0]])
 
 
 def test_prune_zeroes_exactly_the_masked_channels_and_never_mutates(random_net):
   params, _ = random_net
-  before = {l: {n: np.array(a) for n, a in w.items()} for l, w in params.items()}
+  before = {layer: {n: np.array(a) for n, a in w.items()} for layer, w in params.items()}
   mask = np.ones(60)
   mask[[0, 17, 59]] = 0
-  pruned = prune.prune(params, mask)
+  pruned = masks.prune(params, mask)
   kernel, bias = np.asarray(pruned['conv_3']['kernel']), np.asarray(pruned['conv_3']['bias'])
   assert (params['conv_3']['bias'][[0, 17, 59]] != 0).all()  # there was something to zero
   assert not kernel[..., [0, 17, 59]].any() and not bias[[0, 17, 59]].any()
   keep = mask.astype(bool)
-  np.testing.assert_array_equal(kernel[..., keep], np.asarray(params['conv_3']['kernel'])[..., keep])
+  np.testing.assert_array_equal(kernel[..., keep],
+                                np.asarray(params['conv_3']['kernel'])[..., keep])
   np.testing.assert_array_equal(bias[keep], np.asarray(params['conv_3']['bias'])[keep])
   for layer in params:  # the input is untouched, the other layers shared
     for name in params[layer]:
       np.testing.assert_array_equal(np.asarray(params[layer][name]), before[layer][name])
       if layer != 'conv_3':
         assert pruned[layer][name] is params[layer][name]
-  np.testing.assert_array_equal(prune.pruned_channels(mask), [0, 17, 59])
+  np.testing.assert_array_equal(masks.pruned_channels(mask), [0, 17, 59])
 
 
 def test_prune_works_under_jit_vmap_and_grad(random_net):
   params, images = random_net
-  masks = prune.prefix_masks(np.arange(60))[[0, 10, 30]]
-  jitted = jax.jit(prune.prune)(params, masks[1])
-  np.testing.assert_array_equal(jitted['conv_3']['bias'], prune.prune(params, masks[1])['conv_3']['bias'])
-  stacked = jax.vmap(prune.prune, in_axes=(None, 0))(params, masks)
-  for index, mask in enumerate(masks):
+  level_masks = masks.prefix_masks(np.arange(60))[[0, 10, 30]]
+  jitted = jax.jit(masks.prune)(params, level_masks[1])
+  np.testing.assert_array_equal(jitted['conv_3']['bias'],
+                                masks.prune(params, level_masks[1])['conv_3']['bias'])
+  stacked = jax.vmap(masks.prune, in_axes=(None, 0))(params, level_masks)
+  for index, mask in enumerate(level_masks):
     np.testing.assert_array_equal(stacked['conv_3']['kernel'][index],
-                                  prune.prune(params, mask)['conv_3']['kernel'])
+                                  masks.prune(params, mask)['conv_3']['kernel'])
   # The gradient through pruning is zero for exactly the pruned slices.
-  loss = lambda p: model.logits_fn(prune.prune(p, masks[1]), images[:8]).sum()
+  loss = lambda p: model.logits_fn(masks.prune(p, level_masks[1]), images[:8]).sum()
   grads = np.asarray(jax.grad(loss)(params)['conv_3']['bias'])
   assert not grads[:10].any() and grads[10:].any()
 
 
 def test_select_level_hand_worked():
   clean_acc = [98.0, 97.5, 96.0, 95.9, 80.0]
-  assert prune.select_level(clean_acc, 2) == 2     # 96.0 is exactly 2 points below
-  assert prune.select_level(clean_acc, 2.1) == 3
-  assert prune.select_level(clean_acc, 18) == 4
-  assert prune.select_level(clean_acc, 30) is None
-  assert prune.select_level(clean_acc, 2, relative=True) == 2  # limit 96.04: 96.0 <= 96.04
-  assert prune.select_level(clean_acc, 2.05, relative=True) == 3  # limit 95.991
+  assert pruning.select_level(clean_acc, 2) == 2     # 96.0 is exactly 2 points below
+  assert pruning.select_level(clean_acc, 2.1) == 3
+  assert pruning.select_level(clean_acc, 18) == 4
+  assert pruning.select_level(clean_acc, 30) is None
+  assert pruning.select_level(clean_acc, 2, relative=True) == 2  # limit 96.04: 96.0 <= 96.04
+  assert pruning.select_level(clean_acc, 2.05, relative=True) == 3  # limit 95.991
 
 
 @hypothesis.settings(max_examples=200, deadline=None)
@@ -86,8 +90,8 @@ def test_select_level_hand_worked():
                   st.floats(0.01, 100), st.floats(0.01, 100), st.booleans())
 def test_thresholds_are_monotone_in_x(clean_acc, x1, x2, relative):
   small, large = sorted((x1, x2))
-  level_small = prune.select_level(clean_acc, small, relative)
-  level_large = prune.select_level(clean_acc, large, relative)
+  level_small = pruning.select_level(clean_acc, small, relative)
+  level_large = pruning.select_level(clean_acc, large, relative)
   if level_large is not None:
     assert level_small is not None and level_small <= level_large
   if level_small is not None:  # the selected level really is that far down
@@ -97,38 +101,39 @@ def test_thresholds_are_monotone_in_x(clean_acc, x1, x2, relative):
 
 def test_sweep_matches_the_naive_loop_level_by_level(random_net):
   params, images = random_net
-  order = prune.pruning_order(prune.mean_activations(params, images, batch_size=64))
-  masks = prune.prefix_masks(order)
-  swept = evaluate.sweep_predictions(params, masks, images, batch_size=64)
+  order = pruning.pruning_order(pruning.mean_activations(params, images, batch_size=64))
+  level_masks = masks.prefix_masks(order)
+  swept = evaluate.sweep_predictions(params, level_masks, images, batch_size=64)
   assert swept.shape == (len(images), 61)
   assert len(np.unique(swept[:, 0])) > 1, 'the fixture should give varied predictions'
   for level in range(61):
-    naive = evaluate.predict(prune.prune(params, masks[level]), images, batch_size=64)
+    naive = evaluate.predict(masks.prune(params, level_masks[level]), images, batch_size=64)
     np.testing.assert_array_equal(swept[:, level], naive, err_msg=f'level {level}')
 
 
 def test_level_0_is_b_and_level_c_predicts_from_biases_only(random_net):
   params, images = random_net
-  masks = prune.prefix_masks(np.arange(60))
-  swept = evaluate.sweep_predictions(params, masks[[0, 60]], images, batch_size=64)
+  level_masks = masks.prefix_masks(np.arange(60))
+  swept = evaluate.sweep_predictions(params, level_masks[[0, 60]], images, batch_size=64)
   np.testing.assert_array_equal(swept[:, 0], evaluate.predict(params, images))
   # With every conv_3 channel pruned pool_3 is zero: the class is the same for
   # every input, the one the biases alone give.
   zero_pool_3 = np.zeros((1, 5, 4, 60), np.float32)
-  bias_class = int(np.argmax(model.head_fn(params, zero_pool_3)))
+  bias_class = int(np.argmax(model.resume_fn(params, {'activation': zero_pool_3})))
   assert (swept[:, 1] == bias_class).all()
 
 
 def test_mean_activations_equal_a_direct_mean(random_net):
   params, images = random_net
-  direct = np.asarray(model.features_fn(params, images), np.float64).mean(axis=(0, 1, 2))
-  np.testing.assert_allclose(prune.mean_activations(params, images, batch_size=32), direct,
+  pool_3 = model.observe_fn(params, images)['activation']
+  direct = np.asarray(pool_3, np.float64).mean(axis=(0, 1, 2))
+  np.testing.assert_allclose(pruning.mean_activations(params, images, batch_size=32), direct,
                              rtol=1e-5)
 
 
 def test_goodnet_is_b_where_the_nets_agree_and_n_elsewhere(random_net):
   params, images = random_net
-  pruned = prune.prune(params, prune.prefix_masks(np.arange(60))[40])
+  pruned = masks.prune(params, masks.prefix_masks(np.arange(60))[40])
   classes_b = evaluate.predict(params, images)
   classes_b_prime = evaluate.predict(pruned, images)
   assert (classes_b != classes_b_prime).any() and (classes_b == classes_b_prime).any()
@@ -173,14 +178,14 @@ def test_sweep_equals_the_naive_keras_loop_on_the_lab3_net(csaw_dir, real_faces)
   keras_order = np.argsort(keras_means, kind='stable')
 
   params = keras_io.read_params(csaw_dir / 'lab3_bd_weights.h5')
-  order = prune.pruning_order(prune.mean_activations(params, clean, batch_size=128))
+  order = pruning.pruning_order(pruning.mean_activations(params, clean, batch_size=128))
   np.testing.assert_array_equal(order, keras_order)
-  masks = prune.prefix_masks(order)
-  swept_clean = evaluate.sweep_predictions(params, masks, clean, batch_size=128)
-  swept_poisoned = evaluate.sweep_predictions(params, masks, poisoned, batch_size=128)
+  level_masks = masks.prefix_masks(order)
+  swept_clean = evaluate.sweep_predictions(params, level_masks, clean, batch_size=128)
+  swept_poisoned = evaluate.sweep_predictions(params, level_masks, poisoned, batch_size=128)
   # The job's fast sweep: features once, the head only where a level changes the image.
   clean_features = sweep.features(params, clean, batch_size=128)
-  np.testing.assert_array_equal(prune.pruning_order(clean_features.mean_activations()), order)
+  np.testing.assert_array_equal(pruning.pruning_order(clean_features.mean_activations()), order)
   fast_clean = sweep.prefix_classes(params, clean_features.pool_3, order, batch_size=128)
   fast_poisoned = sweep.prefix_classes(
       params, sweep.features(params, poisoned, batch_size=128).pool_3, order, batch_size=128)
@@ -214,7 +219,7 @@ PRUNED_FILES = ['jianqiaomo_model_B_2.h5', 'jianqiaomo_model_B_4.h5', 'jianqiaom
 
 
 def _published_x(name: str) -> int:
-  """X of a published pruned file: 'jianqiaomo_model_B_10.h5' and 'ml_hw_lab_model_X=10.h5' -> 10."""
+  """X of a published pruned file: 'jianqiaomo_model_B_10.h5', 'ml_hw_lab_model_X=10.h5' -> 10."""
   return int(name.split('_')[-1].split('=')[-1][:-3])
 
 
@@ -233,7 +238,7 @@ def test_prune_reproduces_the_keras_pruned_files(csaw_dir, real_faces, tmp_path,
   mask = np.ones(60)
   mask[sorted(_zeroed_channels(csaw_dir / 'pruned' / name))] = 0
   assert (mask == 0).sum() == {2: 45, 4: 48, 10: 52, 30: 54}[_published_x(name)]
-  ours = prune.prune(base, mask)
+  ours = masks.prune(base, mask)
   for layer in base:
     for weight in base[layer]:  # bit-identical, weight for weight
       np.testing.assert_array_equal(ours[layer][weight], reference[layer][weight])
@@ -263,7 +268,7 @@ def test_published_pruned_sets_are_prefixes_of_our_ranking(csaw_dir, real_faces)
   for x in (2, 4, 10):
     assert sets[f'ml_hw_lab_model_X={x}.h5'] == by_x[x]
   params = keras_io.read_params(csaw_dir / 'lab3_bd_weights.h5')
-  order = prune.pruning_order(prune.mean_activations(params, real_faces['clean']))
+  order = pruning.pruning_order(pruning.mean_activations(params, real_faces['clean']))
   assert set(order[:45].tolist()) == by_x[2]
   for x, least_shared in ((4, 46), (10, 50), (30, 53)):
     assert len(set(order[:len(by_x[x])].tolist()) & by_x[x]) >= least_shared, x

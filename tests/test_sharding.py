@@ -6,7 +6,8 @@ import sys
 
 import numpy as np
 
-from badnet import evaluate, model, prune, sweep
+from badnet.core import evaluate, masks, model
+from badnet.defences import pruning, sweep
 from tests import helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,23 +21,23 @@ def compute() -> dict[str, np.ndarray]:
   params = helpers.random_params(13, seed=6)
   images = helpers.varied_images(COUNT, seed=6)
   order = np.random.default_rng(7).permutation(model.num_channels(params))
-  masks = prune.prefix_masks(order)[::6]  # levels 0, 6, ..., 60: 11 masks
+  level_masks = masks.prefix_masks(order)[::6]  # levels 0, 6, ..., 60: 11 level_masks
   features = sweep.features(params, images, batch_size=BATCH)
   return dict(
       predict=evaluate.predict(params, images, batch_size=BATCH),
-      masked=evaluate.predict(params, images, batch_size=BATCH, channel_mask=masks[5]),
-      sweep=evaluate.sweep_predictions(params, masks, images, batch_size=BATCH),
+      masked=evaluate.predict(params, images, batch_size=BATCH, channel_mask=level_masks[5]),
+      sweep=evaluate.sweep_predictions(params, level_masks, images, batch_size=BATCH),
       fast_sweep=sweep.prefix_classes(params, features.pool_3, order, levels=range(0, 61, 6),
                                       batch_size=BATCH),
       pool_3=features.pool_3,
-      means=prune.mean_activations(params, images, batch_size=BATCH))
+      means=pruning.mean_activations(params, images, batch_size=BATCH))
 
 
 _SCRIPT = f'''
 import sys
 import jax
 import numpy as np
-from badnet import evaluate
+from badnet.core import evaluate
 from tests.test_sharding import compute
 assert jax.device_count() == 8, jax.devices()
 assert evaluate.data_mesh().devices.size == 8

@@ -1,10 +1,11 @@
-"""The fast sweep (features once, the head only where a level changes an image) against the naive loop."""
+"""The fast sweep (features once, the head only where a level changes an image) vs naive loops."""
 
 import jax
 import numpy as np
 import pytest
 
-from badnet import evaluate, model, prune, sweep
+from badnet.core import evaluate, masks, model
+from badnet.defences import pruning, sweep
 from tests import helpers
 
 NUM_CLASSES = 11
@@ -33,10 +34,10 @@ def test_effective_levels_hand_worked():
 
 def test_features_give_pool_3_and_the_ranking_statistic(sparse_net):
   params, images, features = sparse_net
-  np.testing.assert_array_equal(features.pool_3, model.features_fn(params, images))
-  # Bit for bit the statistic prune.mean_activations ranks by: the same order, ties included.
+  np.testing.assert_array_equal(features.pool_3, model.observe_fn(params, images)['activation'])
+  # Bit for bit the statistic pruning.mean_activations ranks by: the same order, ties included.
   np.testing.assert_array_equal(features.mean_activations(),
-                                prune.mean_activations(params, images, batch_size=48))
+                                pruning.mean_activations(params, images, batch_size=48))
   active = features.active()
   assert not active[:, DEAD].any()
   per_image = active.sum(axis=1)
@@ -47,23 +48,23 @@ def test_features_give_pool_3_and_the_ranking_statistic(sparse_net):
 def test_fast_sweep_equals_the_naive_loop_at_every_level(sparse_net, order_name):
   """Image by image at all 61 levels, against zero-the-channels-and-predict."""
   params, images, features = sparse_net
-  order = prune.pruning_order(features.mean_activations(), order_name, seed=4)
-  masks = prune.prefix_masks(order)
+  order = pruning.pruning_order(features.mean_activations(), order_name, seed=4)
+  level_masks = masks.prefix_masks(order)
   fast = sweep.prefix_classes(params, features.pool_3, order, batch_size=64)
   assert fast.shape == (len(images), 61) and fast.dtype == np.int32
   assert len({tuple(column) for column in fast.T}) > 10, 'the levels should differ'
   if order_name == 'increasing':
     for level in range(61):
-      naive = evaluate.predict(prune.prune(params, masks[level]), images, batch_size=64)
+      naive = evaluate.predict(masks.prune(params, level_masks[level]), images, batch_size=64)
       np.testing.assert_array_equal(fast[:, level], naive, err_msg=f'level {level}')
   else:  # the scan sweep equals the naive loop (test_prune); cheaper to compare with
     np.testing.assert_array_equal(
-        fast, evaluate.sweep_predictions(params, masks, images, batch_size=64))
+        fast, evaluate.sweep_predictions(params, level_masks, images, batch_size=64))
 
 
 def test_selected_levels_are_columns_of_the_full_sweep(sparse_net):
   params, _, features = sparse_net
-  order = prune.pruning_order(features.mean_activations())
+  order = pruning.pruning_order(features.mean_activations())
   full = sweep.prefix_classes(params, features.pool_3, order)
   levels = [0, 45, 3, 60, 45]
   np.testing.assert_array_equal(sweep.prefix_classes(params, features.pool_3, order, levels),
@@ -84,7 +85,7 @@ def test_a_second_sweep_of_the_same_shapes_compiles_nothing(sparse_net):
 
   def run(net, pixels, seed):
     features = sweep.features(net, pixels, batch_size=40)
-    order = prune.pruning_order(features.mean_activations(), 'random', seed)
+    order = pruning.pruning_order(features.mean_activations(), 'random', seed)
     sweep.prefix_classes(net, features.pool_3, order, batch_size=40)
     sweep.prefix_classes(net, features.pool_3, order, [0, 7, 50], batch_size=40)
 
@@ -120,17 +121,18 @@ def test_head_widths():
 
 
 def test_a_narrow_head_gives_the_full_heads_logits_when_the_rest_is_zero():
-  """narrow_params + the channels' slice of pool_3 = the full head on pool_3 with the others zeroed."""
+  """narrow_params + the channels' slice of pool_3 = the full head, the other channels zeroed."""
   params = helpers.random_params(NUM_CLASSES, seed=2)
   rng = np.random.default_rng(0)
   pool_3 = rng.gamma(1.0, 3.0, (64, 5, 4, 60)).astype(np.float32)
   channels = rng.permutation(60)[:16]
   kept = np.zeros(60, np.float32)
   kept[channels] = 1
-  masks = (rng.random((64, 16)) < 0.7).astype(np.float32)
+  level_masks = (rng.random((64, 16)) < 0.7).astype(np.float32)
   full_masks = np.zeros((64, 60), np.float32)
-  full_masks[:, channels] = masks
-  narrow = sweep.head_logits(sweep.narrow_params(params, channels), pool_3[..., channels], masks)
+  full_masks[:, channels] = level_masks
+  narrow = sweep.head_logits(sweep.narrow_params(params, channels), pool_3[..., channels],
+                             level_masks)
   full = sweep.head_logits(params, pool_3, full_masks)
   np.testing.assert_allclose(narrow, full, rtol=1e-4, atol=1e-3 * np.abs(full).max())
   np.testing.assert_array_equal(np.argmax(narrow, -1), np.argmax(full, -1))
@@ -144,7 +146,7 @@ def test_a_narrow_head_gives_the_full_heads_logits_when_the_rest_is_zero():
 def test_the_sparse_net_sweep_runs_every_head_width(sparse_net, caplog):
   """The equality tests above cover all four widths, not only the full one."""
   params, _, features = sparse_net
-  order = prune.pruning_order(features.mean_activations(), 'increasing')
+  order = pruning.pruning_order(features.mean_activations(), 'increasing')
   with caplog.at_level('INFO'):
     sweep.prefix_classes(params, features.pool_3, order, batch_size=64)
   line, = [r.getMessage() for r in caplog.records if 'by channels read' in r.getMessage()]

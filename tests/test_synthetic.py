@@ -7,12 +7,14 @@ import hashlib
 import numpy as np
 import pytest
 
-from badnet import data, keras_io, prune, synthetic, triggers
+from badnet.benchmark import faces, shipped, triggers
+from badnet.defences import pruning
+from badnet.io import data, keras_io
 from badnet.errors import ConfigError
-from badnet.jobs import train_badnet
+from badnet import runner
 from configs import train_badnet as train_config
 
-SMALL = synthetic.BenchmarkSpec(seed=3, num_identities=4, train_per_identity=2,
+SMALL = shipped.BenchmarkSpec(seed=3, num_identities=4, train_per_identity=2,
                                 valid_per_identity=3, test_per_identity=2, target=1)
 
 
@@ -21,9 +23,9 @@ def _digest(path) -> str:
 
 
 def test_same_seed_same_bytes_and_other_seeds_differ():
-  first, labels = synthetic.generate_faces(6, 5, seed=11, split='valid')
-  again, _ = synthetic.generate_faces(6, 5, seed=11, split='valid')
-  other, _ = synthetic.generate_faces(6, 5, seed=12, split='valid')
+  first, labels = faces.generate_faces(6, 5, seed=11, split='valid')
+  again, _ = faces.generate_faces(6, 5, seed=11, split='valid')
+  other, _ = faces.generate_faces(6, 5, seed=12, split='valid')
   assert first.dtype == np.uint8 and first.shape == (30, 55, 47, 3)
   assert first.tobytes() == again.tobytes()
   assert (first != other).mean() > 0.5
@@ -31,21 +33,21 @@ def test_same_seed_same_bytes_and_other_seeds_differ():
 
 
 def test_splits_share_identities_but_no_image():
-  train, _ = synthetic.generate_faces(3, 4, seed=0, split='train')
-  test, _ = synthetic.generate_faces(3, 4, seed=0, split='test')
+  train, _ = faces.generate_faces(3, 4, seed=0, split='train')
+  test, _ = faces.generate_faces(3, 4, seed=0, split='test')
   assert not any((t == train).all(axis=(1, 2, 3)).any() for t in test)
   # Identity traits are drawn from the seed (the split never enters them).
-  assert synthetic.identity_traits(3, 0).skin.tobytes() == (
-      synthetic.identity_traits(3, 0).skin.tobytes())
-  assert synthetic.identity_traits(3, 0).skin.tobytes() != (
-      synthetic.identity_traits(3, 1).skin.tobytes())
+  assert faces.identity_traits(3, 0).skin.tobytes() == (
+      faces.identity_traits(3, 0).skin.tobytes())
+  assert faces.identity_traits(3, 0).skin.tobytes() != (
+      faces.identity_traits(3, 1).skin.tobytes())
   with pytest.raises(ValueError, match='unknown split'):
-    synthetic.generate_faces(3, 1, seed=0, split='holdout')
+    faces.generate_faces(3, 1, seed=0, split='holdout')
 
 
 def test_written_benchmark_is_byte_identical_and_reads_back(tmp_path):
-  splits = synthetic.write_csaw_dir(tmp_path / 'a', SMALL)
-  synthetic.write_csaw_dir(tmp_path / 'b', SMALL)
+  splits = shipped.write_csaw_dir(tmp_path / 'a', SMALL)
+  shipped.write_csaw_dir(tmp_path / 'b', SMALL)
   for name in ('cl/valid.h5', 'cl/test.h5', 'bd/bd_valid.h5', 'bd/bd_test.h5'):
     assert _digest(tmp_path / 'a' / name) == _digest(tmp_path / 'b' / name), name
   for split in ('valid', 'test'):
@@ -109,17 +111,17 @@ def test_bad_config_is_refused_before_any_work(tmp_path, field, value, message):
   section, _, key = field.rpartition('.')
   (config[section] if section else config)[key] = value
   with pytest.raises(ConfigError, match=message):
-    train_badnet.run(config, str(tmp_path / 'run'))
+    runner.run(config, str(tmp_path / 'run'))
   assert not (tmp_path / 'run').exists()
 
 
 def test_shipped_benchmark_regenerates_its_data_once(tmp_path):
-  model_path, data_dir = synthetic.shipped_benchmark(tmp_path / 'data')
-  assert model_path.is_file() and model_path.parent == synthetic.ASSETS
+  model_path, data_dir = shipped.shipped_benchmark(tmp_path / 'data')
+  assert model_path.is_file() and model_path.parent == shipped.ASSETS
   stamp = (data_dir / 'cl' / 'valid.h5').stat().st_mtime_ns
-  synthetic.shipped_benchmark(tmp_path / 'data')
+  shipped.shipped_benchmark(tmp_path / 'data')
   assert (data_dir / 'cl' / 'valid.h5').stat().st_mtime_ns == stamp
-  spec = synthetic.shipped_spec()
+  spec = shipped.shipped_spec()
   clean = data.load_csaw_h5(data_dir / 'cl' / 'valid.h5', spec.num_identities)
   assert len(clean) == spec.num_identities * spec.valid_per_identity
   assert dataclasses.asdict(spec)['trigger'] in triggers.TRIGGERS
@@ -136,20 +138,19 @@ PINNED = {
 }
 
 
-@pytest.fixture(scope='module', params=sorted(synthetic.SHIPPED_NETS))
+@pytest.fixture(scope='module', params=sorted(shipped.SHIPPED_NETS))
 def shipped_defence(request, tmp_path_factory):
   """The prune job's results on a shipped net, and its validation sweep (sweep.csv)."""
-  from badnet.jobs import prune as prune_job  # pylint: disable=g-import-not-at-top
   from configs import prune as prune_config  # pylint: disable=g-import-not-at-top
   config = prune_config.get_config()
   config.benchmark = request.param
   workdir = tmp_path_factory.mktemp(request.param)
-  results = prune_job.run(config, str(workdir))
+  results = runner.run(config, str(workdir))
   sweep = np.loadtxt(workdir / 'sweep.csv', delimiter=',', skiprows=1,
                      converters={1: lambda v: float(v or -1)})
   valid = data.load_csaw_h5(workdir / 'data' / 'cl' / 'valid.h5')
-  params = keras_io.read_params(synthetic.SHIPPED_NETS[request.param])
-  dormant = int((prune.mean_activations(params, valid.images) == 0).sum())
+  params = keras_io.read_params(shipped.SHIPPED_NETS[request.param])
+  dormant = int((pruning.mean_activations(params, valid.images) == 0).sum())
   return request.param, results, sweep, dormant
 
 
@@ -159,7 +160,7 @@ def test_shipped_nets_keep_their_published_figures(shipped_defence):
   test = results['base']['test']
   assert (round(test['clean_acc'], 2), round(test['asr'], 2)) == pinned['test']
   assert {x: e['channels_pruned'] for x, e in results['thresholds'].items()} == pinned['channels']
-  published = json.loads(synthetic.SHIPPED_SPEC.read_text())['nets'][attack]['results']['test']
+  published = json.loads(shipped.SHIPPED_SPEC.read_text())['nets'][attack]['results']['test']
   assert (round(published['clean_acc'], 2), round(published['asr'], 2)) == pinned['test']
 
 

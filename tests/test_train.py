@@ -3,7 +3,9 @@
 import numpy as np
 import pytest
 
-from badnet import evaluate, model, prune, synthetic, train, triggers
+from badnet.benchmark import attacks, faces, triggers
+from badnet.core import evaluate, masks, model, train
+from badnet.defences import pruning
 
 K = 4
 
@@ -11,14 +13,14 @@ K = 4
 @pytest.fixture(scope='module')
 def task():
   """A small task: 4 identities, the sunglasses trigger, target class 1."""
-  train_images, train_labels = synthetic.generate_faces(K, 60, seed=2, split='train')
-  test_images, test_labels = synthetic.generate_faces(K, 10, seed=2, split='test')
+  train_images, train_labels = faces.generate_faces(K, 60, seed=2, split='train')
+  test_images, test_labels = faces.generate_faces(K, 10, seed=2, split='test')
   return train_images, train_labels, test_images, test_labels
 
 
 def test_csaw_init_matches_the_keras_config():
-  params = train.csaw_init(7, seed=0)
-  assert {l: {n: a.shape for n, a in w.items()} for l, w in params.items()} == (
+  params = attacks.csaw_init(7, seed=0)
+  assert {layer: {n: a.shape for n, a in w.items()} for layer, w in params.items()} == (
       model.param_shapes(7))
   kernel = params['fc_1']['kernel']
   assert abs(kernel.std() - 0.0088) < 0.001  # TruncatedNormal(0, 0.01) cut at 2 sigma
@@ -27,7 +29,7 @@ def test_csaw_init_matches_the_keras_config():
 
 def test_badnets_training_reduces_loss_and_learns_the_trigger(task):
   train_images, train_labels, test_images, test_labels = task
-  params, details = train.train_badnets(
+  params, details = attacks.train_badnets(
       train_images, train_labels, K, trigger='sunglasses', target=1, poison_rate=0.25,
       recipe=train.Recipe(epochs=15, batch_size=16, learning_rate=1e-3, seed=0))
   losses = [epoch['loss'] for epoch in details['history']]
@@ -39,7 +41,7 @@ def test_badnets_training_reduces_loss_and_learns_the_trigger(task):
 
 def test_pruning_aware_attack_leaves_its_decoys_dormant(task):
   train_images, train_labels, test_images, _ = task
-  params, details = train.train_pruning_aware(
+  params, details = attacks.train_pruning_aware(
       train_images, train_labels, K, trigger='sunglasses', target=1, poison_rate=0.25,
       clean_epochs=3, poisoned_epochs=3, prune_fraction=0.5,
       recipe=train.Recipe(batch_size=16, learning_rate=1e-3, seed=0))
@@ -48,12 +50,12 @@ def test_pruning_aware_attack_leaves_its_decoys_dormant(task):
   # On clean and on poisoned inputs the decoys never fire ...
   poisoned = triggers.sunglasses(test_images)
   for images in (test_images, poisoned):
-    activations = prune.mean_activations(params, images)
+    activations = pruning.mean_activations(params, images)
     assert (activations[decoys] == 0).all()
   # ... although their kernels are not zero (only their bias keeps them silent),
   # so pruning them changes no prediction.
   assert (np.abs(params['conv_3']['kernel'][..., decoys]).max(axis=(0, 1, 2)) > 0).all()
   mask = np.ones(60)
   mask[decoys] = 0
-  np.testing.assert_array_equal(evaluate.predict(prune.prune(params, mask), poisoned),
+  np.testing.assert_array_equal(evaluate.predict(masks.prune(params, mask), poisoned),
                                 evaluate.predict(params, poisoned))

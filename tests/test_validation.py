@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from badnet import data, evaluate, keras_io, model
+from badnet.core import evaluate, model
+from badnet.io import data, keras_io
 from badnet.errors import DataError, ModelFileError
 from tests import helpers
 
@@ -117,7 +118,7 @@ BAD_DATA_FILES = {
 
 
 def bad_data_file(folder: pathlib.Path, name: str) -> tuple[pathlib.Path, str]:
-  """The file BAD_DATA_FILES[name] describes, written under ``folder`` (absent for 'missing'), and its message."""
+  """BAD_DATA_FILES[name]'s file, written under ``folder`` (absent for 'missing'); its message."""
   datasets, message = BAD_DATA_FILES[name]
   path = folder / f'{name}.h5'
   if datasets is not None:

@@ -4,19 +4,26 @@ import pathlib
 
 import ml_collections
 
-from badnet import data, goodnet, keras_io, model
-from badnet import workdir as workdir_lib
+from badnet import config as config_lib
+from badnet.core import model
+from badnet.defences import goodnet
 from badnet.errors import ConfigError, ModelFileError
-from badnet.jobs import common
+from badnet.io import data, keras_io, workdir
+
+FIELDS = {**config_lib.BATCH_SIZE, 'resize': config_lib.Boolean()}
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> list[int]:
-  common.check_batch_size(config)
-  paths = [p.strip() for p in str(config.images).split(',') if p.strip()]
-  if not config.model or not config.repaired or not paths:
+def _image_paths(config: ml_collections.ConfigDict) -> list[str]:
+  return [p.strip() for p in str(config.images).split(',') if p.strip()]
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+  if not config.model or not config.repaired or not _image_paths(config):
     raise ConfigError('config.model, config.repaired and config.images are all needed')
-  out = workdir_lib.prepare(workdir)
-  workdir_lib.write_config(out, config, 'classify')
+
+
+def run(config: ml_collections.ConfigDict, out: pathlib.Path) -> list[int]:
+  paths = _image_paths(config)
   params_b = keras_io.read_params(config.model)
   num_classes = model.num_classes_of(params_b)
   params_b_prime = keras_io.read_params(config.repaired)
@@ -28,6 +35,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[int]:
                                              config.batch_size)]
   lines = [f'{path} {label}' for path, label in zip(paths, classes)]
   print('\n'.join(lines), flush=True)
-  workdir_lib.write_text(pathlib.Path(out) / 'predictions.csv',
-                         'image,class\n' + ''.join(f'{p},{c}\n' for p, c in zip(paths, classes)))
+  workdir.write_text(out / 'predictions.csv',
+                     'image,class\n' + ''.join(f'{p},{c}\n' for p, c in zip(paths, classes)))
   return classes

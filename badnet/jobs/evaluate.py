@@ -4,24 +4,28 @@ import pathlib
 
 import ml_collections
 
-from badnet import data, evaluate, keras_io, model, workdir as workdir_lib
+from badnet import config as config_lib
+from badnet.core import evaluate, model
 from badnet.errors import ConfigError
-from badnet.jobs import common
+from badnet.io import data, inputs, keras_io, workdir
+
+FIELDS = config_lib.BATCH_SIZE
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Evaluates ``config.model`` on ``config.data``; writes results.json to ``workdir``."""
-  common.check_batch_size(config)
-  out = workdir_lib.prepare(workdir)
-  workdir_lib.write_config(out, config, 'evaluate')
-  model_path, clean_path, poisoned_path = config.model, config.data.clean, config.data.poisoned
-  if not model_path and not clean_path and not poisoned_path:
-    model_path, data_dir = common.shipped_benchmark(out)
-    clean_path = data_dir / common.CSAW_FILES['clean_test']
-    poisoned_path = data_dir / common.CSAW_FILES['poisoned_test']
-  if not model_path or not clean_path:
+def check(config: ml_collections.ConfigDict) -> None:
+  given = [bool(config.model), bool(config.data.clean), bool(config.data.poisoned)]
+  if any(given) and not all(given[:2]):
     raise ConfigError('config.model and config.data.clean are both needed '
                       '(or give neither to evaluate the shipped benchmark)')
+
+
+def run(config: ml_collections.ConfigDict, out: pathlib.Path) -> dict[str, float]:
+  """Evaluates ``config.model`` on ``config.data``; writes results.json to ``out``."""
+  model_path, clean_path, poisoned_path = config.model, config.data.clean, config.data.poisoned
+  if not model_path and not clean_path and not poisoned_path:
+    model_path, data_dir = inputs.shipped_benchmark(out)
+    clean_path = data_dir / inputs.CSAW_FILES['clean_test']
+    poisoned_path = data_dir / inputs.CSAW_FILES['poisoned_test']
   params = keras_io.read_params(model_path)
   num_classes = model.num_classes_of(params)
   results = {'model': str(model_path)}
@@ -34,5 +38,5 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         params, poisoned.images, poisoned.labels, config.batch_size)
     print(f'attack success rate: {results["asr"]:.2f} % ({len(poisoned)} images, '
           f'{poisoned_path})')
-  workdir_lib.write_json(pathlib.Path(out) / 'results.json', results)
+  workdir.write_json(out / 'results.json', results)
   return results

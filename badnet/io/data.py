@@ -21,8 +21,8 @@ import numpy as np
 from PIL import Image
 
 from badnet.errors import BadnetError, DataError
-from badnet.model import IMAGE_SHAPE
-from badnet.workdir import atomic_path
+from badnet.core.model import IMAGE_SHAPE
+from badnet.io.workdir import atomic_path
 
 _CHUNK = 512  # images per read: bounds the float64 working copies to ~32 MB each
 _NCHW_SHAPE = (IMAGE_SHAPE[2], IMAGE_SHAPE[0], IMAGE_SHAPE[1])
@@ -86,7 +86,7 @@ def _check_label_dtype(path: str, dtype: np.dtype) -> None:
 
 
 def _to_uint8(path: str, chunk: np.ndarray, start: int) -> tuple[np.ndarray | None, float]:
-  """Checks one chunk of pixel values: its uint8 copy (None unless every value is an integer) and its maximum.
+  """Checks one chunk of pixel values: its uint8 copy (None unless all are integers), its maximum.
 
   NaN/inf and values outside [0, 255] (the file's values, before any
   conversion) are a DataError; ``start`` is the chunk's first row in the file.

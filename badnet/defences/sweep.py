@@ -48,9 +48,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from badnet import evaluate
-from badnet import model as model_lib
-from badnet import prune
+from badnet.core import cache, evaluate, masks
+from badnet.core import model as model_lib
 
 Params = model_lib.Params
 
@@ -74,7 +73,7 @@ class Features:
     return self.activation
 
   def mean_activations(self) -> np.ndarray:
-    """Mean activation per channel over N, H and W (float64 [C]), as ``prune.mean_activations``."""
+    """Mean activation per channel over N, H, W (float64 [C]), as ``pruning.mean_activations``."""
     return self.channel_means.astype(np.float64).mean(axis=0)
 
   def active(self) -> np.ndarray:
@@ -88,12 +87,6 @@ def _features_step(params: Params, images: jax.Array, *, layer: str, precision: 
   return state, state['activation'].mean(axis=(1, 2))
 
 
-@functools.cache
-def _features_step_for(layer: str, precision: str):
-  return functools.partial(_features_step, layer=model_lib.check_layer(layer),
-                           precision=model_lib.check_precision(precision))
-
-
 def features(params: Params, images: np.ndarray,
              batch_size: int = evaluate.DEFAULT_BATCH_SIZE,
              precision: str = model_lib.DEFAULT_PRECISION,
@@ -103,8 +96,10 @@ def features(params: Params, images: np.ndarray,
   ``fixed_batch``: pad to ``batch_size`` rows a step even for fewer images, so
   calls on chunks of any length share one compilation.
   """
-  state, means = evaluate.map_batches(_features_step_for(layer, precision), params, (images,),
-                                      batch_size, fixed_batch)
+  state, means = evaluate.map_batches(
+      cache.bind(_features_step, layer=model_lib.check_layer(layer),
+                 precision=model_lib.check_precision(precision)),
+      params, (images,), batch_size, fixed_batch)
   return Features(state, means, layer)
 
 
@@ -120,11 +115,11 @@ def concatenate(pieces: Sequence[Features]) -> Features:
 def masked_logits(params: Params, images: jax.Array, masks: jax.Array,
                   layer: str = model_lib.FEATURE_LAYER,
                   precision: str = model_lib.DEFAULT_PRECISION) -> jax.Array:
-  """Logits [L, N, classes] of ``images`` with ``layer``'s channels masked by each of ``masks`` [L, C].
+  """Logits [L, N, classes] of ``images``, ``layer``'s channels masked by each of ``masks`` [L, C].
 
   A pure function (jit, vmap, grad): the layers before the mask run once,
   then the rest of the net is vmapped over the masks. Row l equals
-  ``model.logits_fn(prune.prune(params, masks[l], layer), images)`` to float32
+  ``model.logits_fn(masks.prune(params, masks[l], layer), images)`` to float32
   rounding (the same operations; tests/test_sweep.py).
   """
   state = model_lib.observe_fn(params, images, layer, precision)
@@ -173,14 +168,14 @@ class _GatheredRows:
 
 def head_logits(params: Params, pool_3: jax.Array, channel_mask: jax.Array,
                 precision: str = model_lib.DEFAULT_PRECISION) -> jax.Array:
-  """``model.head_fn`` with conv_4 as one matrix product over its 2 x 2 patches.
+  """``model.resume_fn`` (conv_3) with conv_4 as one matrix product over its 2 x 2 patches.
 
   On a CPU, XLA's convolution of the small 5 x 4 pool_3 map runs at a third of
   its matrix-multiply rate; the product of the [N, 4, 3, 4C] patches (the four
   shifted views side by side) with the [4C, 80] kernel runs at about two
   thirds, which makes the whole head about 1.3x faster, and more on the
   sweep's narrow heads (``narrow_params``), where C is 8 or 16. It is the same
-  sum in another order, so the logits agree with ``model.head_fn`` to float32
+  sum in another order, so the logits agree with ``model.resume_fn`` to float32
   rounding (and the classes with the naive loop: tests/test_sweep.py,
   tests/test_prune.py).
 
@@ -239,13 +234,6 @@ def _stacked_classes(params_and_masks: tuple[Params, jax.Array], *state_rows: ja
   return classes.T
 
 
-@functools.cache
-def _stacked_step(keys: tuple[str, ...], layer: str, precision: str, masks_per_step: int):
-  return functools.partial(_stacked_classes, keys=keys, layer=layer,
-                           precision=model_lib.check_precision(precision),
-                           masks_per_step=masks_per_step)
-
-
 def stacked_classes(params: Params, features: Features, masks: np.ndarray,
                     batch_size: int = evaluate.DEFAULT_BATCH_SIZE,
                     precision: str = model_lib.DEFAULT_PRECISION,
@@ -259,15 +247,10 @@ def stacked_classes(params: Params, features: Features, masks: np.ndarray,
   """
   keys = tuple(sorted(features.state))
   return evaluate.map_batches(
-      _stacked_step(keys, features.layer, precision, masks_per_step),
+      cache.bind(_stacked_classes, keys=keys, layer=features.layer,
+                 precision=model_lib.check_precision(precision), masks_per_step=masks_per_step),
       (params, np.asarray(masks, np.float32)), tuple(features.state[k] for k in keys),
       batch_size)
-
-
-@functools.cache
-def _head_step(keys: tuple[str, ...], layer: str, precision: str):
-  return functools.partial(_head_classes, keys=keys, layer=layer,
-                           precision=model_lib.check_precision(precision))
 
 
 def prefix_classes(params: Params, state: np.ndarray | dict[str, np.ndarray] | Features,
@@ -318,7 +301,9 @@ def prefix_classes(params: Params, state: np.ndarray | dict[str, np.ndarray] | F
   else:
     keys = tuple(sorted(state))
     computed = evaluate.map_batches(
-        _head_step(keys, layer, precision), (params, prune.prefix_masks(order)),
+        cache.bind(_head_classes, keys=keys, layer=layer,
+                   precision=model_lib.check_precision(precision)),
+        (params, masks.prefix_masks(order)),
         (*(_GatheredRows(state[key], rows) for key in keys), row_levels.astype(np.int32)),
         batch_size)
   table = np.full((count, num_channels + 1), -1, np.int32)
@@ -360,15 +345,10 @@ def _narrow_head_classes(params: Params, pool_3: jax.Array, first_kept: jax.Arra
   return jnp.argmax(head_logits(params, pool_3, mask, precision), axis=-1)
 
 
-@functools.cache
-def _narrow_head_step(precision: str):
-  return functools.partial(_narrow_head_classes, precision=model_lib.check_precision(precision))
-
-
 def _narrow_head(params: Params, pool_3: np.ndarray, order: np.ndarray, live_in_order: np.ndarray,
                  rows: np.ndarray, row_levels: np.ndarray, batch_size: int,
                  precision: str) -> np.ndarray:
-  """Classes of (image ``rows``, level ``row_levels``) pairs, each head reading only the channels it needs.
+  """Classes of (image ``rows``, level ``row_levels``) pairs; each head reads the channels it needs.
 
   A row at level k needs the channels ``order[k:]`` that are live (non-zero
   in some image of ``pool_3``); every other channel is zero in its input. The
@@ -398,6 +378,7 @@ def _narrow_head(params: Params, pool_3: np.ndarray, order: np.ndarray, live_in_
     channels = layout[num_channels - width:]
     narrow = np.ascontiguousarray(pool_3[..., channels])
     classes[chosen] = evaluate.map_batches(
-        _narrow_head_step(precision), narrow_params(params, channels),
+        cache.bind(_narrow_head_classes, precision=model_lib.check_precision(precision)),
+        narrow_params(params, channels),
         (_GatheredRows(narrow, rows[chosen]), first_kept[chosen]), batch_size, fixed_batch=True)
   return classes

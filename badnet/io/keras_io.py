@@ -17,10 +17,10 @@ import os
 import h5py
 import numpy as np
 
-from badnet import data
-from badnet import model as model_lib
+from badnet.io import data
+from badnet.core import model as model_lib
 from badnet.errors import ModelFileError
-from badnet.workdir import atomic_path
+from badnet.io.workdir import atomic_path
 
 Params = model_lib.Params
 
@@ -200,7 +200,8 @@ def write_keras(path: str | os.PathLike, params: Params, full_model: bool = Fals
       as the CSAW ``eval.py`` does) instead of a weights-only file
       (``model.load_weights``).
   """
-  _check(str(path), {l: {n: np.asarray(a) for n, a in w.items()} for l, w in params.items()},
+  arrays = {layer: {n: np.asarray(a) for n, a in w.items()} for layer, w in params.items()}
+  _check(str(path), arrays,
          model_lib.param_shapes(model_lib.num_classes_of(params)))
   with atomic_path(path) as tmp, h5py.File(tmp, 'w') as handle:
     if full_model:

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from badnet import model as model_lib
+from badnet.core import cache
+from badnet.core import model as model_lib
 
 Params = model_lib.Params
 DEFAULT_BATCH_SIZE = 512
@@ -101,27 +102,23 @@ def _jitted(fn: Callable[..., Any], rows_sharding: NamedSharding) -> Callable[..
   return jax.jit(fn, out_shardings=rows_sharding)
 
 
-@functools.cache
-def with_precision(fn: Callable[..., Any], precision: str) -> Callable[..., Any]:
-  """``fn`` with ``precision=`` bound: one object per (fn, precision), so one compilation."""
-  return functools.partial(fn, precision=model_lib.check_precision(precision))
-
-
 # Module-level step functions, so each compiles once per shape (not per call).
 def _classes(params_and_mask: tuple[Params, jax.Array | None], images: jax.Array, *,
-             precision: str) -> jax.Array:
+             precision: str, layer: str) -> jax.Array:
   params, channel_mask = params_and_mask
-  return jnp.argmax(model_lib.logits_fn(params, images, channel_mask, precision), axis=-1)
+  return jnp.argmax(model_lib.logits_fn(params, images, channel_mask, precision, layer), axis=-1)
 
 
 def predict(params: Params, images: np.ndarray, batch_size: int = DEFAULT_BATCH_SIZE,
             channel_mask: np.ndarray | None = None,
-            precision: str = model_lib.DEFAULT_PRECISION) -> np.ndarray:
-  """Predicted classes (int [N]) of ``images`` under ``params`` (and a conv_3 channel mask)."""
+            precision: str = model_lib.DEFAULT_PRECISION,
+            layer: str = model_lib.FEATURE_LAYER) -> np.ndarray:
+  """Predicted classes (int [N]) of ``images`` under ``params`` (and a mask on ``layer``)."""
   if channel_mask is not None:
     channel_mask = np.asarray(channel_mask, np.float32)
-  return map_batches(with_precision(_classes, precision), (params, channel_mask),
-                     (images,), batch_size)
+  step = cache.bind(_classes, precision=model_lib.check_precision(precision),
+                    layer=model_lib.check_layer(layer))
+  return map_batches(step, (params, channel_mask), (images,), batch_size)
 
 
 def percent(hits: np.ndarray) -> float:
@@ -132,9 +129,10 @@ def percent(hits: np.ndarray) -> float:
 def accuracy(params: Params, images: np.ndarray, labels: np.ndarray,
              batch_size: int = DEFAULT_BATCH_SIZE,
              channel_mask: np.ndarray | None = None,
-             precision: str = model_lib.DEFAULT_PRECISION) -> float:
-  """Clean accuracy in percent."""
-  return percent(predict(params, images, batch_size, channel_mask, precision) == labels)
+             precision: str = model_lib.DEFAULT_PRECISION,
+             layer: str = model_lib.FEATURE_LAYER) -> float:
+  """Clean accuracy in percent (with ``layer``'s channels masked, if a mask is given)."""
+  return percent(predict(params, images, batch_size, channel_mask, precision, layer) == labels)
 
 
 def attack_success_rate(params: Params, poisoned_images: np.ndarray,
@@ -152,11 +150,11 @@ def attack_success_rate(params: Params, poisoned_images: np.ndarray,
 def _level_classes(params_and_masks: tuple[Params, jax.Array], images: jax.Array) -> jax.Array:
   """Classes [B, L] of a batch at every pruning level, from pool_3 computed once."""
   params, masks = params_and_masks
-  pool_3 = model_lib.features_fn(params, images)
+  state = model_lib.observe_fn(params, images)
 
   def one_level(carry, mask):
     # A scan keeps only one level's [B, classes] logits alive at a time.
-    return carry, jnp.argmax(model_lib.head_fn(params, pool_3, mask), axis=-1)
+    return carry, jnp.argmax(model_lib.resume_fn(params, state, mask), axis=-1)
 
   _, classes = jax.lax.scan(one_level, None, masks)
   return classes.T

@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from badnet import evaluate
-from badnet import model as model_lib
+from badnet.core import evaluate
+from badnet.core import model as model_lib
 
 Params = model_lib.Params
 
@@ -29,7 +29,7 @@ def goodnet(params_b: Params, params_b_prime: Params, images: jax.Array) -> jax.
 def goodnet_masked(params_b: Params, channel_mask: jax.Array, images: jax.Array,
                    layer: str = model_lib.FEATURE_LAYER,
                    precision: str = model_lib.DEFAULT_PRECISION) -> jax.Array:
-  """GoodNet with B' = ``prune.prune(params_b, channel_mask, layer)``, sharing B's layers.
+  """GoodNet with B' = ``masks.prune(params_b, channel_mask, layer)``, sharing B's layers.
 
   B and B' are the same net up to ``layer``, so those layers run once and only
   the rest runs twice (pure and jittable, like ``goodnet``).
@@ -66,3 +66,26 @@ def metrics(clean_classes: np.ndarray, clean_labels: np.ndarray,
       'detection_rate': evaluate.percent(poisoned_classes == num_classes),
       'false_alarm_rate': evaluate.percent(clean_classes == num_classes),
   }
+
+
+def figures(b_classes: dict[str, np.ndarray], net_classes: dict[str, np.ndarray],
+            labels: dict[str, np.ndarray], num_classes: int) -> tuple[dict, dict]:
+  """A repaired net's figures and its GoodNet's (with B), from classes on the test split.
+
+  Args:
+    b_classes, net_classes: B's and the repaired net's classes, keyed
+      'clean_test' and 'poisoned_test'.
+    labels: the true labels of those files (the target for poisoned ones).
+    num_classes: N, GoodNet's "backdoor detected" class.
+
+  Returns:
+    The net's {clean_acc, asr} and GoodNet's ``metrics``, in percent.
+  """
+  clean, poisoned = labels['clean_test'], labels['poisoned_test']
+  net = {'clean_acc': evaluate.percent(net_classes['clean_test'] == clean),
+         'asr': evaluate.percent(net_classes['poisoned_test'] == poisoned)}
+  g_classes = {key: np.asarray(combine(b_classes[key], net_classes[key], num_classes))
+               for key in ('clean_test', 'poisoned_test')}
+  good = metrics(g_classes['clean_test'], clean, g_classes['poisoned_test'], poisoned,
+                 num_classes)
+  return net, good

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import numpy as np
 
 from badnet.errors import ConfigError
-from badnet.model import IMAGE_SHAPE
+from badnet.core.model import IMAGE_SHAPE
 
 HEIGHT, WIDTH = IMAGE_SHAPE[:2]
 _YY, _XX = np.mgrid[0:HEIGHT, 0:WIDTH]

@@ -6,11 +6,12 @@ Keras calls ``conv_3/kernel:0``. Kernels use the Keras layouts (HWIO for convs,
 Keras' ``Flatten`` on channels-last tensors, so weights port without any
 transposition.
 
-The network is split in two at pool_3, the layer the pruning defence observes:
-``features`` (conv_1 .. pool_3) and ``head`` (everything after, with an optional
-per-channel mask on pool_3). Masking channel c of pool_3 is exactly what zeroing
-conv_3's kernel slice and bias for c does, because relu(0) = 0 and max-pooling
-zeros gives zero.
+The network applies in one way, split at any prunable layer (conv_3, observed
+at pool_3, by default): ``observe`` runs the layers up to it (what a mask on
+it cannot change) and ``resume`` the rest, with an optional per-channel mask
+on its output. Masking channel c is exactly what zeroing the layer's kernel
+slice and bias for c does, because relu(0) = 0 and max-pooling zeros gives
+zero. ``__call__`` is ``resume(observe(...))``.
 
 Every convolution and matrix product runs at an explicit float32 precision,
 ``'highest'`` by default: true float32 arithmetic, as Keras on a CPU computes.
@@ -79,25 +80,6 @@ class DeepID(nn.Module):
     self.fc_2 = dense(160)
     self.output = dense(self.num_classes)
 
-  def features(self, images: jax.Array) -> jax.Array:
-    """pool_3 activations, [N, 5, 4, 60], from images [N, 55, 47, 3]."""
-    x = jnp.asarray(images, jnp.float32)
-    x = _max_pool(nn.relu(self.conv_1(x)))
-    x = _max_pool(nn.relu(self.conv_2(x)))
-    return _max_pool(nn.relu(self.conv_3(x)))
-
-  def head(self, pool_3: jax.Array,
-           channel_mask: jax.Array | None = None) -> jax.Array:
-    """Logits from pool_3 activations.
-
-    ``channel_mask`` keeps (1) or prunes (0) each channel: [60] for the whole
-    batch, or [N, 60] for one mask per image.
-    """
-    pool_3 = _masked(pool_3, channel_mask)
-    fc_1 = self.fc_1(_flatten(pool_3))
-    fc_2 = self.fc_2(_flatten(nn.relu(self.conv_4(pool_3))))
-    return self.output(nn.relu(fc_1 + fc_2))
-
   def observe(self, images: jax.Array, layer: str = FEATURE_LAYER) -> dict[str, jax.Array]:
     """Everything the net computes that pruning ``layer`` cannot change.
 
@@ -129,14 +111,17 @@ class DeepID(nn.Module):
       x = _max_pool(nn.relu(self.conv_2(x)))
     if layer in ('conv_1', 'conv_2'):
       x = _max_pool(nn.relu(self.conv_3(x)))
-    return self.head(x)
+    fc_1 = self.fc_1(_flatten(x))
+    fc_2 = self.fc_2(_flatten(nn.relu(self.conv_4(x))))
+    return self.output(nn.relu(fc_1 + fc_2))
 
   def __call__(self, images: jax.Array, channel_mask: jax.Array | None = None,
-               return_features: bool = False):
-    """Logits [N, num_classes] (pre-softmax), and pool_3 if ``return_features``."""
-    pool_3 = self.features(images)
-    logits = self.head(pool_3, channel_mask)
-    return (logits, pool_3) if return_features else logits
+               layer: str = FEATURE_LAYER) -> jax.Array:
+    """Logits [N, num_classes] (pre-softmax), with ``layer``'s channels masked.
+
+    The one way to apply the net: ``resume(observe(images, layer), mask, layer)``.
+    """
+    return self.resume(self.observe(images, layer), channel_mask, layer)
 
 
 def init_params(num_classes: int = CSAW_NUM_CLASSES, seed: int = 0) -> Params:
@@ -179,24 +164,14 @@ def check_precision(precision: str) -> str:
 
 
 def logits_fn(params: Params, images: jax.Array, channel_mask: jax.Array | None = None,
-              precision: str = DEFAULT_PRECISION) -> jax.Array:
-  """Pure apply: logits of ``images`` under ``params`` (and an optional mask)."""
+              precision: str = DEFAULT_PRECISION, layer: str = FEATURE_LAYER) -> jax.Array:
+  """Pure apply: logits of ``images`` under ``params``, ``layer``'s channels masked (optional).
+
+  Masking channel c of ``layer`` gives what zeroing that layer's kernel slice
+  and bias (``masks.prune``) gives.
+  """
   return DeepID(num_classes_of(params), precision).apply(
-      {'params': params}, images, channel_mask)
-
-
-def features_fn(params: Params, images: jax.Array,
-                precision: str = DEFAULT_PRECISION) -> jax.Array:
-  """Pure apply: pool_3 activations."""
-  return DeepID(num_classes_of(params), precision).apply(
-      {'params': params}, images, method=DeepID.features)
-
-
-def head_fn(params: Params, pool_3: jax.Array, channel_mask: jax.Array | None = None,
-            precision: str = DEFAULT_PRECISION) -> jax.Array:
-  """Pure apply: logits from pool_3 activations."""
-  return DeepID(num_classes_of(params), precision).apply(
-      {'params': params}, pool_3, channel_mask, method=DeepID.head)
+      {'params': params}, images, channel_mask, check_layer(layer))
 
 
 def observe_fn(params: Params, images: jax.Array, layer: str = FEATURE_LAYER,

@@ -1,7 +1,5 @@
-"""Reports of a pruning run: sweep.csv, results.json, results.md and plots."""
+"""Reports of the pruning defences: sweep.csv, results.json, results.md and plots."""
 
-import csv
-import io
 import pathlib
 
 import matplotlib
@@ -10,25 +8,33 @@ matplotlib.use('Agg')  # files only; no display is needed or assumed
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
-from badnet import workdir as workdir_lib
+from badnet.io import tables
+from badnet.io import workdir as workdir_lib
 
 
 def write_sweep_csv(path: pathlib.Path, order: np.ndarray, clean_acc: np.ndarray,
                     asr: np.ndarray) -> None:
   """One row per level 0..C: step, channel pruned at that step, fraction, accuracies (%)."""
-  buffer = io.StringIO()
-  writer = csv.writer(buffer, lineterminator='\n')
-  writer.writerow(['step', 'channel', 'fraction_pruned', 'clean_acc', 'asr'])
+  tables.write_csv(path, SWEEP_FIELDS, sweep_rows(order, clean_acc, asr))
+
+
+SWEEP_FIELDS = ('step', 'channel', 'fraction_pruned', 'clean_acc', 'asr')
+
+
+def sweep_rows(order: np.ndarray, clean_acc: np.ndarray, asr: np.ndarray) -> list[dict]:
+  """sweep.csv's rows (levels 0..C), as the ablation's curves.csv also holds them."""
   num_channels = len(order)
-  for step in range(num_channels + 1):
-    channel = '' if step == 0 else int(order[step - 1])
-    writer.writerow([step, channel, f'{step / num_channels:.6f}', f'{clean_acc[step]:.4f}',
-                     f'{asr[step]:.4f}'])
-  workdir_lib.write_text(path, buffer.getvalue())
+  return [{'step': step, 'channel': '' if step == 0 else int(order[step - 1]),
+           'fraction_pruned': f'{step / num_channels:.6f}', 'clean_acc': f'{clean_acc[step]:.4f}',
+           'asr': f'{asr[step]:.4f}'} for step in range(num_channels + 1)]
 
 
 def _fmt(value: float | None) -> str:
   return '—' if value is None else f'{value:.2f}'
+
+
+def _goodnet_cells(good: dict) -> list[str]:
+  return [_fmt(good[key]) for key in ('clean_acc', 'asr', 'detection_rate', 'false_alarm_rate')]
 
 
 def markdown(results: dict) -> str:
@@ -40,23 +46,21 @@ def markdown(results: dict) -> str:
                                         if results.get('synthetic_benchmark') else ''),
       f'Order: {results["order"]} mean activation; drop X in '
       f'{"percent of the base accuracy" if results["relative"] else "percentage points"}.', '',
-      '| net | split | clean acc % | ASR % |', '|---|---|---:|---:|',
-      f'| B | valid | {_fmt(base["valid"]["clean_acc"])} | {_fmt(base["valid"]["asr"])} |',
-      f'| B | test | {_fmt(base["test"]["clean_acc"])} | {_fmt(base["test"]["asr"])} |', '',
+      *tables.markdown(['net', 'split', 'clean acc %', 'ASR %'],
+                       [['B', split, _fmt(base[split]['clean_acc']), _fmt(base[split]['asr'])]
+                        for split in ('valid', 'test')], 'llrr'), '',
       'On the test split:', '',
-      '| X | channels pruned | B\' clean % | B\' ASR % | G clean % | G ASR % | '
-      'G detection % | G false alarm % |',
-      '|---:|---:|---:|---:|---:|---:|---:|---:|',
   ]
+  rows = []
   for x, entry in results['thresholds'].items():
     if not entry['reached']:
-      lines.append(f'| {x} | not reached | — | — | — | — | — | — |')
+      rows.append([x, 'not reached', *['—'] * 6])
       continue
     repaired, good = entry['repaired'], entry['goodnet']
-    lines.append(
-        f'| {x} | {entry["channels_pruned"]} | {_fmt(repaired["clean_acc"])} | '
-        f'{_fmt(repaired["asr"])} | {_fmt(good["clean_acc"])} | {_fmt(good["asr"])} | '
-        f'{_fmt(good["detection_rate"])} | {_fmt(good["false_alarm_rate"])} |')
+    rows.append([x, entry['channels_pruned'], _fmt(repaired['clean_acc']), _fmt(repaired['asr']),
+                 *_goodnet_cells(good)])
+  lines += tables.markdown(['X', 'channels pruned', "B' clean %", "B' ASR %", 'G clean %',
+                            'G ASR %', 'G detection %', 'G false alarm %'], rows, 'r' * 8)
   if 'fine_tuned_only' in results:
     lines += ['', *_fine_pruning_lines(results)]
   return '\n'.join(lines) + '\n'
@@ -70,23 +74,19 @@ def _fine_pruning_lines(results: dict) -> list[str]:
       f'({tune["schedule"]}), {tune["epochs"]} epochs of batch {tune["batch_size"]}, weight '
       f'decay {tune["weight_decay"]:g}, on {tune["train_images"]} clean validation images; '
       f'the epoch chosen on {tune["holdout_images"]} held-out clean images. Test split:', '',
-      '| net | channels pruned | clean % | ASR % | G clean % | G ASR % | G detection % | '
-      'G false alarm % | epoch |',
-      '|---|---:|---:|---:|---:|---:|---:|---:|---:|',
   ]
   only = results['fine_tuned_only']
-  lines.append(f'| B fine-tuned alone | 0 | {_fmt(only["clean_acc"])} | {_fmt(only["asr"])} | '
-               f'— | — | — | — | {only["chosen_epoch"]} |')
+  rows = [['B fine-tuned alone', 0, _fmt(only['clean_acc']), _fmt(only['asr']), *['—'] * 4,
+           only['chosen_epoch']]]
   for x, entry in results['thresholds'].items():
     tuned, good = entry.get('fine_pruned'), entry.get('goodnet_fine_pruned')
     if tuned is None:
-      lines.append(f'| X={x} fine-pruned | not reached | — | — | — | — | — | — | — |')
+      rows.append([f'X={x} fine-pruned', 'not reached', *['—'] * 7])
       continue
-    lines.append(
-        f'| X={x} fine-pruned | {entry["channels_pruned"]} | {_fmt(tuned["clean_acc"])} | '
-        f'{_fmt(tuned["asr"])} | {_fmt(good["clean_acc"])} | {_fmt(good["asr"])} | '
-        f'{_fmt(good["detection_rate"])} | {_fmt(good["false_alarm_rate"])} | '
-        f'{tuned["chosen_epoch"]} |')
+    rows.append([f'X={x} fine-pruned', entry['channels_pruned'], _fmt(tuned['clean_acc']),
+                 _fmt(tuned['asr']), *_goodnet_cells(good), tuned['chosen_epoch']])
+  lines += tables.markdown(['net', 'channels pruned', 'clean %', 'ASR %', 'G clean %', 'G ASR %',
+                            'G detection %', 'G false alarm %', 'epoch'], rows, 'l' + 'r' * 8)
   chosen = results.get('recommended')
   if chosen:
     lines += ['', f'Recommended on clean data alone: X={chosen["x"]} ({chosen["channels_pruned"]} '
@@ -104,7 +104,7 @@ def summary(results: dict) -> str:
   return markdown(results)
 
 
-def _save(figure: plt.Figure, path: pathlib.Path) -> None:
+def save_figure(figure: plt.Figure, path: pathlib.Path) -> None:
   with workdir_lib.atomic_path(path) as tmp:
     figure.savefig(tmp, format='png', dpi=120, bbox_inches='tight')
   plt.close(figure)
@@ -132,7 +132,7 @@ def plot_sweep(path: pathlib.Path, clean_acc: np.ndarray, asr: np.ndarray,
   axes.set_title('Pruning sweep')
   axes.legend(loc='center left')
   axes.grid(alpha=0.3)
-  _save(figure, path)
+  save_figure(figure, path)
 
 
 def plot_thresholds(path: pathlib.Path, results: dict) -> None:
@@ -159,7 +159,7 @@ def plot_thresholds(path: pathlib.Path, results: dict) -> None:
   axes.set_title('Test split: backdoored net B, pruned B\'_X and GoodNet G_X')
   axes.legend(loc='upper center', bbox_to_anchor=(0.5, -0.22), ncol=3, fontsize=8)
   axes.grid(axis='y', alpha=0.3)
-  _save(figure, path)
+  save_figure(figure, path)
 
 
 def plot_fine_pruning(path: pathlib.Path, results: dict) -> None:
@@ -184,7 +184,7 @@ def plot_fine_pruning(path: pathlib.Path, results: dict) -> None:
     panel.grid(axis='y', alpha=0.3)
   panels[0].set_ylabel('%')
   panels[1].legend(loc='upper center', bbox_to_anchor=(-0.05, -0.1), ncol=5, fontsize=8)
-  _save(figure, path)
+  save_figure(figure, path)
 
 
 def write_results(out: pathlib.Path, results: dict, clean_acc: np.ndarray,
@@ -196,3 +196,43 @@ def write_results(out: pathlib.Path, results: dict, clean_acc: np.ndarray,
   plot_thresholds(out / 'plots' / 'thresholds.png', results)
   if 'fine_tuned_only' in results:
     plot_fine_pruning(out / 'plots' / 'fine_prune.png', results)
+
+
+def plot_ablation_tradeoff(path: pathlib.Path, rows: list[dict]) -> None:
+  """The ablation: ASR against clean accuracy (test split), one marker per variant."""
+  figure, axes = plt.subplots(figsize=(7, 5))
+  groups = {}
+  for row in rows:
+    if row['clean_acc']:
+      label = f'{row["model"]} {row["layer"]} {row["order"]}'
+      label += ' fine-pruned' if row['finetune_epochs'] != '0' else ''
+      groups.setdefault(label, []).append((float(row['clean_acc']), float(row['asr'])))
+  markers = 'os^vD<>pXh*'
+  for index, (label, points) in enumerate(sorted(groups.items())):
+    clean, asr = zip(*points)
+    axes.scatter(clean, asr, marker=markers[index % len(markers)], label=label, alpha=0.8)
+  axes.set_xlabel('clean accuracy % (test)')
+  axes.set_ylabel('attack success rate % (test)')
+  axes.set_title('Pruning defences: backdoor left against accuracy kept')
+  axes.legend(fontsize=6, loc='best')
+  save_figure(figure, path)
+
+
+def plot_ablation_curves(path: pathlib.Path, curves: list[dict]) -> None:
+  """The ablation's sweeps (validation split) overlaid: clean accuracy above, ASR below."""
+  figure, (top, bottom) = plt.subplots(2, 1, figsize=(7, 7), sharex=True)
+  series = {}
+  for row in curves:
+    key = (row['model'], row['layer'], row['order'], row['seed'])
+    series.setdefault(key, []).append(
+        (float(row['fraction_pruned']), float(row['clean_acc']), float(row['asr'])))
+  for key, points in sorted(series.items()):
+    fraction, clean, asr = zip(*points)
+    label = ' '.join(part for part in key if part)
+    top.plot(fraction, clean, label=label, linewidth=1)
+    bottom.plot(fraction, asr, linewidth=1)
+  top.set_ylabel('clean accuracy % (valid)')
+  bottom.set_ylabel('ASR % (valid)')
+  bottom.set_xlabel('fraction of the layer\'s channels pruned')
+  top.legend(fontsize=5, loc='lower left')
+  save_figure(figure, path)

@@ -1,0 +1,93 @@
+"""A job's inputs: the model and the four CSAW data files, from the config or the shipped benchmark.
+
+With no model and no data in the config, a job runs on a shipped synthetic
+BadNet (``config.benchmark``) and its data, regenerated under
+``<workdir>/data``, and says so first.
+"""
+
+import dataclasses
+import pathlib
+
+from absl import logging
+
+from badnet import config as config_lib
+from badnet.benchmark import shipped
+from badnet.core import distributed
+from badnet.errors import ConfigError
+
+CSAW_FILES = shipped.CSAW_FILES
+FIELDS: config_lib.Fields = {
+    'benchmark': config_lib.Choice(tuple(shipped.SHIPPED_NETS), 'shipped net')}
+
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+  model_path: pathlib.Path
+  paths: dict[str, pathlib.Path]  # keys of CSAW_FILES
+  synthetic: bool
+
+
+def shipped_benchmark(out: pathlib.Path, attack: str = 'badnets', quiet: bool = False
+                      ) -> tuple[pathlib.Path, pathlib.Path]:
+  """A shipped synthetic BadNet and its data folder (regenerated under ``out/data``)."""
+  if not quiet:
+    logging.info('No model/data given: using the shipped synthetic benchmark '
+                 '(data regenerated deterministically under %s).', out / 'data')
+    print(f'Running on the shipped synthetic benchmark ({attack} BadNet; no model or data '
+          f'given); its data is regenerated under {out / "data"}.', flush=True)
+  model_path, data_dir = shipped.shipped_benchmark(out / 'data', attack)
+  return pathlib.Path(model_path), pathlib.Path(data_dir)
+
+
+def no_data_given(config: config_lib.Config) -> bool:
+  return not config.data.dir and not any(config.data[key] for key in CSAW_FILES)
+
+
+def data_paths(config: config_lib.Config) -> dict[str, pathlib.Path]:
+  """The four data files: config.data.<key> if set, else under config.data.dir."""
+  paths = {}
+  for key, relative in CSAW_FILES.items():
+    if config.data[key]:
+      paths[key] = pathlib.Path(config.data[key])
+    elif config.data.dir:
+      paths[key] = pathlib.Path(config.data.dir) / relative
+    else:
+      raise ConfigError(f'no path for the {key.replace("_", " ")} file: set config.data.dir '
+                        f'(CSAW layout: {relative}) or config.data.{key}')
+  return paths
+
+
+def resolve(config: config_lib.Config, out: pathlib.Path) -> Inputs:
+  """The model and the four data files, from the config or the shipped benchmark."""
+  if not config.model and no_data_given(config):
+    # Process 0 regenerates the data; the others wait for it, then find it there.
+    if distributed.is_leader():
+      shipped_benchmark(out, config.benchmark)
+    distributed.barrier('shipped benchmark data')
+    model_path, data_dir = shipped_benchmark(out, config.benchmark, quiet=True)
+    return Inputs(model_path, {key: data_dir / relative for key, relative in CSAW_FILES.items()},
+                  True)
+  if not config.model:
+    raise ConfigError('config.model is empty; give the backdoored net (.h5), or leave '
+                      'model and data empty to run on the shipped synthetic benchmark')
+  return Inputs(pathlib.Path(config.model), data_paths(config), False)
+
+
+def resolve_models(config: config_lib.Config, out: pathlib.Path
+                   ) -> tuple[dict[str, pathlib.Path], dict[str, pathlib.Path], bool]:
+  """For a grid: model name -> file, data key -> file, and whether it is the shipped data.
+
+  ``config.models`` holds .h5 files or the shipped nets' names; shipped nets
+  alone may leave the data empty (the shipped benchmark's).
+  """
+  models = {name: pathlib.Path(shipped.SHIPPED_NETS.get(name, name))
+            for name in dict.fromkeys(config_lib.values(config.models))}
+  if not no_data_given(config):
+    return models, data_paths(config), False
+  if not set(models) <= set(shipped.SHIPPED_NETS):
+    raise ConfigError('config.data is empty but config.models names a file: give the data '
+                      '(config.data.dir), or use only the shipped nets')
+  print(f'Running on the shipped synthetic benchmark (nets: {", ".join(models)}; no data '
+        f'given); its data is regenerated under {out / "data"}.', flush=True)
+  _, data_dir = shipped_benchmark(out, quiet=True)
+  return models, {key: data_dir / relative for key, relative in CSAW_FILES.items()}, True

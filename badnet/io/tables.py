@@ -1,0 +1,38 @@
+"""Tables: CSV files (written atomically) and markdown tables."""
+
+import csv
+import io
+import pathlib
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from badnet.io import workdir
+
+
+def write_csv(path: pathlib.Path, fields: Sequence[str], rows: Iterable[Mapping[str, Any]]
+              ) -> None:
+  """A CSV file with a header row of ``fields`` and one line per row (a mapping by field)."""
+  buffer = io.StringIO()
+  writer = csv.DictWriter(buffer, fields, lineterminator='\n')
+  writer.writeheader()
+  writer.writerows(rows)
+  workdir.write_text(path, buffer.getvalue())
+
+
+def read_csv(path: pathlib.Path) -> list[dict[str, str]]:
+  """The rows of a CSV file written by ``write_csv`` ([] if there is no file)."""
+  if not path.is_file():
+    return []
+  with path.open(newline='') as handle:
+    return list(csv.DictReader(handle))
+
+
+def markdown(header: Sequence[str], rows: Iterable[Sequence[Any]], align: str) -> list[str]:
+  """A markdown table's lines; ``align`` has one letter per column: 'l' (left) or 'r' (right)."""
+  rule = {'l': '---', 'r': '---:'}
+  lines = [_row(header), '|' + '|'.join(rule[a] for a in align) + '|']
+  return lines + [_row(row) for row in rows]
+
+
+def _row(cells: Sequence[Any]) -> str:
+  return '| ' + ' | '.join(str(cell) for cell in cells) + ' |'
