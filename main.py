@@ -2,8 +2,9 @@
 
 The config names the job (``config.job``, a module in ``badnet/jobs``);
 ``badnet.runner`` checks the whole config, prepares the workdir and runs it.
-Errors in the user's input (files, config values, the workdir) are printed as one
-line and exit with status 1.
+Errors in the user's input (files, config values and names, the workdir, a full
+disk) are printed as one line and exit with status 1; Ctrl-C stops the job
+with one line and status 130, leaving no half-written file.
 
 Several processes (hosts) run one prune job together with ``jax.distributed``:
 start the same command once per process with ``--num_processes=P
@@ -12,6 +13,8 @@ with ``--distributed`` where JAX detects the cluster itself (TPU pods, SLURM).
 Each process reads only its share of every data file; process 0 writes.
 """
 
+import logging as py_logging
+import re
 import sys
 
 from absl import app, flags, logging
@@ -35,6 +38,33 @@ _AUTO = flags.DEFINE_bool('distributed', False,
 flags.mark_flags_as_required(['config'])
 
 
+def _flag_error(error: Exception, argv: list[str]) -> str:
+  """One line for a command line that could not be parsed."""
+  text = str(error)
+  if isinstance(error, (AttributeError, KeyError)):  # ml_collections: no such config field
+    overrides = [arg.split('=')[0] for arg in argv if arg.startswith('--config.')]
+    flag = next((o for o in overrides
+                 if re.search(rf'\b{re.escape(o.split(".")[-1])}\b', text)), '--config.<field>')
+    guess = re.search(r'Did you mean "(\w+)"', text)
+    hint = f'; did you mean {flag.rsplit(".", 1)[0]}.{guess.group(1)}?' if guess else ''
+    return f'{flag}: no such config field{hint}'
+  if 'config file' in text or 'failure to load' in text:
+    path = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), '?')
+    return f'--config={path}: cannot load this config file (no such file, or it fails)'
+  return text.splitlines()[0] if text else type(error).__name__
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with every failure as one line and exit status 1."""
+  try:
+    remaining = flags.FLAGS(argv)
+    _CONFIG.value.keys()  # loads the config file and applies the overrides now
+    return remaining
+  except Exception as error:  # noqa: BLE001 (each failure is the user's command line)
+    print(f'error: {_flag_error(error, argv)}', file=sys.stderr)
+    sys.exit(1)
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
@@ -45,13 +75,25 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f'--process_id must be in 0..{_NUM_PROCESSES.value - 1}')
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                          _AUTO.value)
+  # JAX probes for a TPU on every start and logs its absence; that is no news.
+  py_logging.getLogger('jax._src.xla_bridge').setLevel(py_logging.WARNING)
   try:
     runner.run(config, _WORKDIR.value)
   except BadnetError as error:
-    logging.flush()
-    print(f'error: {error}', file=sys.stderr)
-    sys.exit(1)
+    _stop(f'error: {error}', 1)
+  except KeyboardInterrupt:
+    _stop('interrupted (Ctrl-C): the job stopped; files it had finished are complete, '
+          'and nothing half-written was left', 130)
+  except OSError as error:  # a file operation no check foresaw: still one line
+    where = f'{error.filename}: ' if error.filename else ''
+    _stop(f'error: {where}{error.strerror or error}', 1)
+
+
+def _stop(line: str, status: int) -> None:
+  logging.flush()
+  print(line, file=sys.stderr, flush=True)
+  sys.exit(status)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -23,4 +23,8 @@ class ModelFileError(BadnetError):
 
 
 class WorkdirError(BadnetError):
-  """The working directory cannot be used."""
+  """The working directory cannot be used, or a file in it cannot be written."""
+
+
+class TrainingError(BadnetError):
+  """Training diverged: a non-finite loss, or held-out accuracy that collapsed."""

@@ -72,7 +72,7 @@ def run_pruning(config: ml_collections.ConfigDict, out: pathlib.Path,
       once its features are computed, so at most two files' images (the one
       on the device, the next one loading) are held at a time.
   """
-  given = inputs.resolve(config, out)
+  given = inputs.resolve(config)
   params = keras_io.read_params(given.model_path)
   num_classes = model.num_classes_of(params)
   batch, precision = config.batch_size, config.precision
@@ -111,6 +111,7 @@ def run_pruning(config: ml_collections.ConfigDict, out: pathlib.Path,
   reached = sorted({level for level in levels.values() if level is not None})
   test_classes = {key: swept(key, [0, *reached]) for key in ('clean_test', 'poisoned_test')}
   results = {'model': str(given.model_path), 'synthetic_benchmark': given.synthetic,
+             'data': inputs.recorded(given.paths),
              'order': config.order, 'relative': config.relative,
              'base': {'valid': {'clean_acc': float(clean_acc[0]), 'asr': float(asr[0])}},
              'thresholds': {}}

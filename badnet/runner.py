@@ -60,13 +60,24 @@ def run(config: config_lib.Config, workdir: str | pathlib.Path | None = None) ->
   """Checks ``config``, prepares ``workdir`` (default workdir/<job>), records the config, runs."""
   job = check(config)
   out = distributed.on_every_process(_prepare, config, workdir or f'workdir/{config.job}')
-  return job.run(config, out)
+  results = job.run(config, out)
+  if distributed.is_leader():
+    print(f'Results in {out}: {", ".join(_listing(out))}', flush=True)
+  return results
+
+
+def _listing(out: pathlib.Path) -> list[str]:
+  """The workdir's outputs, folders with a slash (the config record and data last)."""
+  names = sorted(p.name + ('/' if p.is_dir() else '') for p in out.iterdir()
+                 if not p.name.startswith('.'))
+  last = [n for n in ('config.json', 'data/') if n in names]
+  return [n for n in names if n not in last] + last
 
 
 def _prepare(config: config_lib.Config, workdir: str | pathlib.Path) -> pathlib.Path:
   """The checked workdir with its config.json; only process 0 touches it."""
   if not distributed.is_leader():
     return pathlib.Path(workdir)
-  out = workdir_lib.prepare(workdir)
+  out = workdir_lib.prepare(workdir, config.job)
   workdir_lib.write_config(out, config, config.job)
   return out

@@ -143,7 +143,8 @@ def run_job(model: pathlib.Path, folder: pathlib.Path) -> dict:
   with tempfile.TemporaryDirectory(prefix='badnet_scale_') as tmp, \
       tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
     command = [sys.executable, 'main.py', '--config=configs/prune.py', f'--config.model={model}',
-               f'--config.data.dir={folder}', f'--workdir={tmp}/workdir']
+               f'--config.data.dir={folder}', f'--workdir={tmp}/workdir',
+               '--verbosity=1']  # the head's rows are debug lines
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
     process = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=err)

@@ -9,7 +9,8 @@ prints
     attack success rate: <P> % (<N> images, P.h5)
 
 and writes them to W/results.json. With no model and no data it evaluates the
-shipped synthetic benchmark net on its test split, regenerated under W/data.
+shipped synthetic benchmark net on its test split (data made once per machine
+in ~/.cache/badnet, or $BADNET_CACHE_DIR).
 """
 
 import ml_collections

@@ -2,6 +2,8 @@
 
 import os
 import pathlib
+import shutil
+import tempfile
 from collections.abc import Callable
 
 # Keras (the test oracle) must use JAX, the one backend this project installs; set
@@ -15,10 +17,20 @@ from badnet.core import evaluate, model
 from badnet.io import data, keras_io
 from tests import helpers  # pylint: disable=g-import-not-at-top
 
+# The shipped benchmark's data is made once per machine into a cache; the tests
+# make it once per session into a folder of their own (subprocesses inherit it),
+# never into the user's cache.
+_CACHE = tempfile.mkdtemp(prefix='badnet-test-cache-')
+os.environ['BADNET_CACHE_DIR'] = _CACHE
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_CSAW_DIR = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'csaw'
 WORLD_CLASSES = 11  # classes of the random net of the `world` fixture
 FACE_PAIRS = pathlib.Path('samples') / 'mahatimadhira_recovered_test_pairs.npz'
+
+
+def pytest_sessionfinish(session, exitstatus):
+  shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 def csaw_path() -> pathlib.Path:

@@ -1,6 +1,5 @@
 """README.md's "As a library" section runs as written and computes what it says."""
 
-import pathlib
 import re
 
 import numpy as np
@@ -34,4 +33,4 @@ def test_the_library_section_runs(tmp_path, monkeypatch, capsys):
   assert [line.split()[0] for line in printed] == ['X=2', 'X=30']
   depths = [c.figures['channels_pruned'] for c in outcome.candidates.values()]
   assert depths[0] <= depths[1]
-  assert pathlib.Path('workdir/library/data/cl/valid.h5').is_file()
+  assert (names['data_dir'] / 'cl' / 'valid.h5').is_file()

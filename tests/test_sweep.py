@@ -147,7 +147,7 @@ def test_the_sparse_net_sweep_runs_every_head_width(sparse_net, caplog):
   """The equality tests above cover all four widths, not only the full one."""
   params, _, features = sparse_net
   order = pruning.pruning_order(features.mean_activations(), 'increasing')
-  with caplog.at_level('INFO'):
+  with caplog.at_level('DEBUG', logger='absl'):  # the job logs it at debug level
     sweep.prefix_classes(params, features.pool_3, order, batch_size=64)
   line, = [r.getMessage() for r in caplog.records if 'by channels read' in r.getMessage()]
   counts = dict(pair.split(':') for pair in line.rstrip('.').split(': ', 1)[1].split())

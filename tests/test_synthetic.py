@@ -115,16 +115,30 @@ def test_bad_config_is_refused_before_any_work(tmp_path, field, value, message):
   assert not (tmp_path / 'run').exists()
 
 
-def test_shipped_benchmark_regenerates_its_data_once(tmp_path):
-  model_path, data_dir = shipped.shipped_benchmark(tmp_path / 'data')
+def test_shipped_benchmark_data_is_made_once_per_machine_and_checked(tmp_path, monkeypatch):
+  """The cache: made once, reused untouched, damage found by its digests and made again."""
+  tiny = shipped.BenchmarkSpec(num_identities=3, valid_per_identity=2, test_per_identity=2)
+  monkeypatch.setattr(shipped, 'shipped_spec', lambda: tiny)
+  monkeypatch.setenv('BADNET_CACHE_DIR', str(tmp_path / 'cache'))
+  model_path, data_dir = shipped.shipped_benchmark()
   assert model_path.is_file() and model_path.parent == shipped.ASSETS
-  stamp = (data_dir / 'cl' / 'valid.h5').stat().st_mtime_ns
-  shipped.shipped_benchmark(tmp_path / 'data')
-  assert (data_dir / 'cl' / 'valid.h5').stat().st_mtime_ns == stamp
-  spec = shipped.shipped_spec()
-  clean = data.load_csaw_h5(data_dir / 'cl' / 'valid.h5', spec.num_identities)
-  assert len(clean) == spec.num_identities * spec.valid_per_identity
-  assert dataclasses.asdict(spec)['trigger'] in triggers.TRIGGERS
+  assert data_dir.parent == tmp_path / 'cache' and data_dir == shipped.cache_dir(tiny)
+  valid = data_dir / 'cl' / 'valid.h5'
+  made, content = valid.stat().st_mtime_ns, valid.read_bytes()
+  assert shipped.shipped_benchmark()[1] == data_dir
+  assert valid.stat().st_mtime_ns == made  # reused, not made again
+  clean = data.load_csaw_h5(valid, tiny.num_identities)
+  assert len(clean) == tiny.num_identities * tiny.valid_per_identity
+  damaged = bytearray(content)
+  damaged[-100] ^= 0xFF  # one byte of pixel data
+  valid.write_bytes(bytes(damaged))
+  assert not shipped._has_data(data_dir, tiny)  # pylint: disable=protected-access
+  shipped.shipped_benchmark()
+  assert valid.read_bytes() == content  # made again, byte for byte
+  assert not list((tmp_path / 'cache').glob('.benchmark-*'))  # no half-built folder beside it
+  # An explicit folder still works (README's library code passes none).
+  assert shipped.shipped_benchmark(tmp_path / 'mine')[1] == tmp_path / 'mine'
+  assert dataclasses.asdict(shipped.shipped_spec())['trigger'] in triggers.TRIGGERS
 
 
 # The shipped nets' figures as WORKSPACE.md and badnet/assets/benchmark.json
@@ -148,7 +162,7 @@ def shipped_defence(request, tmp_path_factory):
   results = runner.run(config, str(workdir))
   sweep = np.loadtxt(workdir / 'sweep.csv', delimiter=',', skiprows=1,
                      converters={1: lambda v: float(v or -1)})
-  valid = data.load_csaw_h5(workdir / 'data' / 'cl' / 'valid.h5')
+  valid = data.load_csaw_h5(results['data']['clean_valid'])
   params = keras_io.read_params(shipped.SHIPPED_NETS[request.param])
   dormant = int((pruning.mean_activations(params, valid.images) == 0).sum())
   return request.param, results, sweep, dormant

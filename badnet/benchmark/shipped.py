@@ -1,17 +1,28 @@
 """The shipped synthetic benchmark: its data in the CSAW layout and its BadNets.
 
 The data is a function of a ``BenchmarkSpec`` (the face generator's seed and
-sizes, the trigger, the target), byte for byte, so it is regenerated, never
-shipped; the nets trained on it ship in ``badnet/benchmark/assets``.
+sizes, the trigger, the target), byte for byte, so it is generated, never
+shipped: once per machine, into a cache folder (``$BADNET_CACHE_DIR``, by
+default ``~/.cache/badnet``), and checked on every reuse. The nets trained on
+it ship in ``badnet/benchmark/assets``.
 """
 
+import contextlib
 import dataclasses
+import fcntl
+import hashlib
 import json
+import os
 import pathlib
+import shutil
+import tempfile
+from collections.abc import Iterator
 
+from absl import logging
 import numpy as np
 
 from badnet.benchmark import faces, triggers
+from badnet.errors import WorkdirError
 from badnet.io import data, workdir
 
 # CSAW lab3 layout, relative to a data folder.
@@ -22,7 +33,8 @@ ASSETS = pathlib.Path(__file__).resolve().parent / 'assets'
 SHIPPED_SPEC = ASSETS / 'benchmark.json'
 SHIPPED_NETS = {'badnets': ASSETS / 'badnets_bd_weights.h5',
                 'pruning_aware': ASSETS / 'pruning_aware_bd_weights.h5'}
-_STAMP = 'benchmark.json'  # written beside the data: which spec made it
+_STAMP = 'benchmark.json'  # beside the data: the spec that made it, each file's digest
+CACHE_ENV = 'BADNET_CACHE_DIR'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +58,7 @@ def write_csaw_dir(data_dir: pathlib.Path, spec: BenchmarkSpec
 
   cl/{valid,test}.h5 hold the clean images; bd/bd_{valid,test}.h5 every
   non-target image with the trigger, labelled with the target, as CSAW does.
-  A stamp records the spec, so a later call with the same spec reuses the files.
+  ``shipped_benchmark`` stamps the folder so that a later call reuses it.
   """
   splits = {}
   for split in ('valid', 'test'):
@@ -56,32 +68,116 @@ def write_csaw_dir(data_dir: pathlib.Path, spec: BenchmarkSpec
     data.write_csaw_h5(data_dir / 'cl' / f'{split}.h5', images, labels)
     data.write_csaw_h5(data_dir / 'bd' / f'bd_{split}.h5',
                        *triggers.poisoned_split(images, labels, spec.trigger, spec.target))
-  workdir.write_json(data_dir / _STAMP, dataclasses.asdict(spec))
   return splits
 
 
+def _digests(data_dir: pathlib.Path) -> dict[str, str]:
+  """sha256 of each data file (what a reuse checks), by CSAW-layout path."""
+  digests = {}
+  for relative in CSAW_FILES.values():
+    digest = hashlib.sha256()
+    with open(data_dir / relative, 'rb') as handle:
+      while block := handle.read(1 << 22):
+        digest.update(block)
+    digests[relative] = digest.hexdigest()
+  return digests
+
+
 def _has_data(data_dir: pathlib.Path, spec: BenchmarkSpec) -> bool:
-  files = CSAW_FILES.values()
+  """Whether ``data_dir`` holds ``spec``'s four files, each as it was written."""
   try:
     stamp = json.loads((data_dir / _STAMP).read_text())
-  except (OSError, ValueError):
+    return stamp['spec'] == dataclasses.asdict(spec) and stamp['files'] == _digests(data_dir)
+  except (OSError, ValueError, KeyError, TypeError):
     return False
-  return stamp == dataclasses.asdict(spec) and all((data_dir / f).is_file() for f in files)
+
+
+def _generate(data_dir: pathlib.Path, spec: BenchmarkSpec) -> None:
+  """Writes ``spec``'s data and the stamp that records it (the spec and each file's digest)."""
+  write_csaw_dir(data_dir, spec)
+  workdir.write_json(data_dir / _STAMP, {'spec': dataclasses.asdict(spec),
+                                         'files': _digests(data_dir)})
+
+
+def cache_root() -> pathlib.Path:
+  """Where the shipped benchmark's data lives: $BADNET_CACHE_DIR, else ~/.cache/badnet."""
+  if os.environ.get(CACHE_ENV):
+    return pathlib.Path(os.environ[CACHE_ENV]).expanduser()
+  base = os.environ.get('XDG_CACHE_HOME') or pathlib.Path.home() / '.cache'
+  return pathlib.Path(base) / 'badnet'
+
+
+def cache_dir(spec: BenchmarkSpec) -> pathlib.Path:
+  """The data folder of ``spec`` in the cache: one per spec, shared by every job."""
+  key = hashlib.sha256(json.dumps(dataclasses.asdict(spec), sort_keys=True).encode())
+  return cache_root() / f'benchmark-{key.hexdigest()[:12]}'
 
 
 def shipped_spec() -> BenchmarkSpec:
   return BenchmarkSpec(**json.loads(SHIPPED_SPEC.read_text())['data'])
 
 
-def shipped_benchmark(data_dir: str | pathlib.Path, attack: str = 'badnets'
+def shipped_benchmark(data_dir: str | pathlib.Path | None = None, attack: str = 'badnets'
                       ) -> tuple[pathlib.Path, pathlib.Path]:
-  """The shipped benchmark BadNet and its data, regenerated under ``data_dir`` if needed.
+  """The shipped benchmark BadNet and its data, generated if needed.
+
+  Args:
+    data_dir: where the data goes; None: the machine's cache (``cache_dir``),
+      generated once and checked (every file's sha256) on each reuse. Damaged
+      or partial data is generated again.
+    attack: which shipped net, 'badnets' or 'pruning_aware'.
 
   Returns:
     The path of the shipped Keras weights file and the CSAW-layout data folder.
   """
-  data_dir = pathlib.Path(data_dir)
   spec = shipped_spec()
-  if not _has_data(data_dir, spec):
-    write_csaw_dir(data_dir, spec)
+  if data_dir is not None:
+    data_dir = pathlib.Path(data_dir)
+    if not _has_data(data_dir, spec):
+      _generate(data_dir, spec)
+    return SHIPPED_NETS[attack], data_dir
+  data_dir = cache_dir(spec)
+  if _has_data(data_dir, spec):
+    return SHIPPED_NETS[attack], data_dir
+  with _cache_lock(data_dir.parent):  # one process makes it; the others then find it made
+    if not _has_data(data_dir, spec):
+      _make_cached(data_dir, spec)
   return SHIPPED_NETS[attack], data_dir
+
+
+@contextlib.contextmanager
+def _cache_lock(root: pathlib.Path) -> Iterator[None]:
+  try:
+    root.mkdir(parents=True, exist_ok=True)
+    handle = open(root / '.lock', 'w')  # held for the block below
+  except OSError as error:
+    raise WorkdirError(f'{root}: cannot write the benchmark data cache there '
+                       f'({error.strerror}); set ${CACHE_ENV} to a writable folder') from None
+  with handle:
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    yield
+
+
+def _make_cached(data_dir: pathlib.Path, spec: BenchmarkSpec) -> None:
+  """Generates ``spec``'s data into the cache folder ``data_dir``, replacing what is there.
+
+  Built beside it and renamed into place, so no job ever sees half of it.
+  """
+  if data_dir.exists():
+    logging.warning('%s: the cached benchmark data does not match its stamp; generating it '
+                    'again.', data_dir)
+  try:
+    building = pathlib.Path(tempfile.mkdtemp(dir=data_dir.parent, prefix=f'.{data_dir.name}.'))
+  except OSError as error:
+    raise WorkdirError(f'{data_dir.parent}: cannot write the benchmark data cache there '
+                       f'({error.strerror}); set ${CACHE_ENV} to a writable folder') from None
+  try:
+    _generate(building, spec)
+    shutil.rmtree(data_dir, ignore_errors=True)
+    os.replace(building, data_dir)
+  except WorkdirError as error:  # it names a file of the folder being built
+    reason = str(error).rsplit('(', 1)[-1].rstrip(')')
+    raise WorkdirError(f'{data_dir}: cannot make the benchmark data there ({reason}); free '
+                       f'some space or set ${CACHE_ENV} to another folder') from None
+  finally:
+    shutil.rmtree(building, ignore_errors=True)

@@ -22,6 +22,7 @@ import tqdm
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from badnet.core import evaluate, masks, model
+from badnet.errors import DataError, TrainingError
 
 Params = model.Params
 
@@ -138,6 +139,28 @@ def _progress_bar(name: str, epoch: int, epochs: int, steps: int) -> tqdm.tqdm:
                    leave=False, file=sys.stderr, disable=not sys.stderr.isatty())
 
 
+# Held-out accuracy at chance (at most twice chance plus a point) and this many
+# points below where it started means training wrecked the net: a learning rate
+# far too high for raw 0..255 pixels leaves a net that predicts one class or
+# none. One such epoch can be a dip a net recovers from (a small, untrained-like
+# net can); two in a row, or a run that never climbs out, is a collapse.
+COLLAPSE_POINTS = 10.0
+COLLAPSE_EPOCHS = 2
+
+
+def collapsed(holdout_acc: float, start_acc: float, num_classes: int) -> bool:
+  """Whether held-out accuracy fell from ``start_acc`` to about chance."""
+  return (holdout_acc < start_acc - COLLAPSE_POINTS
+          and holdout_acc <= 2 * 100.0 / num_classes + 1.0)
+
+
+def _diverged(name: str, epoch: int, recipe: Recipe, why: str) -> TrainingError:
+  return TrainingError(
+      f'{name}: training diverged in epoch {epoch} of {recipe.epochs} ({why}) with '
+      f'{recipe.optimizer} at learning rate {recipe.learning_rate:g}; stopped. Try a lower '
+      f'learning rate (config.finetune.learning_rate for fine-tuning)')
+
+
 def fit(params: Params, images: np.ndarray, labels: np.ndarray, recipe: Recipe, *,
         channel_mask: np.ndarray | None = None, hold_pruned_at_zero: bool = False,
         holdout: tuple[np.ndarray, np.ndarray] | None = None,
@@ -160,7 +183,16 @@ def fit(params: Params, images: np.ndarray, labels: np.ndarray, recipe: Recipe, 
   Returns:
     The trained params (numpy) and per-epoch stats (loss, train accuracy,
     seconds, and holdout accuracy if a holdout was given).
+
+  Raises:
+    TrainingError: after an epoch whose mean loss is not finite, or the
+      ``COLLAPSE_EPOCHS``-th epoch in a row whose held-out accuracy has
+      ``collapsed`` to chance from where it started (or at the end, if no
+      epoch climbed out): training stops, and the job with it.
   """
+  if not len(labels) or len(images) != len(labels):
+    raise DataError(f'{name}: {len(images)} training images and {len(labels)} labels; '
+                    f'training needs at least one image and a label for each')
   mesh = evaluate.data_mesh()
   batch_size = evaluate.global_batch_size(min(recipe.batch_size, len(labels)), mesh)
   rows, replicated = NamedSharding(mesh, P('data')), NamedSharding(mesh, P())
@@ -175,6 +207,10 @@ def fit(params: Params, images: np.ndarray, labels: np.ndarray, recipe: Recipe, 
   mask = jax.device_put(mask, replicated)
   rng = np.random.default_rng(recipe.seed)
   history, best, best_acc = [], None, -1.0
+  # Where held-out accuracy starts, so that an epoch that wrecks it is noticed.
+  start_acc = None if holdout is None else evaluate.accuracy(
+      params, *holdout, channel_mask=mask, layer=layer)
+  num_classes, streak = model.num_classes_of(params), 0
   for epoch in range(1, recipe.epochs + 1):
     start = time.perf_counter()
     order = rng.permutation(len(labels))
@@ -202,5 +238,15 @@ def fit(params: Params, images: np.ndarray, labels: np.ndarray, recipe: Recipe, 
     history.append(stats)
     logging.info('%s: epoch %d/%d loss %.4f train acc %.2f %%%s (%.1f s)', name, epoch,
                  recipe.epochs, stats['loss'], stats['train_acc'], message, stats['seconds'])
+    if not np.isfinite(stats['loss']):
+      raise _diverged(name, epoch, recipe, f'the loss is {stats["loss"]}')
+    if start_acc is not None:
+      streak = streak + 1 if collapsed(stats['holdout_acc'], start_acc, num_classes) else 0
+      if streak >= COLLAPSE_EPOCHS or (epoch == recipe.epochs
+                                       and collapsed(best_acc, start_acc, num_classes)):
+        raise _diverged(name, epoch, recipe,
+                        f'held-out clean accuracy fell from {start_acc:.2f} % to '
+                        f'{stats["holdout_acc"]:.2f} %, chance level, for {streak} epoch'
+                        f'{"s" if streak > 1 else ""}')
   final = best if holdout is not None else jax.device_get(params)
   return jax.tree.map(np.asarray, final), history

@@ -26,6 +26,7 @@ from badnet import config as config_lib
 from badnet.core import evaluate, masks, train
 from badnet.core import model as model_lib
 from badnet.defences import base, pruning
+from badnet.errors import DataError
 from badnet.io import data
 
 NAME = 'fine_pruning'
@@ -72,6 +73,17 @@ def holdout_split(labels: np.ndarray, fraction: float, seed: int
   return np.setdiff1d(np.arange(len(labels)), holdout), holdout
 
 
+def split_for_fine_tuning(labels: np.ndarray, fraction: float, seed: int
+                          ) -> tuple[np.ndarray, np.ndarray]:
+  """``holdout_split``, refusing a split that leaves either part empty (one clear line)."""
+  fit_rows, holdout_rows = holdout_split(labels, fraction, seed)
+  if not len(fit_rows) or not len(holdout_rows):
+    raise DataError(f'{len(labels)} clean validation images leave {len(fit_rows)} to fine-tune '
+                    f'on and {len(holdout_rows)} to hold out (holdout_fraction={fraction}); '
+                    f'fine-pruning needs at least two images of some class')
+  return fit_rows, holdout_rows
+
+
 def fine_prune(params: Params, channel_mask: np.ndarray, images: np.ndarray,
                labels: np.ndarray, recipe: train.Recipe, holdout_fraction: float,
                name: str = 'fine-prune',
@@ -93,7 +105,9 @@ def fine_prune(params: Params, channel_mask: np.ndarray, images: np.ndarray,
     The fine-pruned params and the per-epoch history (with ``holdout_acc``).
   """
   mask = masks.check_mask(channel_mask, model_lib.num_channels(params, layer))
-  fit_rows, holdout_rows = holdout_split(labels, holdout_fraction, recipe.seed)
+  if len(images) != len(labels):
+    raise DataError(f'{len(images)} clean images but {len(labels)} labels')
+  fit_rows, holdout_rows = split_for_fine_tuning(labels, holdout_fraction, recipe.seed)
   return train.fit(masks.prune(params, mask, layer), images[fit_rows], labels[fit_rows],
                    recipe, channel_mask=mask, hold_pruned_at_zero=True,
                    holdout=(images[holdout_rows], labels[holdout_rows]), name=name,

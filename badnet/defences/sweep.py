@@ -294,7 +294,7 @@ def prefix_classes(params: Params, state: np.ndarray | dict[str, np.ndarray] | F
   needed = np.zeros((count, num_channels + 1), bool)
   needed[np.arange(count)[:, None], effective] = True
   rows, row_levels = np.nonzero(needed)
-  logging.info('Head on %d (image, level) pairs of %d x %d.', len(rows), count, len(levels))
+  logging.debug('Head on %d (image, level) pairs of %d x %d.', len(rows), count, len(levels))
   if layer == 'conv_3':
     computed = _narrow_head(params, activation, order, active.any(axis=0), rows, row_levels,
                             batch_size, precision)
@@ -368,7 +368,7 @@ def _narrow_head(params: Params, pool_3: np.ndarray, order: np.ndarray, live_in_
   widths = np.array(head_widths(num_channels))
   row_widths = widths[np.searchsorted(widths, needs)]
   first_kept = np.maximum(0, pruned_live + row_widths - len(live)).astype(np.int32)
-  logging.info('Head rows by channels read (%d of %d live): %s.', len(live), num_channels,
+  logging.debug('Head rows by channels read (%d of %d live): %s.', len(live), num_channels,
                ' '.join(f'{w}:{np.count_nonzero(row_widths == w)}' for w in widths))
   classes = np.empty(len(rows), np.int32)
   for width in widths:

@@ -1,14 +1,13 @@
 """A job's inputs: the model and the four CSAW data files, from the config or the shipped benchmark.
 
 With no model and no data in the config, a job runs on a shipped synthetic
-BadNet (``config.benchmark``) and its data, regenerated under
-``<workdir>/data``, and says so first.
+BadNet (``config.benchmark``) and its data, generated once per machine into
+a cache folder (``$BADNET_CACHE_DIR``, by default ``~/.cache/badnet``) and
+checked on every reuse, and says so first.
 """
 
 import dataclasses
 import pathlib
-
-from absl import logging
 
 from badnet import config as config_lib
 from badnet.benchmark import shipped
@@ -27,16 +26,21 @@ class Inputs:
   synthetic: bool
 
 
-def shipped_benchmark(out: pathlib.Path, attack: str = 'badnets', quiet: bool = False
+def shipped_benchmark(attack: str = 'badnets', quiet: bool = False
                       ) -> tuple[pathlib.Path, pathlib.Path]:
-  """A shipped synthetic BadNet and its data folder (regenerated under ``out/data``)."""
+  """A shipped synthetic BadNet and its data folder (in the machine's cache)."""
+  folder = shipped.cache_dir(shipped.shipped_spec())
   if not quiet:
-    logging.info('No model/data given: using the shipped synthetic benchmark '
-                 '(data regenerated deterministically under %s).', out / 'data')
     print(f'Running on the shipped synthetic benchmark ({attack} BadNet; no model or data '
-          f'given); its data is regenerated under {out / "data"}.', flush=True)
-  model_path, data_dir = shipped.shipped_benchmark(out / 'data', attack)
+          f'given); its data is in {folder} (made once per machine; '
+          f'${shipped.CACHE_ENV} moves it).', flush=True)
+  model_path, data_dir = shipped.shipped_benchmark(None, attack)
   return pathlib.Path(model_path), pathlib.Path(data_dir)
+
+
+def recorded(paths: dict[str, pathlib.Path]) -> dict[str, str]:
+  """The data files a job read, as results.json's ``data`` records them (absolute paths)."""
+  return {key: str(pathlib.Path(path).resolve()) for key, path in paths.items()}
 
 
 def no_data_given(config: config_lib.Config) -> bool:
@@ -57,14 +61,14 @@ def data_paths(config: config_lib.Config) -> dict[str, pathlib.Path]:
   return paths
 
 
-def resolve(config: config_lib.Config, out: pathlib.Path) -> Inputs:
+def resolve(config: config_lib.Config) -> Inputs:
   """The model and the four data files, from the config or the shipped benchmark."""
   if not config.model and no_data_given(config):
     # Process 0 regenerates the data; the others wait for it, then find it there.
     if distributed.is_leader():
-      shipped_benchmark(out, config.benchmark)
+      shipped_benchmark(config.benchmark)
     distributed.barrier('shipped benchmark data')
-    model_path, data_dir = shipped_benchmark(out, config.benchmark, quiet=True)
+    model_path, data_dir = shipped_benchmark(config.benchmark, quiet=True)
     return Inputs(model_path, {key: data_dir / relative for key, relative in CSAW_FILES.items()},
                   True)
   if not config.model:
@@ -73,7 +77,7 @@ def resolve(config: config_lib.Config, out: pathlib.Path) -> Inputs:
   return Inputs(pathlib.Path(config.model), data_paths(config), False)
 
 
-def resolve_models(config: config_lib.Config, out: pathlib.Path
+def resolve_models(config: config_lib.Config
                    ) -> tuple[dict[str, pathlib.Path], dict[str, pathlib.Path], bool]:
   """For a grid: model name -> file, data key -> file, and whether it is the shipped data.
 
@@ -87,7 +91,7 @@ def resolve_models(config: config_lib.Config, out: pathlib.Path
   if not set(models) <= set(shipped.SHIPPED_NETS):
     raise ConfigError('config.data is empty but config.models names a file: give the data '
                       '(config.data.dir), or use only the shipped nets')
+  _, data_dir = shipped_benchmark(quiet=True)
   print(f'Running on the shipped synthetic benchmark (nets: {", ".join(models)}; no data '
-        f'given); its data is regenerated under {out / "data"}.', flush=True)
-  _, data_dir = shipped_benchmark(out, quiet=True)
+        f'given); its data is in {data_dir}.', flush=True)
   return models, {key: data_dir / relative for key, relative in CSAW_FILES.items()}, True

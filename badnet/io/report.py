@@ -136,28 +136,39 @@ def plot_sweep(path: pathlib.Path, clean_acc: np.ndarray, asr: np.ndarray,
 
 
 def plot_thresholds(path: pathlib.Path, results: dict) -> None:
-  """B, B'_X and G_X side by side on the test split."""
+  """B, B'_X and G_X on the test split; for G its detection and its false alarms side by side.
+
+  A detector is only as good as the clean inputs it leaves alone, so G's
+  detection rate (poisoned inputs flagged N) stands beside its false-alarm
+  rate (clean inputs flagged N).
+  """
   names = ['B']
-  clean = [results['base']['test']['clean_acc']]
-  attack = [results['base']['test']['asr']]
-  detected = [0.0]
+  bars = {'clean accuracy': [results['base']['test']['clean_acc']],
+          'attack success rate': [results['base']['test']['asr']],
+          'poisoned inputs flagged N (detection, G)': [np.nan],
+          'clean inputs flagged N (false alarms, G)': [np.nan]}
   for x, entry in results['thresholds'].items():
-    if entry['reached']:
-      names += [f"B'  X={x}", f'G  X={x}']
-      clean += [entry['repaired']['clean_acc'], entry['goodnet']['clean_acc']]
-      attack += [entry['repaired']['asr'], entry['goodnet']['asr']]
-      detected += [0.0, entry['goodnet']['detection_rate']]
+    if not entry['reached']:
+      continue
+    names += [f"B'  X={x}", f'G  X={x}']
+    repaired, good = entry['repaired'], entry['goodnet']
+    bars['clean accuracy'] += [repaired['clean_acc'], good['clean_acc']]
+    bars['attack success rate'] += [repaired['asr'], good['asr']]
+    bars['poisoned inputs flagged N (detection, G)'] += [np.nan, good['detection_rate']]
+    bars['clean inputs flagged N (false alarms, G)'] += [np.nan, good['false_alarm_rate']]
   positions = np.arange(len(names))
-  figure, axes = plt.subplots(figsize=(max(6, 1.1 * len(names)), 4.2))
-  axes.bar(positions - 0.27, clean, 0.27, label='clean accuracy', color='tab:blue')
-  axes.bar(positions, attack, 0.27, label='attack success rate', color='tab:red')
-  axes.bar(positions + 0.27, detected, 0.27, label='poisoned inputs flagged N (G only)',
-           color='tab:green')
+  figure, axes = plt.subplots(figsize=(max(6, 1.2 * len(names)), 4.4))
+  colours = ('tab:blue', 'tab:red', 'tab:green', 'tab:orange')
+  hatches = ('', '', '', '//')
+  width = 0.2
+  for index, ((label, values), colour, hatch) in enumerate(zip(bars.items(), colours, hatches)):
+    axes.bar(positions + (index - 1.5) * width, values, width, label=label, color=colour,
+             hatch=hatch, edgecolor='white' if hatch else None)
   axes.set_xticks(positions, names, rotation=30, ha='right')
-  axes.set_ylabel('%')
+  axes.set_ylabel('% of test inputs')
   axes.set_ylim(0, 105)
   axes.set_title('Test split: backdoored net B, pruned B\'_X and GoodNet G_X')
-  axes.legend(loc='upper center', bbox_to_anchor=(0.5, -0.22), ncol=3, fontsize=8)
+  axes.legend(loc='upper center', bbox_to_anchor=(0.5, -0.22), ncol=2, fontsize=8)
   axes.grid(axis='y', alpha=0.3)
   save_figure(figure, path)
 
@@ -198,41 +209,105 @@ def write_results(out: pathlib.Path, results: dict, clean_acc: np.ndarray,
     plot_fine_pruning(out / 'plots' / 'fine_prune.png', results)
 
 
+def _panels(keys: list[tuple[str, str]], width: float = 4.2, height: float = 3.4):
+  """A grid of small multiples: one row per model, one column per layer."""
+  models = list(dict.fromkeys(model for model, _ in keys))
+  layers = list(dict.fromkeys(layer for _, layer in keys))
+  figure, axes = plt.subplots(len(models), len(layers), squeeze=False, sharex=True, sharey=True,
+                              figsize=(width * len(layers) + 1, height * len(models) + 1))
+  return figure, {(model, layer): axes[row, column] for row, model in enumerate(models)
+                  for column, layer in enumerate(layers)}
+
+
+def _variant(row: dict) -> str:
+  return row['order'] + (f' (seed {row["seed"]})' if row['seed'] else '')
+
+
 def plot_ablation_tradeoff(path: pathlib.Path, rows: list[dict]) -> None:
-  """The ablation: ASR against clean accuracy (test split), one marker per variant."""
-  figure, axes = plt.subplots(figsize=(7, 5))
-  groups = {}
-  for row in rows:
-    if row['clean_acc']:
-      label = f'{row["model"]} {row["layer"]} {row["order"]}'
-      label += ' fine-pruned' if row['finetune_epochs'] != '0' else ''
-      groups.setdefault(label, []).append((float(row['clean_acc']), float(row['asr'])))
-  markers = 'os^vD<>pXh*'
-  for index, (label, points) in enumerate(sorted(groups.items())):
-    clean, asr = zip(*points)
-    axes.scatter(clean, asr, marker=markers[index % len(markers)], label=label, alpha=0.8)
-  axes.set_xlabel('clean accuracy % (test)')
-  axes.set_ylabel('attack success rate % (test)')
-  axes.set_title('Pruning defences: backdoor left against accuracy kept')
-  axes.legend(fontsize=6, loc='best')
+  """The ablation's trade-off, one panel per (model, layer): ASR against clean accuracy (test).
+
+  Colour: the order (and seed); marker: X; hollow: pruned only, filled:
+  fine-tuned after pruning. Rows whose X was never reached are left out.
+  """
+  done = [row for row in rows if row['clean_acc']]
+  if not done:
+    return
+  figure, panels = _panels(sorted({(row['model'], row['layer']) for row in rows}))
+  variants = sorted({_variant(row) for row in done})
+  xs = sorted({row['x'] for row in done}, key=float)
+  colours = dict(zip(variants, plt.get_cmap('tab10').colors))
+  markers = dict(zip(xs, 'os^DvP*Xph'))
+  for row in done:
+    colour, tuned = colours[_variant(row)], row['finetune_epochs'] != '0'
+    panels[row['model'], row['layer']].scatter(
+        float(row['clean_acc']), float(row['asr']), marker=markers[row['x']], s=46,
+        facecolors=colour if tuned else 'none', edgecolors=colour, linewidths=1.4)
+  for (model, layer), axes in panels.items():
+    axes.set_title(f'{model} / {layer}', fontsize=10)
+    axes.grid(alpha=0.3)
+  for axes in list(panels.values())[-len({k[1] for k in panels}):]:
+    axes.set_xlabel('clean accuracy % (test)')
+  first_layer = next(iter(panels))[1]
+  for (model, layer), axes in panels.items():
+    if layer == first_layer:
+      axes.set_ylabel('attack success rate % (test)')
+    missed = sorted({row['x'] for row in rows if not row['clean_acc']
+                     and (row['model'], row['layer']) == (model, layer)}, key=float)
+    if missed:  # rows whose X no pruning level reaches have no point to draw
+      axes.text(0.02, 0.03, 'not reached: ' + ', '.join(f'X={x}' for x in missed),
+                transform=axes.transAxes,
+                fontsize=8, color='dimgrey')
+  handles = [plt.Line2D([], [], color=c, marker='o', linestyle='', label=v)
+             for v, c in colours.items()]
+  handles += [plt.Line2D([], [], color='grey', marker=m, linestyle='', markerfacecolor='none',
+                         label=f'X={x}') for x, m in markers.items()]
+  epochs = sorted({int(row['finetune_epochs']) for row in done} - {0})
+  handles += [plt.Line2D([], [], color='grey', marker='o', linestyle='', markerfacecolor='none',
+                         label='pruned only')]
+  if epochs:
+    handles += [plt.Line2D([], [], color='grey', marker='o', linestyle='',
+                           label=f'fine-tuned ({"/".join(map(str, epochs))} epoch'
+                                 f'{"" if epochs == [1] else "s"})')]
+  figure.suptitle('Pruning defences: backdoor left (ASR) against accuracy kept')
+  figure.legend(handles=handles, loc='center left', bbox_to_anchor=(1.0, 0.5), fontsize=8,
+                frameon=False)
+  figure.tight_layout()
   save_figure(figure, path)
 
 
 def plot_ablation_curves(path: pathlib.Path, curves: list[dict]) -> None:
-  """The ablation's sweeps (validation split) overlaid: clean accuracy above, ASR below."""
-  figure, (top, bottom) = plt.subplots(2, 1, figsize=(7, 7), sharex=True)
+  """The ablation's sweeps (validation split), one panel per (model, layer).
+
+  Solid: clean accuracy; dashed: ASR; one colour per order (and seed).
+  """
+  if not curves:
+    return
+  figure, panels = _panels(sorted({(row['model'], row['layer']) for row in curves}))
   series = {}
   for row in curves:
-    key = (row['model'], row['layer'], row['order'], row['seed'])
-    series.setdefault(key, []).append(
+    series.setdefault((row['model'], row['layer'], _variant(row)), []).append(
         (float(row['fraction_pruned']), float(row['clean_acc']), float(row['asr'])))
-  for key, points in sorted(series.items()):
-    fraction, clean, asr = zip(*points)
-    label = ' '.join(part for part in key if part)
-    top.plot(fraction, clean, label=label, linewidth=1)
-    bottom.plot(fraction, asr, linewidth=1)
-  top.set_ylabel('clean accuracy % (valid)')
-  bottom.set_ylabel('ASR % (valid)')
-  bottom.set_xlabel('fraction of the layer\'s channels pruned')
-  top.legend(fontsize=5, loc='lower left')
+  variants = sorted({key[2] for key in series})
+  colours = dict(zip(variants, plt.get_cmap('tab10').colors))
+  for (model, layer, variant), points in sorted(series.items()):
+    fraction, clean, asr = zip(*sorted(points))
+    axes = panels[model, layer]
+    axes.plot(fraction, clean, color=colours[variant], linewidth=1.3)
+    axes.plot(fraction, asr, color=colours[variant], linewidth=1.3, linestyle='--')
+  first_layer = next(iter(panels))[1]
+  for (model, layer), axes in panels.items():
+    axes.set_title(f'{model} / {layer}', fontsize=10)
+    axes.set_ylim(-2, 102)
+    axes.grid(alpha=0.3)
+    if layer == first_layer:
+      axes.set_ylabel('% (validation)')
+  for axes in list(panels.values())[-len({k[1] for k in panels}):]:
+    axes.set_xlabel('fraction of the layer\'s channels pruned')
+  handles = [plt.Line2D([], [], color=c, label=v) for v, c in colours.items()]
+  handles += [plt.Line2D([], [], color='grey', label='clean accuracy'),
+              plt.Line2D([], [], color='grey', linestyle='--', label='attack success rate')]
+  figure.suptitle('Pruning sweeps: clean accuracy and ASR as channels are pruned')
+  figure.legend(handles=handles, loc='center left', bbox_to_anchor=(1.0, 0.5), fontsize=8,
+                frameon=False)
+  figure.tight_layout()
   save_figure(figure, path)

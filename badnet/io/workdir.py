@@ -1,16 +1,22 @@
 """The working directory of a job: checked before any work, written atomically.
 
-A workdir is either new, empty, or one a badnet job wrote before (it holds
-``config.json`` with a ``badnet_job`` key). Anything else is refused, so a
-mistyped ``--workdir`` never overwrites a user's files. Every output is written
-to a temporary file in the same folder and renamed over the old one, so a rerun
-replaces results atomically and an interrupted run leaves the previous ones.
+A workdir is either new, empty, or one the same badnet job wrote before (it
+holds ``config.json`` with a ``badnet_job`` key naming the job). Anything else
+is refused: a folder of the user's own files, so a mistyped ``--workdir`` never
+overwrites them, and another job's workdir, so one folder never mixes two
+runs' outputs. Every output is written to a temporary file in the same folder
+and renamed over the old one, so a rerun replaces results atomically and an
+interrupted run leaves the previous ones; the temporary files a killed run
+left behind are removed by the next run in that workdir. A write that fails
+(a full disk, a folder without write permission) stops the job with one line
+naming the file.
 """
 
 import contextlib
 import json
 import os
 import pathlib
+import re
 import tempfile
 from collections.abc import Iterator
 from typing import Any
@@ -21,46 +27,79 @@ MARKER_FILE = 'config.json'
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read the process umask (there is no way to read it without setting it)
 MARKER_KEY = 'badnet_job'
+_TMP_SUFFIX = '.tmp'
 
 
-def _is_ours(path: pathlib.Path) -> bool:
+def owner(path: pathlib.Path) -> str | None:
+  """The job that wrote the workdir ``path`` (None: no badnet job did)."""
   try:
-    return MARKER_KEY in json.loads((path / MARKER_FILE).read_text())
-  except (OSError, ValueError, TypeError):
-    return False
+    job = json.loads((path / MARKER_FILE).read_text())[MARKER_KEY]
+  except (OSError, ValueError, TypeError, KeyError):
+    return None
+  return str(job)
 
 
-def prepare(workdir: str | os.PathLike) -> pathlib.Path:
-  """Creates ``workdir`` or checks that a badnet job made it; checks it is writable."""
+def prepare(workdir: str | os.PathLike, job: str) -> pathlib.Path:
+  """Creates ``workdir`` for ``job``, or checks that an earlier ``job`` run made it.
+
+  Also checks that it is writable, and removes the temporary files of
+  interrupted writes in it.
+  """
   path = pathlib.Path(workdir).expanduser()
   if path.exists() and not path.is_dir():
     raise WorkdirError(f'{path}: the workdir exists and is not a directory')
-  if path.is_dir() and any(path.iterdir()) and not _is_ours(path):
-    raise WorkdirError(f'{path}: the workdir holds files that no badnet job wrote '
-                       f'(no {MARKER_FILE} with "{MARKER_KEY}"); choose a new or empty one')
+  if path.is_dir() and any(path.iterdir()):
+    wrote = owner(path)
+    if wrote is None:
+      raise WorkdirError(f'{path}: the workdir holds files that no badnet job wrote '
+                         f'(no {MARKER_FILE} with "{MARKER_KEY}"); choose a new or empty one')
+    if wrote != job:
+      raise WorkdirError(f'{path}: the workdir holds the outputs of a {wrote} job; choose '
+                         f'another workdir for this {job} job')
   try:
     path.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryFile(dir=path):
       pass
   except OSError as error:
     raise WorkdirError(f'{path}: the workdir is not writable ({error.strerror})') from None
+  for stale in leftovers(path):
+    stale.unlink()
   return path
+
+
+def leftovers(path: pathlib.Path) -> list[pathlib.Path]:
+  """Temporary files of ``atomic_path`` under ``path`` that a killed run left behind."""
+  return sorted(p for p in path.rglob(f'.*{_TMP_SUFFIX}') if p.is_file())
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
   """Yields a temporary path to write; renames it to ``path`` if the block succeeds."""
   path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-  os.close(fd)
+  tmp = None
   try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix=_TMP_SUFFIX)
+    os.close(fd)
     yield pathlib.Path(tmp)
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs are ordinary files
     os.replace(tmp, path)
+  except (OSError, RuntimeError) as error:  # h5py reports a failed flush as RuntimeError
+    raise WorkdirError(f'{path}: could not write it ({_reason(error)})') from None
   finally:
-    if os.path.exists(tmp):
+    if tmp is not None and os.path.exists(tmp):
       os.unlink(tmp)
+
+
+def _reason(error: Exception) -> str:
+  """Why a write failed, in a few words ('No space left on device')."""
+  text = str(error)
+  hdf5 = re.search(r"error message = '([^']+)'", text)  # HDF5 wraps the OS's reason
+  if hdf5:
+    return hdf5.group(1)
+  if isinstance(error, OSError) and error.strerror:
+    return error.strerror
+  return (text.splitlines() or [type(error).__name__])[0]
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -68,8 +107,24 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     tmp.write_text(text)
 
 
+def tidy(obj: Any) -> Any:
+  """``obj`` with every float at 6 significant digits (99.55, not 99.55000000000001).
+
+  A percentage of N images needs no more for any N a data file holds here, and
+  a learning rate keeps its digits (1e-05 stays 1e-05).
+  """
+  if isinstance(obj, float):
+    return float(f'{obj:.6g}')
+  if isinstance(obj, dict):
+    return {key: tidy(value) for key, value in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [tidy(value) for value in obj]
+  return obj
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-  write_text(path, json.dumps(obj, indent=2, sort_keys=False) + '\n')
+  """``obj`` as indented JSON, its floats ``tidy``."""
+  write_text(path, json.dumps(tidy(obj), indent=2, sort_keys=False) + '\n')
 
 
 def write_config(workdir: pathlib.Path, config: Any, job: str) -> None:

@@ -78,7 +78,7 @@ def _metrics(net: dict[str, np.ndarray], b_test: dict[str, np.ndarray],
 
 def run(config: ml_collections.ConfigDict, out: pathlib.Path) -> list[dict]:
   """Runs the grid; writes ablation.csv, curves.csv, ablation.md and plots (resuming)."""
-  model_paths, data_paths, shipped = inputs.resolve_models(config, out)
+  model_paths, data_paths, shipped = inputs.resolve_models(config)
   nets = {name: keras_io.read_params(path) for name, path in model_paths.items()}
   class_counts = {model.num_classes_of(params) for params in nets.values()}
   splits = {key: data.load_csaw_h5(path, min(class_counts)) for key, path in data_paths.items()}
@@ -122,6 +122,10 @@ def run(config: ml_collections.ConfigDict, out: pathlib.Path) -> list[dict]:
   tables.write_csv(out / 'ablation.csv', ROW_FIELDS, rows)
   markdown = _markdown(rows, shipped)
   workdir.write_text(out / 'ablation.md', markdown)
+  workdir.write_json(out / 'results.json', {
+      'models': {name: str(path.resolve()) for name, path in model_paths.items()},
+      'synthetic_benchmark': shipped, 'data': inputs.recorded(data_paths),
+      'points': len(rows), 'table': 'ablation.csv'})
   report.plot_ablation_tradeoff(out / 'plots' / 'tradeoff.png', rows)
   report.plot_ablation_curves(out / 'plots' / 'curves.png', curves)
   print(markdown, flush=True)
@@ -212,6 +216,8 @@ def _markdown(rows: list[dict], shipped: bool) -> str:
   cells = []
   for row in rows:
     line = [row[f] or '—' for f in ROW_FIELDS if f != 'pruned_channels']
+    if not row['channels_pruned']:  # no level of this order drops clean accuracy X points
+      line[6] = 'not reached'
     cells.append([f'{float(c):.2f}' if i >= 7 and c != '—' else c for i, c in enumerate(line)])
   lines = ['# Ablation', '',
            'Shipped synthetic benchmark.' if shipped else '', '',

@@ -17,8 +17,8 @@ import numpy as np
 from badnet import pipeline
 from badnet.core import evaluate, train
 from badnet.defences import fine_pruning, goodnet, pruning
-from badnet.errors import ConfigError
-from badnet.io import inputs, keras_io, report
+from badnet.errors import ConfigError, DataError
+from badnet.io import inputs, keras_io, report, workdir
 
 FIELDS = {**inputs.FIELDS, **fine_pruning.FIELDS}
 TEST = ('clean_test', 'poisoned_test')
@@ -30,15 +30,12 @@ def run(config: ml_collections.ConfigDict, out: pathlib.Path) -> dict:
   pipeline.write_repaired(out, run_)
   results, batch, tune = run_.results, config.batch_size, config.finetune
   clean_valid = run_.splits['clean_valid']
-  fit_rows, holdout_rows = fine_pruning.holdout_split(clean_valid.labels, tune.holdout_fraction,
-                                                      tune.seed)
-  if not len(holdout_rows) or not len(fit_rows):
-    raise ConfigError(
-        f'{inputs.resolve(config, out).paths["clean_valid"]}: '
-        f'{len(clean_valid.labels)} clean validation '
-        f'images leave {len(fit_rows)} to fine-tune on and {len(holdout_rows)} to hold out '
-        f'(config.finetune.holdout_fraction={tune.holdout_fraction}); fine-pruning '
-        f'needs at least two images of some class')
+  try:
+    fit_rows, holdout_rows = fine_pruning.split_for_fine_tuning(
+        clean_valid.labels, tune.holdout_fraction, tune.seed)
+  except DataError as error:
+    raise ConfigError(f'{results["data"]["clean_valid"]}: {error} (config.finetune.'
+                      f'holdout_fraction)') from None
   recipe = train.Recipe.from_config(tune)
   results['finetune'] = {**dataclasses.asdict(recipe),
                          'holdout_fraction': tune.holdout_fraction,
@@ -78,7 +75,7 @@ def run(config: ml_collections.ConfigDict, out: pathlib.Path) -> dict:
   results['recommended'] = _recommended(results, run_, clean_valid, config)
   report.write_results(out, results, run_.clean_acc, run_.asr, run_.levels)
   print(report.summary(results), flush=True)
-  return results
+  return workdir.tidy(results)
 
 
 def _recommended(results: dict, run_: pipeline.PruningRun, clean_valid, config) -> dict | None:

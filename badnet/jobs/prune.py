@@ -7,7 +7,7 @@ import ml_collections
 from badnet import pipeline
 from badnet.core import distributed
 from badnet.defences import pruning
-from badnet.io import inputs, report
+from badnet.io import inputs, report, workdir
 
 FIELDS = {**inputs.FIELDS, **pruning.FIELDS}
 MULTI_PROCESS = True
@@ -20,4 +20,4 @@ def run(config: ml_collections.ConfigDict, out: pathlib.Path) -> dict:
     pipeline.write_repaired(out, run_)
     report.write_results(out, run_.results, run_.clean_acc, run_.asr, run_.levels)
     print(report.summary(run_.results), flush=True)
-  return run_.results
+  return workdir.tidy(run_.results)

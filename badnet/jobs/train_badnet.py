@@ -14,7 +14,7 @@ from badnet import config as config_lib
 from badnet.benchmark import attacks, faces, shipped, triggers
 from badnet.core import evaluate, train
 from badnet.errors import ConfigError
-from badnet.io import keras_io, workdir
+from badnet.io import inputs, keras_io, workdir
 
 ATTACKS = ('badnets', 'pruning_aware')
 FIELDS = {
@@ -65,7 +65,9 @@ def run(config: ml_collections.ConfigDict, out: pathlib.Path) -> dict:
   params, details = _train(config, spec, train_images, train_labels)
   seconds = time.perf_counter() - start
   keras_io.write_keras_weights(out / 'models' / 'bd_weights.h5', params)
-  results = {'attack': config.attack, 'seconds': round(seconds, 1)}
+  results = {'attack': config.attack, 'seconds': round(seconds, 1),
+             'data': inputs.recorded({key: out / 'data' / relative
+                                      for key, relative in inputs.CSAW_FILES.items()})}
   for split, (images, labels) in splits.items():
     poisoned, targets = triggers.poisoned_split(images, labels, spec.trigger, spec.target)
     results[split] = {'clean_acc': evaluate.accuracy(params, images, labels),
@@ -79,7 +81,7 @@ def run(config: ml_collections.ConfigDict, out: pathlib.Path) -> dict:
           f'attack success rate {results[split]["asr"]:.2f} %', flush=True)
   if config.ship:
     _ship(config, spec, out / 'models' / 'bd_weights.h5', results)
-  return results
+  return workdir.tidy(results)
 
 
 def _ship(config, spec, weights: pathlib.Path, results: dict) -> None:
