@@ -17,6 +17,7 @@ import pathlib
 import queue
 import threading
 import time
+from types import ModuleType
 
 from absl import logging
 import jax
@@ -26,7 +27,7 @@ import numpy as np
 from badnet.core import distributed, evaluate, masks, model
 from badnet.defences import goodnet, pruning, sweep
 from badnet.errors import DataError
-from badnet.io import data, inputs, keras_io, report
+from badnet.io import data, inputs, keras_io, report, workdir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,3 +239,69 @@ def _test_figures(classes, labels, order, levels, reached, num_classes, relative
         'repaired': repaired, 'goodnet': good,
         'model_file': f'models/repaired_X={pruning.label(x)}.h5'}
   return base, figures
+
+
+def run_learned_masks(defence: ModuleType, config: ml_collections.ConfigDict,
+                      out: pathlib.Path) -> dict:
+  """A learned-mask defence (ANP, RNP) end to end: defend on clean data, then report.
+
+  The defence sees the clean validation split only (its masks learned on one
+  part, its depth chosen on the other). Only then are the test files and the
+  poisoned validation file read, to report every candidate (the trade-off,
+  ASR for reporting only), the chosen one and its GoodNet. Writes
+  models/defended.h5, masks.npz, results.json, results.md and plots.
+  """
+  given = inputs.resolve(config)
+  params = keras_io.read_params(given.model_path)
+  num_classes = model.num_classes_of(params)
+  clean_valid = data.load_csaw_h5(given.paths['clean_valid'], num_classes)
+  start = time.perf_counter()
+  outcome = defence.defend(params, clean_valid, config)
+  logging.info('%s: masks learned and %d candidates scored on held-out clean data in %.1f s.',
+               defence.NAME, len(outcome.candidates), time.perf_counter() - start)
+  # Reporting from here on: the poisoned files are read now, and only now.
+  splits = {key: data.load_csaw_h5(given.paths[key], num_classes)
+            for key in ('clean_test', 'poisoned_valid', 'poisoned_test')}
+  labels = {key: split.labels for key, split in splits.items()}
+  predict = lambda net, key: evaluate.predict(net, splits[key].images, config.batch_size,
+                                              precision=config.precision)
+  b_classes = {key: predict(params, key) for key in splits}
+  base_test, _ = goodnet.figures(b_classes, b_classes, labels, num_classes)
+  results = {
+      'model': str(given.model_path), 'synthetic_benchmark': given.synthetic,
+      'data': inputs.recorded(given.paths), 'defence': defence.NAME,
+      'base': {'valid': {'clean_acc': evaluate.accuracy(params, clean_valid.images,
+                                                       clean_valid.labels, config.batch_size),
+                         'asr': evaluate.percent(b_classes['poisoned_valid']
+                                                 == labels['poisoned_valid'])},
+               'test': base_test},
+      'b_holdout_acc': outcome.figures['b_holdout_acc'],
+      'holdout_images': outcome.figures['holdout_images'],
+      'max_clean_drop': config.max_clean_drop, 'recommended': outcome.recommended,
+      'tradeoff': []}
+  for name, candidate in outcome.candidates.items():
+    classes = {key: predict(candidate.params, key) for key in splits}
+    net, good = goodnet.figures(b_classes, classes, labels, num_classes)
+    valid_asr = evaluate.percent(classes['poisoned_valid'] == labels['poisoned_valid'])
+    row = {'candidate': name, **candidate.figures, 'test_clean_acc': net['clean_acc'],
+           'test_asr': net['asr'], 'valid_asr': valid_asr}
+    results['tradeoff'].append(row)
+    if name == outcome.recommended:
+      tuned = candidate.figures.get('fine_tuned')
+      results['defended'] = {
+          'candidate': name, 'neurons_pruned': candidate.figures['neurons_pruned'],
+          'valid': {'clean_acc': (tuned or candidate.figures)['holdout_clean_acc'],
+                    'asr': valid_asr},
+          'test': net, 'fine_tuned': tuned}
+      results['goodnet'] = {'test': good}
+      results['pruned'] = {layer: [int(i) for i in indices]
+                           for layer, indices in candidate.pruned.items()}
+      results['model_file'] = 'models/defended.h5'
+      keras_io.write_keras(out / results['model_file'], candidate.params, full_model=True)
+  if 'unlearning' in outcome.figures:
+    results['unlearning'] = outcome.figures['unlearning']
+  results['masks_file'] = 'masks.npz'
+  report.write_masks(out / results['masks_file'], outcome.figures['masks'])
+  report.write_learned_mask_results(out, results, outcome.figures['masks'])
+  print(report.learned_mask_markdown(results), flush=True)
+  return workdir.tidy(results)

@@ -79,7 +79,7 @@ def test_an_unknown_job_is_one_clear_error():
 
 
 def test_defences_are_found_by_name_with_their_interface():
-  assert defences.names() == ('fine_pruning', 'pruning')
+  assert defences.names() == ('anp', 'fine_pruning', 'pruning', 'rnp')
   for name in defences.names():
     defence = defences.get(name)
     assert defence.NAME == name and callable(defence.defend)

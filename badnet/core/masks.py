@@ -64,3 +64,17 @@ def check_mask(channel_mask: np.ndarray, num_channels: int) -> np.ndarray:
 def pruned_channels(channel_mask: np.ndarray) -> np.ndarray:
   """Indices of the channels a mask prunes."""
   return np.flatnonzero(np.asarray(channel_mask) == 0)
+
+
+def prune_neurons(params: Params, pruned: dict[str, np.ndarray]) -> Params:
+  """Params with the neurons ``pruned[layer]`` (indices) of several layers zeroed (kernel, bias).
+
+  What a learned-mask defence exports: the same net as scaling those neurons'
+  weights and biases by 0 (``model.neuron_logits_fn``).
+  """
+  pruned_params = dict(params)
+  for layer, indices in pruned.items():
+    mask = np.ones(params[layer]['bias'].shape, np.float32)
+    mask[np.asarray(indices, np.int64)] = 0.0
+    pruned_params[layer] = prune_layer(params[layer], mask, layer)
+  return pruned_params

@@ -36,6 +36,10 @@ PRUNABLE_LAYERS = ('conv_1', 'conv_2', 'conv_3', 'conv_4')
 PRECISIONS = ('highest', 'high', 'default')  # jax.lax.Precision names
 DEFAULT_PRECISION = 'highest'
 Params = dict[str, Any]
+# Layers whose neurons a learned mask scales (everything but the output layer).
+NEURON_LAYERS = ('conv_1', 'conv_2', 'conv_3', 'conv_4', 'fc_1', 'fc_2')
+# layer -> (weight scale [C], bias scale [C]) of its output neurons (see DeepID._unit).
+NeuronScales = dict[str, tuple[jax.Array, jax.Array]]
 
 
 def _max_pool(x: jax.Array) -> jax.Array:
@@ -80,7 +84,8 @@ class DeepID(nn.Module):
     self.fc_2 = dense(160)
     self.output = dense(self.num_classes)
 
-  def observe(self, images: jax.Array, layer: str = FEATURE_LAYER) -> dict[str, jax.Array]:
+  def observe(self, images: jax.Array, layer: str = FEATURE_LAYER,
+              neurons: NeuronScales | None = None) -> dict[str, jax.Array]:
     """Everything the net computes that pruning ``layer`` cannot change.
 
     Returns:
@@ -90,38 +95,65 @@ class DeepID(nn.Module):
       branch, which reads pool_3 and so does not depend on conv_4.
     """
     x = jnp.asarray(images, jnp.float32)
-    x = _max_pool(nn.relu(self.conv_1(x)))
+    x = _max_pool(nn.relu(self._unit('conv_1', neurons, x)))
     if layer == 'conv_1':
       return {'activation': x}
-    x = _max_pool(nn.relu(self.conv_2(x)))
+    x = _max_pool(nn.relu(self._unit('conv_2', neurons, x)))
     if layer == 'conv_2':
       return {'activation': x}
-    x = _max_pool(nn.relu(self.conv_3(x)))
+    x = _max_pool(nn.relu(self._unit('conv_3', neurons, x)))
     if layer == 'conv_3':
       return {'activation': x}
-    return {'activation': nn.relu(self.conv_4(x)), 'fc_1': self.fc_1(_flatten(x))}
+    return {'activation': nn.relu(self._unit('conv_4', neurons, x)),
+            'fc_1': self._unit('fc_1', neurons, _flatten(x))}
 
   def resume(self, state: dict[str, jax.Array], channel_mask: jax.Array | None = None,
-             layer: str = FEATURE_LAYER) -> jax.Array:
+             layer: str = FEATURE_LAYER, neurons: NeuronScales | None = None) -> jax.Array:
     """Logits from ``observe``'s state, with ``layer``'s channels masked ([C] or [N, C])."""
     x = _masked(state['activation'], channel_mask)
     if layer == 'conv_4':
-      return self.output(nn.relu(state['fc_1'] + self.fc_2(_flatten(x))))
+      return self.output(nn.relu(state['fc_1'] + self._unit('fc_2', neurons, _flatten(x))))
     if layer == 'conv_1':
-      x = _max_pool(nn.relu(self.conv_2(x)))
+      x = _max_pool(nn.relu(self._unit('conv_2', neurons, x)))
     if layer in ('conv_1', 'conv_2'):
-      x = _max_pool(nn.relu(self.conv_3(x)))
-    fc_1 = self.fc_1(_flatten(x))
-    fc_2 = self.fc_2(_flatten(nn.relu(self.conv_4(x))))
+      x = _max_pool(nn.relu(self._unit('conv_3', neurons, x)))
+    fc_1 = self._unit('fc_1', neurons, _flatten(x))
+    fc_2 = self._unit('fc_2', neurons, _flatten(nn.relu(self._unit('conv_4', neurons, x))))
     return self.output(nn.relu(fc_1 + fc_2))
 
   def __call__(self, images: jax.Array, channel_mask: jax.Array | None = None,
-               layer: str = FEATURE_LAYER) -> jax.Array:
+               layer: str = FEATURE_LAYER, neurons: NeuronScales | None = None) -> jax.Array:
     """Logits [N, num_classes] (pre-softmax), with ``layer``'s channels masked.
 
     The one way to apply the net: ``resume(observe(images, layer), mask, layer)``.
+    ``neurons`` scales hidden neurons (see ``_unit``).
     """
-    return self.resume(self.observe(images, layer), channel_mask, layer)
+    return self.resume(self.observe(images, layer, neurons), channel_mask, layer, neurons)
+
+  def _unit(self, name: str, neurons: NeuronScales | None, x: jax.Array) -> jax.Array:
+    """Layer ``name`` on ``x``: its Flax module, or with its neurons scaled.
+
+    ``neurons[name] = (weight_scale, bias_scale)``, each [C]: output neuron c
+    is ``weight_scale[c] * (kernel_c . x) + bias_scale[c] * bias[c]``, before
+    the ReLU. Scales of ones give the layer's own output exactly; zeros give
+    what zeroing the neuron's kernel slice and bias does. The kernel is shared,
+    so under ``vmap`` over scales the products are one larger batch, not
+    grouped convolutions.
+    """
+    module = getattr(self, name)
+    if not neurons or name not in neurons:
+      return module(x)
+    weight_scale, bias_scale = neurons[name]
+    kernel, bias = module.variables['params']['kernel'], module.variables['params']['bias']
+    x = jnp.asarray(x, jnp.float32)
+    if name.startswith('conv'):
+      y = jax.lax.conv_general_dilated(x, kernel, (1, 1), 'VALID',
+                                       dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                                       precision=self.precision)
+    else:
+      y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())),
+                              precision=self.precision)
+    return y * weight_scale + bias * bias_scale
 
 
 def init_params(num_classes: int = CSAW_NUM_CLASSES, seed: int = 0) -> Params:
@@ -172,6 +204,16 @@ def logits_fn(params: Params, images: jax.Array, channel_mask: jax.Array | None 
   """
   return DeepID(num_classes_of(params), precision).apply(
       {'params': params}, images, channel_mask, check_layer(layer))
+
+
+def neuron_logits_fn(params: Params, images: jax.Array, neurons: NeuronScales,
+                     precision: str = DEFAULT_PRECISION) -> jax.Array:
+  """Pure apply: logits with hidden neurons scaled, ``neurons[layer] = (weight, bias)`` scales.
+
+  Differentiable in the scales: a learned mask is ``jax.grad`` through this.
+  """
+  return DeepID(num_classes_of(params), precision).apply(
+      {'params': params}, images, None, FEATURE_LAYER, neurons)
 
 
 def observe_fn(params: Params, images: jax.Array, layer: str = FEATURE_LAYER,

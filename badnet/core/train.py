@@ -101,7 +101,8 @@ def loss_fn(params: Params, images: jax.Array, labels: jax.Array, channel_mask: 
 
 
 def train_step(params: Params, opt_state: optax.OptState, images: jax.Array,
-               labels: jax.Array, channel_mask: jax.Array, *,
+               labels: jax.Array, channel_mask: jax.Array,
+               held: dict[str, jax.Array] | None = None, *,
                optimizer: optax.GradientTransformation, hold_pruned_at_zero: bool = False,
                layer: str = model.FEATURE_LAYER
                ) -> tuple[Params, optax.OptState, jax.Array, jax.Array]:
@@ -112,6 +113,8 @@ def train_step(params: Params, opt_state: optax.OptState, images: jax.Array,
   after the update, so no optimiser (momentum, weight decay) can revive them: fine-pruning.
   Without it the mask only silences them in the forward pass, and their
   weights are left as they were (the pruning-aware attack's decoys).
+  ``held`` ({layer: 0/1 mask}) holds the neurons of several layers at zero the
+  same way (a learned-mask defence's pruned net, fine-tuned).
   """
   (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       params, images, labels, channel_mask, layer)
@@ -119,6 +122,8 @@ def train_step(params: Params, opt_state: optax.OptState, images: jax.Array,
   params = optax.apply_updates(params, updates)
   if hold_pruned_at_zero:
     params = masks.prune(params, channel_mask, layer)
+  for held_layer, held_mask in (held or {}).items():  # any hidden layer, dense ones too
+    params = {**params, held_layer: masks.prune_layer(params[held_layer], held_mask, held_layer)}
   return params, opt_state, loss, accuracy
 
 
@@ -164,7 +169,8 @@ def _diverged(name: str, epoch: int, recipe: Recipe, why: str) -> TrainingError:
 def fit(params: Params, images: np.ndarray, labels: np.ndarray, recipe: Recipe, *,
         channel_mask: np.ndarray | None = None, hold_pruned_at_zero: bool = False,
         holdout: tuple[np.ndarray, np.ndarray] | None = None,
-        name: str = 'train', layer: str = model.FEATURE_LAYER) -> tuple[Params, list[dict]]:
+        name: str = 'train', layer: str = model.FEATURE_LAYER,
+        held: dict[str, np.ndarray] | None = None) -> tuple[Params, list[dict]]:
   """Trains ``params`` on (images, labels) with ``recipe``, jitted and sharded over the data mesh.
 
   Args:
@@ -179,6 +185,8 @@ def fit(params: Params, images: np.ndarray, labels: np.ndarray, recipe: Recipe, 
       epoch, which trained longer).
     name: shown in the progress log.
     layer: the layer ``channel_mask`` applies to (conv_3 by default).
+    held: {layer: 0/1 mask}: neurons of any layers held at exactly zero through
+      training (see ``train_step``).
 
   Returns:
     The trained params (numpy) and per-epoch stats (loss, train accuracy,
@@ -202,6 +210,9 @@ def fit(params: Params, images: np.ndarray, labels: np.ndarray, recipe: Recipe, 
       np.asarray(channel_mask, np.float32))
   if hold_pruned_at_zero:
     params = masks.prune(params, mask, layer)
+  held = None if held is None else {k: np.asarray(v, np.float32) for k, v in held.items()}
+  for held_layer, held_mask in (held or {}).items():
+    params = {**params, held_layer: masks.prune_layer(params[held_layer], held_mask, held_layer)}
   params = jax.device_put(jax.tree.map(jnp.array, params), replicated)
   opt_state = jax.device_put(optimizer.init(params), replicated)
   mask = jax.device_put(mask, replicated)
@@ -219,7 +230,7 @@ def fit(params: Params, images: np.ndarray, labels: np.ndarray, recipe: Recipe, 
       for index in range(steps):
         batch = order[index * batch_size:(index + 1) * batch_size]
         x, y = jax.device_put((images[batch], labels[batch].astype(np.int32)), rows)
-        params, opt_state, loss, accuracy = step(params, opt_state, x, y, mask)
+        params, opt_state, loss, accuracy = step(params, opt_state, x, y, mask, held)
         losses.append(loss)
         accuracies.append(accuracy)
         if not bar.disable and ((index + 1) % 10 == 0 or index + 1 == steps):

@@ -26,7 +26,7 @@ from types import ModuleType
 from badnet.errors import ConfigError
 
 # Modules of this package that are shared pieces, not defences.
-_NOT_DEFENCES = frozenset({'base', 'goodnet', 'sweep'})
+_NOT_DEFENCES = frozenset({'base', 'goodnet', 'learned_masks', 'sweep'})
 
 
 def names() -> tuple[str, ...]:

@@ -33,9 +33,12 @@ NAME = 'fine_pruning'
 Params = model_lib.Params
 
 
-def recipe_fields(max_epochs: config_lib.Bound) -> config_lib.Fields:
-  """The fine-tuning recipe's fields but ``epochs``; warm-up at most ``max_epochs``."""
-  return {
+def recipe_fields(max_epochs: config_lib.Bound, holdout: bool = True) -> config_lib.Fields:
+  """The fine-tuning recipe's fields but ``epochs``; warm-up at most ``max_epochs``.
+
+  ``holdout``: with ``finetune.holdout_fraction`` (a job that splits its own).
+  """
+  fields = {
       'finetune.optimizer': config_lib.Choice(train.OPTIMIZERS, 'optimizer'),
       'finetune.schedule': config_lib.Choice(train.SCHEDULES, 'schedule'),
       'finetune.batch_size': config_lib.Integer(1),
@@ -45,6 +48,9 @@ def recipe_fields(max_epochs: config_lib.Bound) -> config_lib.Fields:
       'finetune.holdout_fraction': config_lib.Number(0, 1, low_open=True, high_open=True),
       'finetune.seed': config_lib.Integer(),
   }
+  if not holdout:
+    del fields['finetune.holdout_fraction']
+  return fields
 
 
 FIELDS: config_lib.Fields = {

@@ -311,3 +311,130 @@ def plot_ablation_curves(path: pathlib.Path, curves: list[dict]) -> None:
                 frameon=False)
   figure.tight_layout()
   save_figure(figure, path)
+
+
+# --- learned-mask defences (ANP, RNP) ------------------------------------------
+
+
+def write_masks(path: pathlib.Path, variant_masks: dict[str, dict[str, np.ndarray]]) -> None:
+  """masks.npz: one array per layer ('conv_1', ...), or per variant and layer in a grid.
+
+  A grid's arrays are named '<variant>/<layer>' (e.g. 'eps=0.4 alpha=0.2 seed=0/conv_3');
+  ``np.load(path)[name]`` gives the [C] mask values in [0, 1].
+  """
+  arrays = {(f'{variant.rstrip(": ")}/{layer}' if variant else layer): np.asarray(mask)
+            for variant, layer_masks in variant_masks.items()
+            for layer, mask in layer_masks.items()}
+  with workdir_lib.atomic_path(path) as tmp, open(tmp, 'wb') as handle:
+    np.savez(handle, **arrays)
+
+
+def learned_mask_markdown(results: dict) -> str:
+  """results.json of a learned-mask defence as readable tables."""
+  base, name = results['base'], results['defence'].upper()
+  lines = [f'# {name} results', '',
+           f'Model: `{results["model"]}`' + (' (shipped synthetic benchmark)'
+                                             if results.get('synthetic_benchmark') else ''), '',
+           *tables.markdown(['net', 'split', 'clean acc %', 'ASR %'],
+                            [['B', split, _fmt(base[split]['clean_acc']),
+                              _fmt(base[split]['asr'])] for split in ('valid', 'test')],
+                            'llrr'), '']
+  defended = results.get('defended')
+  if defended:
+    lines += [f'Chosen on {results["holdout_images"]} held-out clean images: '
+              f'{defended["candidate"]} pruned, the deepest candidate whose held-out clean '
+              f'accuracy ({_fmt(defended["valid"]["clean_acc"])} %) stays within '
+              f'{results["max_clean_drop"]:g} points of B\'s ({_fmt(results["b_holdout_acc"])} %).',
+              '', 'On the test split:', '',
+              *tables.markdown(
+                  ['net', 'clean %', 'ASR %', 'detection %', 'false alarm %'],
+                  [[f'{name}-pruned', _fmt(defended['test']['clean_acc']),
+                    _fmt(defended['test']['asr']), '—', '—'],
+                   [f'GoodNet (B, {name}-pruned)', _fmt(results['goodnet']['test']['clean_acc']),
+                    _fmt(results['goodnet']['test']['asr']),
+                    _fmt(results['goodnet']['test']['detection_rate']),
+                    _fmt(results['goodnet']['test']['false_alarm_rate'])]], 'lrrrr'), '']
+  tuned = lambda row: _fmt(row['fine_tuned']['holdout_clean_acc']) if 'fine_tuned' in row else '—'
+  lines += ['Every candidate (neurons pruned, smallest masks first; test figures of the net as '
+            'offered, fine-tuned where it was; ASR for reporting only):', '',
+            *tables.markdown(['candidate', 'mask at most', 'held-out clean %, pruned',
+                              'held-out clean %, fine-tuned', 'test clean %', 'test ASR %',
+                              'valid ASR %'],
+                             [[row['candidate'],
+                               '—' if row['mask_at_most'] is None else f'{row["mask_at_most"]:.3f}',
+                               _fmt(row['holdout_clean_acc']), tuned(row),
+                               _fmt(row['test_clean_acc']), _fmt(row['test_asr']),
+                               _fmt(row['valid_asr'])]
+                              for row in results['tradeoff']], 'lrrrrrr')]
+  return '\n'.join(lines) + '\n'
+
+
+def write_learned_mask_results(out: pathlib.Path, results: dict,
+                               variant_masks: dict[str, dict[str, np.ndarray]]) -> None:
+  """results.json, results.md, plots/tradeoff.png and plots/masks.png."""
+  workdir_lib.write_json(out / 'results.json', results)
+  workdir_lib.write_text(out / 'results.md', learned_mask_markdown(results))
+  plot_mask_tradeoff(out / 'plots' / 'tradeoff.png', results)
+  plot_masks(out / 'plots' / 'masks.png', variant_masks, results['defence'].upper())
+
+
+def plot_mask_tradeoff(path: pathlib.Path, results: dict) -> None:
+  """Clean accuracy (held-out, test) and ASR (test) against neurons pruned; the choice marked."""
+  figure, axes = plt.subplots(figsize=(7.5, 4.4))
+  rows = results['tradeoff']
+  variants = list(dict.fromkeys(row['candidate'].rsplit(': ', 1)[0] if ': ' in row['candidate']
+                                else '' for row in rows))
+  chosen = results.get('defended')
+  for index, variant in enumerate(variants):
+    mine = [row for row in rows if (row['candidate'].rsplit(': ', 1)[0]
+                                    if ': ' in row['candidate'] else '') == variant]
+    depth = [row['neurons_pruned'] for row in mine]
+    suffix = f' ({variant})' if variant else ''
+    alpha = 1.0 if not chosen or chosen['candidate'].startswith(variant) else 0.35
+    style = dict(marker='o', markersize=3, alpha=alpha, linewidth=1.2)
+    axes.plot(depth, [r['holdout_clean_acc'] for r in mine], color='tab:blue', linestyle=':',
+              label=f'clean, held-out valid{suffix}' if index == 0 else None, **style)
+    axes.plot(depth, [r['test_clean_acc'] for r in mine], color='tab:blue',
+              label=f'clean, test{suffix}' if index == 0 else None, **style)
+    axes.plot(depth, [r['test_asr'] for r in mine], color='tab:red',
+              label=f'attack success, test{suffix}' if index == 0 else None, **style)
+  axes.axhline(results['b_holdout_acc'] - results['max_clean_drop'], color='grey',
+               linestyle='--', linewidth=1,
+               label=f'B\'s held-out clean accuracy - {results["max_clean_drop"]:g}')
+  if chosen:
+    axes.axvline(chosen['neurons_pruned'], color='black', linewidth=1)
+    axes.annotate(f'chosen: {chosen["neurons_pruned"]} neurons', (chosen['neurons_pruned'], 50),
+                  rotation=90, ha='right', va='center', fontsize=8)
+  axes.set_xlabel('neurons pruned (smallest masks first)')
+  axes.set_ylabel('%')
+  axes.set_ylim(-2, 102)
+  axes.set_title(f'{results["defence"].upper()}: pruning by learned masks '
+                 f'(depth chosen on held-out clean data)')
+  axes.legend(loc='upper left', bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+  axes.grid(alpha=0.3)
+  save_figure(figure, path)
+
+
+def plot_masks(path: pathlib.Path, variant_masks: dict[str, dict[str, np.ndarray]],
+               name: str) -> None:
+  """The learned masks, one panel per layer: each neuron's mask, sorted (a grid's first variant)."""
+  variant, layer_masks = next(iter(variant_masks.items()))
+  layers = list(layer_masks)
+  columns = min(3, len(layers))
+  rows = -(-len(layers) // columns)
+  figure, panels = plt.subplots(rows, columns, figsize=(3.6 * columns, 2.8 * rows),
+                                squeeze=False, sharey=True)
+  for axes, layer in zip(panels.ravel(), layers):
+    values = np.sort(np.asarray(layer_masks[layer]))
+    axes.bar(np.arange(len(values)), values, width=1.0, color='tab:purple')
+    axes.set_title(f'{layer}: {int((values < 0.2).sum())} of {len(values)} below 0.2',
+                   fontsize=9)
+    axes.set_ylim(0, 1.02)
+    axes.set_xlabel('neurons, sorted')
+  for axes in panels.ravel()[len(layers):]:
+    axes.axis('off')
+  for axes in panels[:, 0]:
+    axes.set_ylabel('mask')
+  figure.suptitle(f'{name} masks' + (f' ({variant.rstrip(": ")})' if variant else ''))
+  figure.tight_layout()
+  save_figure(figure, path)

@@ -1,0 +1,62 @@
+"""ANP, adversarial neuron pruning (Wu and Wang, NeurIPS 2021), on clean data only.
+
+    python main.py --config=configs/anp.py --workdir=workdir/anp
+
+Inputs as in configs/prune.py (a model and CSAW-layout data; with neither it
+runs on the shipped synthetic benchmark, --config.benchmark=pruning_aware for
+the other net). It learns a mask per neuron of conv_1..conv_4, fc_1 and fc_2
+on part of the clean validation split (the rest held out), prunes the neurons
+with the smallest masks at depths 1, 2, 3, 4, 6, 8, 12, ... (learned_masks.DEPTHS),
+fine-tunes each pruned net on the same clean part with its pruned neurons held
+at zero (finetune.epochs; 0: pruning alone), and keeps the deepest candidate
+whose held-out clean accuracy stays within `max_clean_drop` points of B's.
+Only then does it read the test and poisoned files, to report. It prints B's
+figures, the chosen net's and its GoodNet's on the test split and
+the whole trade-off:
+
+    | candidate | mask at most | held-out clean % (pruned / fine-tuned) | test clean % | ...
+
+and writes results.json (`base`, `defended`, `goodnet`, `pruned`,
+`model_file`, `tradeoff`, `data`), results.md, masks.npz (the learned masks,
+by layer), models/defended.h5 (a full Keras model: the pruned neurons' kernel
+slices and biases zeroed), plots/tradeoff.png and plots/masks.png. Tuples in
+anp.eps, anp.alpha or anp.seeds make a grid, learned together in one vmapped
+computation (anp.stacked='auto': vmap for a grid; 'loop': one after another).
+The published settings are 2000 iterations of batch 128 and pruning alone;
+the defaults (300 iterations, 4 epochs of fine-tuning per candidate) fit 5
+minutes on a 2-core CPU (WORKSPACE.md, "Learned-mask pruning", says why
+fine-tuning is on by default).
+"""
+
+import ml_collections
+
+from configs import fine_prune, prune
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.job = 'anp'
+  base = prune.get_config()
+  config.model, config.benchmark, config.data = base.model, base.benchmark, base.data
+  config.layers = ('conv_1', 'conv_2', 'conv_3', 'conv_4', 'fc_1', 'fc_2')  # masked layers
+  config.holdout_fraction = 0.2   # part of the clean validation split that chooses the depth
+  config.max_clean_drop = 3.0     # points of held-out clean accuracy the pruning may cost
+  config.seed = 0                 # the held-out split
+  config.batch_size = 512         # evaluation
+  config.precision = 'highest'
+  config.anp = ml_collections.ConfigDict()
+  config.anp.eps = 0.4            # perturbation budget, in [0, 1] (a tuple: a grid)
+  config.anp.alpha = 0.2          # weight of the natural loss, in [0, 1] (a tuple: a grid)
+  config.anp.seeds = (0,)         # batches and noise (several: a grid)
+  config.anp.iterations = 300     # published: 2000
+  config.anp.batch_size = 128
+  config.anp.learning_rate = 0.2  # the masks' SGD (momentum below)
+  config.anp.momentum = 0.9
+  config.anp.stacked = 'auto'     # a grid: 'vmap' (one computation), 'loop', or 'auto' (vmap)
+  # Each candidate fine-tuned on the same clean part, its pruned neurons held at zero
+  # (the recipe of configs/fine_prune.py), the epoch chosen on the held-out part;
+  # epochs 0: pruning alone, as published.
+  config.finetune = fine_prune.get_config().finetune
+  del config.finetune['max_clean_drop'], config.finetune['holdout_fraction']  # see above
+  config.finetune.epochs = 4
+  return config

@@ -1,0 +1,260 @@
+"""Learned-mask pruning (ANP, RNP): soft masks, their gradients, the vmapped grid, the jobs."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from badnet import pipeline, runner
+from badnet.core import masks, model
+from badnet.defences import anp, learned_masks
+from badnet.errors import ConfigError
+from badnet.io import data, keras_io
+from configs import anp as anp_config
+from configs import rnp as rnp_config
+from tests import helpers
+
+LAYERS = model.NEURON_LAYERS
+
+
+@pytest.fixture(scope='module')
+def net():
+  """A random net with non-zero biases (11 classes) and images that vary its classes."""
+  return helpers.random_params(11, seed=4), helpers.varied_images(24, seed=3)
+
+
+def _ones(params):
+  return learned_masks.init_masks(params, LAYERS)
+
+
+def test_masks_of_ones_and_no_perturbation_give_b_exactly(net):
+  params, images = net
+  zeros = jax.tree.map(jnp.zeros_like, _ones(params))
+  for noise in (None, (zeros, zeros)):
+    scales = learned_masks._scales(_ones(params), noise)  # pylint: disable=protected-access
+    np.testing.assert_array_equal(np.asarray(model.neuron_logits_fn(params, images, scales)),
+                                  np.asarray(model.logits_fn(params, images)))
+
+
+@pytest.mark.parametrize('layer', LAYERS)
+def test_a_zero_mask_is_zeroing_the_neuron_by_hand(net, layer):
+  params, images = net
+  count = params[layer]['bias'].shape[0]
+  pruned = np.random.default_rng(len(layer)).choice(count, count // 3, replace=False)
+  by_hand = {name: {k: np.array(v) for k, v in weights.items()} for name, weights in params.items()}
+  by_hand[layer]['kernel'][..., pruned] = 0.0
+  by_hand[layer]['bias'][pruned] = 0.0
+  mask = _ones(params)
+  mask[layer] = mask[layer].at[pruned].set(0.0)
+  soft = np.asarray(model.neuron_logits_fn(params, images,
+                                           learned_masks._scales(mask)))  # pylint: disable=protected-access
+  hard = np.asarray(model.logits_fn(by_hand, images))
+  exported = np.asarray(model.logits_fn(masks.prune_neurons(params, {layer: pruned}), images))
+  np.testing.assert_allclose(soft, hard, rtol=1e-5, atol=1e-4 * np.abs(hard).max())
+  np.testing.assert_array_equal(exported, hard)
+  np.testing.assert_array_equal(soft.argmax(1), hard.argmax(1))
+  assert (hard.argmax(1) != np.asarray(model.logits_fn(params, images)).argmax(1)).any()
+
+
+def test_the_mask_gradient_equals_a_finite_difference(net):
+  """d loss / d mask along a direction, against a central difference in float64 numpy."""
+  params, images = net
+  labels = np.arange(len(images)) % 11
+  rng = np.random.default_rng(0)
+  point = {layer: jnp.asarray(rng.uniform(0.3, 0.9, m.shape), jnp.float32)
+           for layer, m in _ones(params).items()}
+  direction = {layer: jnp.asarray(rng.normal(size=m.shape), jnp.float32)
+               for layer, m in point.items()}
+  loss = lambda m: learned_masks.masked_loss(params, m, images, labels)
+  grads = jax.grad(loss)(point)
+  analytic = sum(float(jnp.vdot(grads[k], direction[k])) for k in point)
+  step = 1e-3
+  shifted = lambda sign: {k: point[k] + sign * step * direction[k] for k in point}
+  numeric = (float(loss(shifted(1))) - float(loss(shifted(-1)))) / (2 * step)
+  assert analytic != 0
+  assert numeric == pytest.approx(analytic, rel=2e-2)
+
+
+def test_anp_variants_vmapped_equal_the_same_variants_one_at_a_time(net):
+  params, images = net
+  labels = np.arange(len(images)) % 11
+  variants = [learned_masks.AnpSettings(0.4, 0.2, 0), learned_masks.AnpSettings(0.2, 0.5, 1),
+              learned_masks.AnpSettings(0.0, 1.0, 2)]
+  kwargs = dict(iterations=4, batch_size=8, optimizer=learned_masks.MaskOptimizer(0.05, 0.9))
+  together = learned_masks.learn_anp(params, images, labels, variants, stacked=True, **kwargs)
+  apart = learned_masks.learn_anp(params, images, labels, variants, stacked=False, **kwargs)
+  moved = 0
+  for one, other in zip(together, apart, strict=True):
+    for layer in LAYERS:
+      np.testing.assert_allclose(one[layer], other[layer], atol=2e-5)
+      assert (one[layer] >= 0).all() and (one[layer] <= 1).all()
+      moved += int((one[layer] < 1).sum())
+  assert moved > 0  # the masks did learn something
+  assert not all(np.array_equal(together[0][k], together[1][k]) for k in LAYERS)
+
+
+def test_a_second_grid_of_the_same_shapes_compiles_nothing(net):
+  params, images = net
+  labels = np.arange(len(images)) % 11
+  grid = lambda seed: [learned_masks.AnpSettings(0.4, 0.2, seed),
+                       learned_masks.AnpSettings(0.3, 0.2, seed + 1)]
+  learn = lambda seed: learned_masks.learn_anp(params, images, labels, grid(seed), iterations=2,
+                                               batch_size=8)
+  learn(0)
+  assert helpers.count_compilations(lambda: learn(5)) == 0
+
+
+def test_pruning_order_and_candidates_by_hand():
+  mask = {'conv_1': np.array([0.9, 0.0, 0.5]), 'fc_1': np.array([0.0, 0.2])}
+  order = learned_masks.pruning_order(mask)
+  assert order == [('conv_1', 1), ('fc_1', 0), ('fc_1', 1), ('conv_1', 2), ('conv_1', 0)]
+  assert learned_masks.pruned_at(order, 3) == {'conv_1': [1], 'fc_1': [0, 1]}
+
+
+def test_unlearning_stops_at_the_clean_threshold(world):
+  root, params = world
+  clean = data.load_csaw_h5(root / 'data' / 'cl' / 'valid.h5')
+  settings = learned_masks.RnpSettings(clean_threshold=100.0, max_unlearning_epochs=5,
+                                       batch_size=32)
+  unlearned, history = learned_masks.unlearn(params, clean.images, clean.labels, settings)
+  assert len(history) == 1  # 100 % is met at once
+  changed = [layer for layer in params
+             if not np.array_equal(unlearned[layer]['kernel'], params[layer]['kernel'])]
+  assert changed
+
+
+def _job_config(config, root, **fields):
+  config.model, config.data.dir = str(root / 'bd_weights.h5'), str(root / 'data')
+  config.batch_size = 64
+  for key, value in fields.items():
+    section, _, name = key.rpartition('.')
+    (config[section] if section else config)[name] = value
+  return config
+
+
+def _anp(root, **fields):
+  return _job_config(anp_config.get_config(), root, **{'anp.iterations': 6, 'anp.batch_size': 16,
+                                                       'finetune.epochs': 0, **fields})
+
+
+@pytest.fixture(scope='module')
+def anp_run(world, tmp_path_factory):
+  root, _ = world
+  out = tmp_path_factory.mktemp('anp')
+  return out, runner.run(_anp(root), out)
+
+
+def test_the_anp_job_writes_a_consistent_report(world, anp_run):
+  import keras  # the oracle: the exported file as the CSAW eval script loads it
+  root, params = world
+  out, results = anp_run
+  assert json.loads((out / 'results.json').read_text()) == results
+  for name in ('results.md', 'masks.npz', 'models/defended.h5', 'plots/tradeoff.png',
+               'plots/masks.png'):
+    assert (out / name).is_file(), name
+  with np.load(out / 'masks.npz') as saved:
+    assert sorted(saved.files) == sorted(LAYERS)
+  defended = results['defended']
+  chosen = next(r for r in results['tradeoff'] if r['candidate'] == defended['candidate'])
+  assert chosen['holdout_clean_acc'] >= results['b_holdout_acc'] - results['max_clean_drop']
+  deeper = [r for r in results['tradeoff'] if r['neurons_pruned'] > defended['neurons_pruned']]
+  assert all(r['holdout_clean_acc'] < results['b_holdout_acc'] - results['max_clean_drop']
+             for r in deeper)
+  # The file reloads in Keras with the reported test figures, its pruned neurons at zero.
+  net = keras.models.load_model(out / results['model_file'], compile=False)
+  clean = data.load_csaw_h5(root / 'data' / 'cl' / 'test.h5')
+  poisoned = data.load_csaw_h5(root / 'data' / 'bd' / 'bd_test.h5')
+  keras_clean = net.predict(clean.images.astype(np.float32), verbose=0).argmax(1)
+  keras_poisoned = net.predict(poisoned.images.astype(np.float32), verbose=0).argmax(1)
+  assert defended['test']['clean_acc'] == pytest.approx(100 * (keras_clean == clean.labels).mean(),
+                                                        abs=1e-4)
+  assert defended['test']['asr'] == pytest.approx(
+      100 * (keras_poisoned == poisoned.labels).mean(), abs=1e-4)
+  saved = keras_io.read_params(out / results['model_file'])
+  for layer, indices in results['pruned'].items():
+    assert not saved[layer]['bias'][indices].any()
+    assert not saved[layer]['kernel'][..., indices].any()
+  kept = {layer: np.setdiff1d(np.arange(params[layer]['bias'].shape[0]),
+                              results['pruned'].get(layer, [])) for layer in LAYERS}
+  for layer, indices in kept.items():
+    np.testing.assert_array_equal(saved[layer]['bias'][indices], params[layer]['bias'][indices])
+
+
+def test_two_anp_runs_give_identical_results(world, anp_run, tmp_path):
+  root, _ = world
+  out, _ = anp_run
+  runner.run(_anp(root), tmp_path / 'again')
+  assert (tmp_path / 'again' / 'results.json').read_text() == (out / 'results.json').read_text()
+
+
+def test_the_jobs_read_no_poisoned_file_before_reporting(world, tmp_path, monkeypatch):
+  root, _ = world
+  events = []
+  real_load, real_defend = pipeline.data.load_csaw_h5, anp.defend
+  monkeypatch.setattr(pipeline.data, 'load_csaw_h5',
+                      lambda path, *a, **k: events.append(str(path)) or real_load(path, *a, **k))
+  monkeypatch.setattr(anp, 'defend',
+                      lambda *a, **k: (real_defend(*a, **k), events.append('defended'))[0])
+  runner.run(_anp(root), tmp_path / 'run')
+  done = events.index('defended')
+  assert not any('/bd/' in event for event in events[:done]), events
+  assert any('/bd/' in event for event in events[done:]), events
+
+
+def test_fine_tuned_candidates_hold_their_pruned_neurons_at_zero(world, tmp_path):
+  root, params = world
+  results = runner.run(_anp(root, max_clean_drop=100.0,  # every candidate qualifies
+                            **{'finetune.epochs': 2, 'finetune.batch_size': 16}),
+                       tmp_path / 'tuned')
+  rows = results['tradeoff']
+  assert all('fine_tuned' in row for row in rows[1:]) and 'fine_tuned' not in rows[0]
+  assert results['defended']['candidate'] == rows[-1]['candidate']  # the deepest, in budget
+  assert results['defended']['fine_tuned']['chosen_epoch'] in (1, 2)
+  saved = keras_io.read_params(tmp_path / 'tuned' / results['model_file'])
+  assert results['pruned'], 'the test needs a net with pruned neurons'
+  for layer, indices in results['pruned'].items():
+    assert not saved[layer]['bias'][indices].any()
+    assert not saved[layer]['kernel'][..., indices].any()
+  moved = [layer for layer in saved if not np.array_equal(saved[layer]['kernel'],
+                                                             np.asarray(params[layer]['kernel']))]
+  assert moved  # it did train
+
+
+def test_the_rnp_job_runs_and_reports_its_unlearning(world, tmp_path):
+  root, _ = world
+  config = _job_config(rnp_config.get_config(), root, **{
+      'rnp.recovering_epochs': 2, 'rnp.max_unlearning_epochs': 3, 'rnp.batch_size': 32,
+      'finetune.epochs': 1, 'finetune.batch_size': 32})
+  results = runner.run(config, tmp_path / 'rnp')
+  assert results['defence'] == 'rnp' and 1 <= len(results['unlearning']) <= 3
+  assert results['defended']['candidate'] in {r['candidate'] for r in results['tradeoff']}
+  assert (tmp_path / 'rnp' / 'models' / 'defended.h5').is_file()
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('anp.eps', 1.5, r'config.anp.eps: 1.5 is not in \[0, 1\]'),
+    ('anp.alpha', -0.1, r'config.anp.alpha: -0.1 is not in \[0, 1\]'),
+    ('anp.learning_rate', 0.0, r'config.anp.learning_rate must be in \(0, 10\]'),
+    ('anp.iterations', 0, 'config.anp.iterations must be a positive integer'),
+    ('layers', ('conv_9',), "config.layers: unknown layer 'conv_9'"),
+])
+def test_bad_anp_values_stop_before_any_work(world, tmp_path, field, value, message):
+  root, _ = world
+  config = ml_collections.ConfigDict(_anp(root).to_dict(), type_safe=False)
+  section, _, name = field.rpartition('.')
+  (config[section] if section else config)[name] = value
+  with pytest.raises(ConfigError, match=message):
+    runner.run(config, tmp_path / 'run')
+  assert not (tmp_path / 'run').exists()
+
+
+def test_bad_rnp_values_stop_before_any_work(world, tmp_path):
+  root, _ = world
+  config = _job_config(rnp_config.get_config(), root)
+  config.rnp.recovering_lr = -1.0
+  with pytest.raises(ConfigError, match=r'config.rnp.recovering_lr must be in \(0, 10\]'):
+    runner.run(config, tmp_path / 'run')
+  assert not (tmp_path / 'run').exists()
