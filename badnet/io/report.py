@@ -393,9 +393,15 @@ def plot_mask_tradeoff(path: pathlib.Path, results: dict) -> None:
     alpha = 1.0 if not chosen or chosen['candidate'].startswith(variant) else 0.35
     style = dict(marker='o', markersize=3, alpha=alpha, linewidth=1.2)
     axes.plot(depth, [r['holdout_clean_acc'] for r in mine], color='tab:blue', linestyle=':',
-              label=f'clean, held-out valid{suffix}' if index == 0 else None, **style)
+              label=f'clean, held-out valid, pruned{suffix}' if index == 0 else None, **style)
+    tuned = [(r['neurons_pruned'], r['fine_tuned']['holdout_clean_acc']) for r in mine
+             if 'fine_tuned' in r]
+    if tuned:  # what the choice is made on when candidates are fine-tuned
+      axes.plot(*zip(*tuned), color='tab:cyan', linestyle='--',
+                label=f'clean, held-out valid, fine-tuned{suffix}' if index == 0 else None,
+                **style)
     axes.plot(depth, [r['test_clean_acc'] for r in mine], color='tab:blue',
-              label=f'clean, test{suffix}' if index == 0 else None, **style)
+              label=f'clean, test (the net offered){suffix}' if index == 0 else None, **style)
     axes.plot(depth, [r['test_asr'] for r in mine], color='tab:red',
               label=f'attack success, test{suffix}' if index == 0 else None, **style)
   axes.axhline(results['b_holdout_acc'] - results['max_clean_drop'], color='grey',
