@@ -23,9 +23,9 @@ slices and biases zeroed), plots/tradeoff.png and plots/masks.png. Tuples in
 anp.eps, anp.alpha or anp.seeds make a grid, learned together in one vmapped
 computation (anp.stacked='auto': vmap for a grid; 'loop': one after another).
 The published settings are 2000 iterations of batch 128 and pruning alone;
-the defaults (300 iterations, 4 epochs of fine-tuning per candidate) fit 5
-minutes on a 2-core CPU (WORKSPACE.md, "Learned-mask pruning", says why
-fine-tuning is on by default).
+the defaults are 300 iterations and each candidate fine-tuned with
+configs/fine_prune.py's recipe (8 epochs); WORKSPACE.md ("Learned-mask
+pruning") has their times and says why fine-tuning is on by default.
 """
 
 import ml_collections
@@ -58,5 +58,5 @@ def get_config() -> ml_collections.ConfigDict:
   # epochs 0: pruning alone, as published.
   config.finetune = fine_prune.get_config().finetune
   del config.finetune['max_clean_drop'], config.finetune['holdout_fraction']  # see above
-  config.finetune.epochs = 4
+  config.finetune.epochs = 8
   return config

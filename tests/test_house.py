@@ -74,7 +74,7 @@ def test_every_job_declares_its_fields_and_every_config_names_a_job():
 
 def test_an_unknown_job_is_one_clear_error():
   with pytest.raises(ConfigError, match="config.job: unknown job 'prnue'; expected one of "
-                                        'ablate, classify'):
+                                        'ablate, anp, classify'):
     runner.run(ml_collections.ConfigDict({'job': 'prnue'}))
 
 
@@ -83,8 +83,8 @@ def test_defences_are_found_by_name_with_their_interface():
   for name in defences.names():
     defence = defences.get(name)
     assert defence.NAME == name and callable(defence.defend)
-  with pytest.raises(ConfigError, match="unknown defence 'anp'"):
-    defences.get('anp')
+  with pytest.raises(ConfigError, match="unknown defence 'strip'"):
+    defences.get('strip')
 
 
 CONFIG = ml_collections.ConfigDict({'a': 3, 'b': 0.5, 'c': 'y', 'flag': True, 'axis': (1, 2),
