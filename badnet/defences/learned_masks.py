@@ -163,42 +163,39 @@ def learn_anp(params: Params, images: np.ndarray, labels: np.ndarray,
   """
   images = np.asarray(images)
   labels = np.asarray(labels, np.int32)
-  rows = np.stack([_batches(len(labels), batch_size, iterations, v.seed) for v in variants])
-  keys = np.stack([np.asarray(jax.random.key_data(jax.random.key(v.seed))) for v in variants])
-  eps = np.array([v.eps for v in variants], np.float32)
-  alpha = np.array([v.alpha for v in variants], np.float32)
   params = evaluate.replicate(params)
-  if stacked:
-    return _learn_stacked(params, images, labels, rows, keys, eps, alpha, layers, iterations,
-                          optimizer, precision)
-  return [_learn_stacked(params, images, labels, rows[i:i + 1], keys[i:i + 1], eps[i:i + 1],
-                         alpha[i:i + 1], layers, iterations, optimizer, precision, single=True)[0]
-          for i in range(len(variants))]
+  learn = functools.partial(_learn_anp, params, images, labels, layers=layers,
+                            iterations=iterations, batch_size=batch_size, optimizer=optimizer,
+                            precision=precision)
+  return learn(variants, stacked=True) if stacked else [
+      learn([variant], stacked=False)[0] for variant in variants]
 
 
-def _learn_stacked(params, images, labels, rows, keys, eps, alpha, layers, iterations, optimizer,
-                   precision, single: bool = False) -> list[dict[str, np.ndarray]]:
-  count = len(rows)
-  mask = jax.tree.map(lambda m: jnp.broadcast_to(m, (count, *m.shape)),
+def _learn_anp(params, images, labels, variants, *, layers, iterations, batch_size, optimizer,
+               precision, stacked: bool) -> list[dict[str, np.ndarray]]:
+  """The ANP loop for ``variants``: one vmapped step for all (``stacked``), else for one."""
+  rows = np.stack([_batches(len(labels), batch_size, iterations, v.seed) for v in variants])
+  keys = jax.vmap(jax.random.key)(jnp.array([v.seed for v in variants]))
+  eps = jnp.array([v.eps for v in variants], jnp.float32)
+  alpha = jnp.array([v.alpha for v in variants], jnp.float32)
+  mask = jax.tree.map(lambda m: jnp.broadcast_to(m, (len(variants), *m.shape)),
                       init_masks(params, layers))
   velocity = jax.tree.map(jnp.zeros_like, mask)
-  step = _anp_steps(optimizer, precision, stacked=not single)
-  key_data = jnp.asarray(keys)
+  step = _anp_steps(optimizer, precision, stacked)
+  first = lambda tree: jax.tree.map(lambda leaf: leaf[0], tree)
+  again = lambda tree: jax.tree.map(lambda leaf: leaf[None], tree)
   for iteration in range(iterations):
     batch = rows[:, iteration]
-    step_keys = jax.vmap(lambda k: jax.random.fold_in(jax.random.wrap_key_data(k), iteration))(
-        key_data)
-    if single:
-      drop = lambda tree: jax.tree.map(lambda leaf: leaf[0], tree)
-      one_mask, one_velocity, _ = step(params, drop(mask), drop(velocity), images[batch[0]],
-                                       labels[batch[0]], step_keys[0], eps[0], alpha[0])
-      mask = jax.tree.map(lambda leaf: leaf[None], one_mask)
-      velocity = jax.tree.map(lambda leaf: leaf[None], one_velocity)
-    else:
+    step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, iteration)
+    if stacked:
       mask, velocity, _ = step(params, mask, velocity, images[batch], labels[batch], step_keys,
                                eps, alpha)
+    else:  # the same step, unbatched: the reference the vmapped grid is tested against
+      one = step(params, first(mask), first(velocity), images[batch[0]], labels[batch[0]],
+                 step_keys[0], eps[0], alpha[0])
+      mask, velocity = again(one[0]), again(one[1])
   mask = jax.device_get(mask)
-  return [{layer: np.asarray(mask[layer][i]) for layer in layers} for i in range(count)]
+  return [{layer: np.asarray(mask[layer][i]) for layer in layers} for i in range(len(variants))]
 
 
 def pruning_order(mask: dict[str, np.ndarray]) -> list[tuple[str, int]]:
