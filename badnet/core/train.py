@@ -216,6 +216,7 @@ def fit(params: Params, images: np.ndarray, labels: np.ndarray, recipe: Recipe, 
   params = jax.device_put(jax.tree.map(jnp.array, params), replicated)
   opt_state = jax.device_put(optimizer.init(params), replicated)
   mask = jax.device_put(mask, replicated)
+  held = jax.device_put(held, replicated)  # once, not a host copy every step
   rng = np.random.default_rng(recipe.seed)
   history, best, best_acc = [], None, -1.0
   # Where held-out accuracy starts, so that an epoch that wrecks it is noticed.
