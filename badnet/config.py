@@ -152,22 +152,26 @@ class Each:
 Fields = Mapping[str, Spec | Each]
 
 
-def check_field(config: Config, name: str, spec: Spec | Each) -> None:
-  """Raises a one-line ConfigError if ``config.<name>`` does not meet ``spec``."""
-  value = value_of(config, name)
+def check_field(config: Config, name: str, spec: Spec | Each, prefix: str = '') -> None:
+  """Raises a one-line ConfigError if ``config.<name>`` does not meet ``spec``.
+
+  ``prefix``: where ``config`` sits in the job's config (e.g. 'learned_masks.'),
+  for the message.
+  """
+  value, shown = value_of(config, name), prefix + name
   if isinstance(spec, Each):
-    spec.check(name, value, config)
+    spec.check(shown, value, config)
   elif not spec.ok(value, config):
     if isinstance(spec, Choice):
-      raise ConfigError(f'config.{name}: unknown {spec.what} {value!r}; expected '
+      raise ConfigError(f'config.{shown}: unknown {spec.what} {value!r}; expected '
                         f'{spec.describe(config)}')
-    raise ConfigError(f'config.{name} must be {spec.describe(config)}, got {value!r}')
+    raise ConfigError(f'config.{shown} must be {spec.describe(config)}, got {value!r}')
 
 
-def check(config: Config, fields: Fields) -> None:
+def check(config: Config, fields: Fields, prefix: str = '') -> None:
   """Checks every declared field, in order; the first bad one stops with its message."""
   for name, spec in fields.items():
-    check_field(config, name, spec)
+    check_field(config, name, spec, prefix)
 
 
 # Fields that most jobs share.

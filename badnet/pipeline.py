@@ -301,7 +301,10 @@ def run_learned_masks(defence: ModuleType, config: ml_collections.ConfigDict,
   if 'unlearning' in outcome.figures:
     results['unlearning'] = outcome.figures['unlearning']
   results['masks_file'] = 'masks.npz'
-  report.write_masks(out / results['masks_file'], outcome.figures['masks'])
-  report.write_learned_mask_results(out, results, outcome.figures['masks'])
+  learned = outcome.figures['masks']
+  variant_masks = {variant: found.masks for variant, found in learned.items()}
+  report.write_masks(out / results['masks_file'], variant_masks,
+                     {variant: found.means for variant, found in learned.items()})
+  report.write_learned_mask_results(out, results, variant_masks)
   print(report.learned_mask_markdown(results), flush=True)
   return workdir.tidy(results)

@@ -1,4 +1,4 @@
-"""Ablations: a grid of pruning defences in one run (nets x layers x orders x seeds x X x epochs).
+"""Ablations: a grid of defences in one run (nets x layers x orders x seeds x X x epochs, ANP, RNP).
 
     python main.py --config=configs/ablate.py --workdir=workdir/ablate
 
@@ -20,6 +20,18 @@ and prints one markdown table; it writes
                    (validation split, levels 0..C)
     ablation.md, plots/tradeoff.png, plots/curves.png, config.json
 
+`defences` adds learned-mask pruning to the grid: 'anp' and 'rnp' each run
+on every net as configs/anp.py and configs/rnp.py do (settings under
+`learned_masks`: their layers, budget, fine-tuning, `anp` and `rnp` blocks),
+one row each for the net they choose on held-out clean data: defence 'anp'
+or 'rnp', layer the masked layers ('conv_1-fc_2' for all), x their
+`max_clean_drop`, finetune_epochs their `finetune.epochs`, pruned_channels
+'layer:neuron' pairs. 'pruning' is the channel grid above (fine-pruning where
+finetune_epochs > 0); every row's first column names its defence. To compare
+all four on the shipped nets (about 20 minutes on a 2-core CPU):
+
+    python main.py --config=configs/ablate.py --config.defences="('pruning', 'anp', 'rnp')"
+
 Rerunning into the same workdir skips the points already in ablation.csv, so
 an interrupted run resumes. The default grid's table, time and what it shows
 are in WORKSPACE.md ("Ablations"). On your own nets and data:
@@ -31,12 +43,13 @@ are in WORKSPACE.md ("Ablations"). On your own nets and data:
 
 import ml_collections
 
-from configs import fine_prune
+from configs import anp, fine_prune, rnp
 
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.job = 'ablate'
+  config.defences = ('pruning',)        # any of pruning (the channel grid below), anp, rnp
   # .h5 files (Keras, weights-only or full model) or the shipped names
   # 'badnets' / 'pruning_aware' (which need no data: the shipped benchmark's).
   config.models = ('badnets', 'pruning_aware')
@@ -59,4 +72,11 @@ def get_config() -> ml_collections.ConfigDict:
   tune = fine_prune.get_config().finetune
   del tune['epochs'], tune['max_clean_drop']
   config.finetune = tune
+  # ANP and RNP (config.defences): configs/anp.py's and configs/rnp.py's settings,
+  # but for the inputs, batch_size and precision (the grid's).
+  learned = anp.get_config()
+  for field in ('job', 'model', 'benchmark', 'data', 'batch_size', 'precision'):
+    del learned[field]
+  learned.rnp = rnp.get_config().rnp
+  config.learned_masks = learned
   return config

@@ -218,3 +218,64 @@ def test_a_conv_2_row_equals_keras_on_the_lab3_net(csaw_dir, real_faces, tmp_pat
       'false_alarm_rate': 100 * np.mean(g['clean'] == model.CSAW_NUM_CLASSES)}
   for name, value in expected.items():
     assert float(row[name]) == pytest.approx(value, abs=1e-4), name
+
+
+def _learned_fields() -> dict:
+  """Small ANP and RNP settings for the world's net (seconds, not minutes)."""
+  return {'anp.iterations': 6, 'anp.batch_size': 16, 'rnp.recovering_epochs': 2,
+          'rnp.max_unlearning_epochs': 2, 'rnp.batch_size': 32, 'finetune.epochs': 1,
+          'finetune.batch_size': 32}
+
+
+def test_anp_and_rnp_rows_equal_their_own_jobs(world, tmp_path):
+  """The grid's ANP and RNP rows are what configs/anp.py and configs/rnp.py report."""
+  from configs import anp as anp_config
+  from configs import rnp as rnp_config
+  root, _ = world
+  config = _config([root / 'bd_weights.h5'], root / 'data', defences=('anp', 'rnp'))
+  for name, value in _learned_fields().items():
+    section, field = name.split('.')
+    config.learned_masks[section][field] = value
+  rows = runner.run(config, str(tmp_path / 'grid'))
+  assert {row['defence'] for row in rows} == {'anp', 'rnp'}  # no channel grid asked for
+  for job_config in (anp_config.get_config(), rnp_config.get_config()):
+    job_config.model, job_config.data.dir = str(root / 'bd_weights.h5'), str(root / 'data')
+    job_config.batch_size = 64
+    for name, value in _learned_fields().items():
+      section, field = name.split('.')
+      if section in job_config:
+        job_config[section][field] = value
+    results = runner.run(job_config, str(tmp_path / job_config.job))
+    row = _row(rows, defence=job_config.job)
+    assert row['layer'] == 'conv_1-fc_2' and row['x'] == '3' and row['finetune_epochs'] == '1'
+    assert int(row['channels_pruned']) == results['defended']['neurons_pruned']
+    assert row['pruned_channels'].split() == [
+        f'{layer}:{i}' for layer in model.NEURON_LAYERS for i in results['pruned'].get(layer, [])]
+    test, good = results['defended']['test'], results['goodnet']['test']
+    for column, value in (('clean_acc', test['clean_acc']), ('asr', test['asr']),
+                          ('goodnet_clean_acc', good['clean_acc']), ('goodnet_asr', good['asr']),
+                          ('detection_rate', good['detection_rate']),
+                          ('false_alarm_rate', good['false_alarm_rate'])):
+      assert float(row[column]) == pytest.approx(value, abs=1e-4), (job_config.job, column)
+  assert (tmp_path / 'grid' / 'plots' / 'tradeoff.png').stat().st_size > 0
+
+
+@pytest.mark.parametrize('fields, message', [
+    (dict(defences=('pruning', 'nc')), "config.defences: unknown defence 'nc'"),
+    ({'learned_masks.anp.eps': 1.5}, r'config.learned_masks.anp.eps: 1.5 is not in \[0, 1\]'),
+    ({'learned_masks.rnp.recovering_epochs': 0},
+     'config.learned_masks.rnp.recovering_epochs must be a positive integer'),
+])
+def test_a_bad_learned_mask_setting_stops_the_grid_naming_its_field(world, tmp_path, fields,
+                                                                     message):
+  root, _ = world
+  config = _config([root / 'bd_weights.h5'], root / 'data', defences=('pruning', 'anp', 'rnp'))
+  for name, value in fields.items():
+    if name.startswith('learned_masks.'):
+      _, section, field = name.split('.')
+      config.learned_masks[section][field] = value
+    else:
+      config[name] = value
+  with pytest.raises(BadnetError, match=message):
+    runner.run(config, str(tmp_path / 'w'))
+  assert not (tmp_path / 'w').exists()

@@ -1,6 +1,7 @@
 """Learned-mask pruning (ANP, RNP): soft masks, their gradients, the vmapped grid, the jobs."""
 
 import json
+import math
 
 import jax
 import jax.numpy as jnp
@@ -89,11 +90,23 @@ def test_anp_variants_vmapped_equal_the_same_variants_one_at_a_time(net):
   moved = 0
   for one, other in zip(together, apart, strict=True):
     for layer in LAYERS:
-      np.testing.assert_allclose(one[layer], other[layer], atol=2e-5)
-      assert (one[layer] >= 0).all() and (one[layer] <= 1).all()
-      moved += int((one[layer] < 1).sum())
+      np.testing.assert_allclose(one.masks[layer], other.masks[layer], atol=2e-5)
+      np.testing.assert_allclose(one.means[layer], other.means[layer], atol=2e-5)
+      assert (one.masks[layer] >= 0).all() and (one.masks[layer] <= 1).all()
+      moved += int((one.masks[layer] < 1).sum())
+      assert (one.means[layer] >= 0).all() and (one.means[layer] <= 1).all()
   assert moved > 0  # the masks did learn something
-  assert not all(np.array_equal(together[0][k], together[1][k]) for k in LAYERS)
+  assert not all(np.array_equal(together[0].masks[k], together[1].masks[k]) for k in LAYERS)
+  # The means are over the steps: after one step, the mask itself; after two, the
+  # mean of the first step's mask and the second's.
+  one_step = learned_masks.learn_anp(params, images, labels, variants[:1],
+                                     **{**kwargs, 'iterations': 1})[0]
+  two_steps = learned_masks.learn_anp(params, images, labels, variants[:1],
+                                      **{**kwargs, 'iterations': 2})[0]
+  for layer in LAYERS:
+    np.testing.assert_array_equal(one_step.means[layer], one_step.masks[layer])
+    np.testing.assert_allclose(two_steps.means[layer],
+                               (one_step.masks[layer] + two_steps.masks[layer]) / 2, atol=1e-6)
 
 
 def test_a_second_grid_of_the_same_shapes_compiles_nothing(net):
@@ -112,6 +125,23 @@ def test_pruning_order_and_candidates_by_hand():
   order = learned_masks.pruning_order(mask)
   assert order == [('conv_1', 1), ('fc_1', 0), ('fc_1', 1), ('conv_1', 2), ('conv_1', 0)]
   assert learned_masks.pruned_at(order, 3) == {'conv_1': [1], 'fc_1': [0, 1]}
+  # Equal final masks: the one lower over the learning goes first.
+  means = {'conv_1': np.array([0.95, 0.4, 0.7]), 'fc_1': np.array([0.1, 0.3])}
+  assert learned_masks.pruning_order(mask, means)[:2] == [('fc_1', 0), ('conv_1', 1)]
+
+
+@pytest.mark.parametrize('deepest', [-1, 0, 3, 7, 18])
+def test_bisection_finds_the_deepest_within_in_few_fine_tunings(deepest):
+  depths = learned_masks.candidate_depths(520)
+  assert depths[0] == 1 and depths[-1] == 520 and depths == sorted(set(depths))
+  calls = []
+  fits = lambda depth: depth <= (depths[deepest] if deepest >= 0 else 0)
+  learned_masks.deepest_by_bisection(depths, lambda depth: calls.append(depth) or fits(depth))
+  found = max([0] + [depth for depth in calls if fits(depth)])
+  assert found == (depths[deepest] if deepest >= 0 else 0)
+  assert len(calls) <= math.ceil(math.log2(len(depths) + 1))
+  if deepest + 1 < len(depths):  # the next depth was tried and missed
+    assert depths[deepest + 1] in calls
 
 
 def test_unlearning_stops_at_the_clean_threshold(world):
@@ -156,7 +186,9 @@ def test_the_anp_job_writes_a_consistent_report(world, anp_run):
                'plots/masks.png'):
     assert (out / name).is_file(), name
   with np.load(out / 'masks.npz') as saved:
-    assert sorted(saved.files) == sorted(LAYERS)
+    assert sorted(saved.files) == sorted([*LAYERS, *(f'mean/{layer}' for layer in LAYERS)])
+    for layer in LAYERS:
+      assert (saved[f'mean/{layer}'] >= 0).all() and (saved[f'mean/{layer}'] <= 1).all()
   defended = results['defended']
   chosen = next(r for r in results['tradeoff'] if r['candidate'] == defended['candidate'])
   assert chosen['holdout_clean_acc'] >= results['b_holdout_acc'] - results['max_clean_drop']

@@ -50,7 +50,7 @@ def variant_name(settings: learned_masks.AnpSettings, grid: bool) -> str:
 
 
 def learn(params: Params, images: np.ndarray, labels: np.ndarray, config: config_lib.Config
-          ) -> dict[str, dict[str, np.ndarray]]:
+          ) -> dict[str, learned_masks.Learned]:
   """ANP's masks for every variant of the config, by variant name, learned on (images, labels)."""
   grid = variants(config)
   stacked = config.anp.stacked == 'vmap' or (config.anp.stacked == 'auto' and len(grid) > 1)

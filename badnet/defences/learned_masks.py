@@ -22,7 +22,7 @@ convolutions see one larger batch, not grouped kernels.
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -133,6 +133,26 @@ class AnpSettings:
   seed: int = 0
 
 
+@dataclasses.dataclass(frozen=True)
+class Learned:
+  """One variant's learned masks.
+
+  Attributes:
+    masks: layer -> [C] final mask values in [0, 1].
+    means: layer -> [C] each mask's mean over the learning steps. Many masks
+      end at exactly 0 (or 1); among equal final masks, the one that was
+      lower throughout (reached 0 sooner, stayed there) is pruned first.
+  """
+  masks: dict[str, np.ndarray]
+  means: dict[str, np.ndarray]
+
+
+def _learned(mask_sum: Masks, final: Masks, steps: int, index: int | None = None) -> Learned:
+  pick = lambda leaf: np.asarray(leaf if index is None else leaf[index])
+  return Learned({layer: pick(value) for layer, value in final.items()},
+                 {layer: pick(value) / steps for layer, value in mask_sum.items()})
+
+
 def _batches(count: int, batch_size: int, iterations: int, seed: int) -> np.ndarray:
   """Row indices [iterations, batch], drawn with replacement (ANP's random sampler)."""
   return np.random.default_rng(seed).integers(0, count, (iterations, batch_size))
@@ -143,7 +163,7 @@ def learn_anp(params: Params, images: np.ndarray, labels: np.ndarray,
               iterations: int = 2000, batch_size: int = 128,
               optimizer: MaskOptimizer = MaskOptimizer(),
               precision: str = model_lib.DEFAULT_PRECISION, stacked: bool = True
-              ) -> list[dict[str, np.ndarray]]:
+              ) -> list[Learned]:
   """ANP's masks for each of ``variants``, learned on clean (images, labels) only.
 
   Args:
@@ -159,7 +179,8 @@ def learn_anp(params: Params, images: np.ndarray, labels: np.ndarray,
       same masks (to float rounding).
 
   Returns:
-    One {layer: mask [C]} per variant, in [0, 1].
+    One ``Learned`` per variant (final masks in [0, 1], and their means over
+    the iterations).
   """
   images = np.asarray(images)
   labels = np.asarray(labels, np.int32)
@@ -172,7 +193,7 @@ def learn_anp(params: Params, images: np.ndarray, labels: np.ndarray,
 
 
 def _learn_anp(params, images, labels, variants, *, layers, iterations, batch_size, optimizer,
-               precision, stacked: bool) -> list[dict[str, np.ndarray]]:
+               precision, stacked: bool) -> list[Learned]:
   """The ANP loop for ``variants``: one vmapped step for all (``stacked``), else for one."""
   rows = np.stack([_batches(len(labels), batch_size, iterations, v.seed) for v in variants])
   keys = jax.vmap(jax.random.key)(jnp.array([v.seed for v in variants]))
@@ -181,6 +202,7 @@ def _learn_anp(params, images, labels, variants, *, layers, iterations, batch_si
   mask = jax.tree.map(lambda m: jnp.broadcast_to(m, (len(variants), *m.shape)),
                       init_masks(params, layers))
   velocity = jax.tree.map(jnp.zeros_like, mask)
+  mask_sum = jax.tree.map(jnp.zeros_like, mask)
   step = _anp_steps(optimizer, precision, stacked)
   first = lambda tree: jax.tree.map(lambda leaf: leaf[0], tree)
   again = lambda tree: jax.tree.map(lambda leaf: leaf[None], tree)
@@ -194,16 +216,24 @@ def _learn_anp(params, images, labels, variants, *, layers, iterations, batch_si
       one = step(params, first(mask), first(velocity), images[batch[0]], labels[batch[0]],
                  step_keys[0], eps[0], alpha[0])
       mask, velocity = again(one[0]), again(one[1])
-  mask = jax.device_get(mask)
-  return [{layer: np.asarray(mask[layer][i]) for layer in layers} for i in range(len(variants))]
+    mask_sum = jax.tree.map(jnp.add, mask_sum, mask)
+  mask, mask_sum = jax.device_get((mask, mask_sum))
+  return [_learned(mask_sum, mask, iterations, i) for i in range(len(variants))]
 
 
-def pruning_order(mask: dict[str, np.ndarray]) -> list[tuple[str, int]]:
-  """Every masked neuron, smallest mask first (ties: layer order, then index)."""
-  entries = [(float(value), index_of_layer, layer, int(neuron))
+def pruning_order(mask: dict[str, np.ndarray], means: dict[str, np.ndarray] | None = None
+                  ) -> list[tuple[str, int]]:
+  """Every masked neuron, smallest mask first.
+
+  Ties (many masks end at exactly 0): the smaller mean over the learning
+  (``means``, if given) first, then layer order, then index.
+  """
+  means = means or {layer: np.zeros(len(values)) for layer, values in mask.items()}
+  entries = [(float(value), float(mean), index_of_layer, layer, int(neuron))
              for index_of_layer, (layer, values) in enumerate(mask.items())
-             for neuron, value in enumerate(np.asarray(values))]
-  return [(layer, neuron) for _, _, layer, neuron in sorted(entries)]
+             for neuron, (value, mean) in enumerate(zip(np.asarray(values),
+                                                        np.asarray(means[layer]), strict=True))]
+  return [(layer, neuron) for *_, layer, neuron in sorted(entries)]
 
 
 def pruned_at(order: list[tuple[str, int]], depth: int) -> dict[str, list[int]]:
@@ -285,11 +315,12 @@ def unlearn(params: Params, images: np.ndarray, labels: np.ndarray, settings: Rn
 def learn_rnp(params: Params, images: np.ndarray, labels: np.ndarray, settings: RnpSettings,
               layers: Sequence[str] = model_lib.NEURON_LAYERS,
               precision: str = model_lib.DEFAULT_PRECISION
-              ) -> tuple[dict[str, np.ndarray], list[dict]]:
+              ) -> tuple[Learned, list[dict]]:
   """RNP's masks: unlearn, then learn on the unlearned net masks that recover the clean loss.
 
   Returns:
-    {layer: mask [C]} in [0, 1] and the unlearning history.
+    The masks (final, in [0, 1], and their means over the recovering steps)
+    and the unlearning history.
   """
   labels = np.asarray(labels, np.int32)
   unlearned, history = unlearn(params, images, labels, settings, precision)
@@ -299,13 +330,16 @@ def learn_rnp(params: Params, images: np.ndarray, labels: np.ndarray, settings: 
   unlearned = evaluate.replicate(unlearned)
   mask = init_masks(unlearned, layers)
   velocity = optimizer.init(mask)
+  mask_sum, steps = jax.tree.map(jnp.zeros_like, mask), 0
   rng = np.random.default_rng([settings.seed, 1])
   for _ in range(settings.recovering_epochs):
     order = rng.permutation(len(labels))
     for start in range(0, len(labels), settings.batch_size):
       rows = order[start:start + settings.batch_size]
       mask, velocity, _ = step(unlearned, mask, velocity, images[rows], labels[rows])
-  return {layer: np.asarray(value) for layer, value in jax.device_get(mask).items()}, history
+      mask_sum, steps = jax.tree.map(jnp.add, mask_sum, mask), steps + 1
+  mask, mask_sum = jax.device_get((mask, mask_sum))
+  return _learned(mask_sum, mask, steps), history
 
 
 # Candidate depths (neurons pruned, smallest masks first): fine where a choice is
@@ -327,51 +361,84 @@ FIELDS: config_lib.Fields = {
 }
 
 
+def candidate_depths(neurons: int) -> list[int]:
+  """The depths tried (neurons pruned, > 0): ``DEPTHS`` below ``neurons``, then all of them."""
+  return [*(depth for depth in DEPTHS if depth < neurons), neurons]
+
+
+def deepest_by_bisection(depths: Sequence[int], within: Callable[[int], bool]) -> None:
+  """Calls ``within`` on depths chosen by bisection for the last one within the budget.
+
+  Depth 0 (B itself) is taken as within. With fine-tuned accuracy falling
+  with depth this finds the deepest within in ceil(log2(len(depths) + 1))
+  calls, each a fine-tuning, where a scan from the top of the list would need
+  one per depth up to the first that misses.
+  """
+  low, high = -1, len(depths)  # depths[low] within (-1: depth 0), depths[high] not
+  while high - low > 1:
+    middle = (low + high) // 2
+    if within(depths[middle]):
+      low = middle
+    else:
+      high = middle
+
+
 def choose(params: Params, images: np.ndarray, labels: np.ndarray, fit_rows: np.ndarray,
-           holdout_rows: np.ndarray, variant_masks: dict[str, dict[str, np.ndarray]],
+           holdout_rows: np.ndarray, variant_masks: dict[str, Learned],
            config: config_lib.Config) -> base.Outcome:
   """Candidates by depth for each variant, and the one chosen on held-out clean data.
 
-  The neurons are pruned smallest mask first, at the depths of ``DEPTHS``.
-  With ``config.finetune.epochs`` > 0 each pruned candidate is also
-  fine-tuned on the clean rows ``fit_rows``, its pruned neurons held at zero,
-  the epoch chosen on the held-out rows, and it is judged by its fine-tuned
-  accuracy; candidates stop at the first that misses the budget (each costs a
-  fine-tuning). Without, they stop once held-out accuracy falls below
-  ``STOP_FRACTION`` of B's. The recommended candidate is the deepest (ties:
-  higher held-out accuracy) whose held-out clean accuracy stays within
-  ``config.max_clean_drop`` points of B's.
+  The neurons are pruned smallest mask first (``pruning_order``), at the
+  depths of ``candidate_depths``. With ``config.finetune.epochs`` > 0 each
+  candidate is fine-tuned on the clean rows ``fit_rows``, its pruned neurons
+  held at zero, the epoch chosen on the held-out rows, and judged by its
+  fine-tuned accuracy; as each costs a fine-tuning, the depths are tried by
+  bisection (``deepest_by_bisection``). Without, every depth is tried until
+  held-out accuracy falls below ``STOP_FRACTION`` of B's. The recommended
+  candidate is the deepest tried (ties: higher held-out accuracy) whose
+  held-out clean accuracy stays within ``config.max_clean_drop`` points of B's.
   """
   held_images, held_labels = images[holdout_rows], labels[holdout_rows]
   accuracy = lambda net: evaluate.accuracy(net, held_images, held_labels, config.batch_size,
                                            precision=config.precision)
   b_acc = accuracy(params)
   tune = config.finetune.epochs > 0
-  candidates, tradeoffs, allowed = {}, {}, []
-  for variant, mask in variant_masks.items():
-    order = pruning_order(mask)
-    tradeoffs[variant] = []
-    for depth in [0, *(d for d in DEPTHS if d < len(order)), len(order)]:
+  tried, allowed = [], []  # (variant index, depth, name, candidate)
+  for index, (variant, learned) in enumerate(variant_masks.items()):
+    order = pruning_order(learned.masks, learned.means)
+
+    def score(depth: int) -> float:
       pruned = pruned_at(order, depth)
       net = jax.tree.map(np.asarray, masks.prune_neurons(params, pruned))
       last = order[depth - 1] if depth else None
       figures = {'neurons_pruned': depth,
-                 'mask_at_most': float(mask[last[0]][last[1]]) if last else None,
+                 'mask_at_most': float(learned.masks[last[0]][last[1]]) if last else None,
                  'holdout_clean_acc': accuracy(net)}
-      score = figures['holdout_clean_acc']
+      value = figures['holdout_clean_acc']
       if tune and depth:
         net, figures['fine_tuned'] = fine_tune(net, pruned, images[fit_rows], labels[fit_rows],
                                                (held_images, held_labels), config)
-        score = figures['fine_tuned']['holdout_clean_acc']
+        value = figures['fine_tuned']['holdout_clean_acc']
       name = f'{variant}{depth} neurons'
-      candidates[name] = base.Candidate(net, {k: np.array(v) for k, v in pruned.items()},
-                                        figures)
-      tradeoffs[variant].append({'candidate': name, **figures})
-      within = score >= b_acc - config.max_clean_drop
-      if within:
-        allowed.append((depth, score, name))
-      if (not within) if tune else score < STOP_FRACTION * b_acc:
-        break
+      tried.append((index, depth, name, base.Candidate(
+          net, {k: np.array(v) for k, v in pruned.items()}, figures)))
+      if value >= b_acc - config.max_clean_drop:
+        allowed.append((depth, value, name))
+      return value
+
+    score(0)
+    if tune:
+      deepest_by_bisection(candidate_depths(len(order)),
+                           lambda depth: score(depth) >= b_acc - config.max_clean_drop)
+    else:
+      for depth in candidate_depths(len(order)):
+        if score(depth) < STOP_FRACTION * b_acc:
+          break
+  tried.sort(key=lambda entry: entry[:2])
+  candidates = {name: candidate for _, _, name, candidate in tried}
+  tradeoffs = {variant: [{'candidate': name, **candidate.figures}
+                         for index, _, name, candidate in tried if index == position]
+               for position, variant in enumerate(variant_masks)}
   recommended = max(allowed)[2] if allowed else None
   return base.Outcome(candidates, {'b_holdout_acc': b_acc, 'holdout_images': len(holdout_rows),
                                    'tradeoff': tradeoffs}, recommended)

@@ -45,7 +45,7 @@ def settings(config: config_lib.Config) -> learned_masks.RnpSettings:
 
 
 def learn(params: Params, images: np.ndarray, labels: np.ndarray, config: config_lib.Config
-          ) -> tuple[dict[str, dict[str, np.ndarray]], list[dict]]:
+          ) -> tuple[dict[str, learned_masks.Learned], list[dict]]:
   """RNP's masks (one variant, named '') and the unlearning history."""
   mask, history = learned_masks.learn_rnp(params, images, labels, settings(config),
                                           config_lib.values(config.layers), config.precision)

@@ -220,6 +220,9 @@ def _panels(keys: list[tuple[str, str]], width: float = 4.2, height: float = 3.4
 
 
 def _variant(row: dict) -> str:
+  """A point's colour key: the pruning order (and seed), or the learned-mask defence."""
+  if not row['order']:  # ANP, RNP
+    return row['defence'].upper()
   return row['order'] + (f' (seed {row["seed"]})' if row['seed'] else '')
 
 
@@ -316,15 +319,20 @@ def plot_ablation_curves(path: pathlib.Path, curves: list[dict]) -> None:
 # --- learned-mask defences (ANP, RNP) ------------------------------------------
 
 
-def write_masks(path: pathlib.Path, variant_masks: dict[str, dict[str, np.ndarray]]) -> None:
-  """masks.npz: one array per layer ('conv_1', ...), or per variant and layer in a grid.
+def write_masks(path: pathlib.Path, variant_masks: dict[str, dict[str, np.ndarray]],
+                variant_means: dict[str, dict[str, np.ndarray]]) -> None:
+  """masks.npz: the final masks by layer ('conv_1', ...) and their means ('mean/conv_1', ...).
 
-  A grid's arrays are named '<variant>/<layer>' (e.g. 'eps=0.4 alpha=0.2 seed=0/conv_3');
-  ``np.load(path)[name]`` gives the [C] mask values in [0, 1].
+  ``np.load(path)['conv_3']`` gives the [C] mask values in [0, 1];
+  ``'mean/conv_3'`` their means over the learning (the tie-break of the
+  pruning order). In a grid every name is prefixed by the variant's, e.g.
+  'eps=0.4 alpha=0.2 seed=0/conv_3'.
   """
-  arrays = {(f'{variant.rstrip(": ")}/{layer}' if variant else layer): np.asarray(mask)
-            for variant, layer_masks in variant_masks.items()
-            for layer, mask in layer_masks.items()}
+  prefix = lambda variant: f'{variant.rstrip(": ")}/' if variant else ''
+  arrays = {f'{prefix(variant)}{kind}{layer}': np.asarray(values)
+            for kind, by_variant in (('', variant_masks), ('mean/', variant_means))
+            for variant, layer_masks in by_variant.items()
+            for layer, values in layer_masks.items()}
   with workdir_lib.atomic_path(path) as tmp, open(tmp, 'wb') as handle:
     np.savez(handle, **arrays)
 

@@ -1,4 +1,4 @@
-"""Ablations: a grid of pruning defences, one vmapped sweep per (model, layer)."""
+"""Ablations: a grid of defences, one vmapped sweep per (model, layer), ANP and RNP per model."""
 
 import dataclasses
 import pathlib
@@ -10,14 +10,18 @@ import numpy as np
 
 from badnet import config as config_lib
 from badnet.core import evaluate, masks, model, train
-from badnet.defences import fine_pruning, goodnet, pruning, sweep
+from badnet.defences import anp, fine_pruning, goodnet, pruning, rnp, sweep
 from badnet.io import data, inputs, keras_io, report, tables, workdir
 
-ROW_FIELDS = ('model', 'layer', 'order', 'seed', 'x', 'finetune_epochs', 'channels_pruned',
-              'pruned_channels', 'clean_acc', 'asr', 'goodnet_clean_acc', 'goodnet_asr',
-              'detection_rate', 'false_alarm_rate')
+ROW_FIELDS = ('defence', 'model', 'layer', 'order', 'seed', 'x', 'finetune_epochs',
+              'channels_pruned', 'pruned_channels', 'clean_acc', 'asr', 'goodnet_clean_acc',
+              'goodnet_asr', 'detection_rate', 'false_alarm_rate')
 CURVE_FIELDS = ('model', 'layer', 'order', 'seed', *report.SWEEP_FIELDS)
-KEY_FIELDS = ROW_FIELDS[:6]  # what identifies a grid point
+KEY_FIELDS = ROW_FIELDS[:7]  # what identifies a grid point
+# The grid's defences: 'pruning' is the channel grid (fine-pruning where
+# finetune_epochs > 0); the others are learned-mask plug-ins, one row per model.
+LEARNED = {anp.NAME: anp, rnp.NAME: rnp}
+DEFENCES = ('pruning', *LEARNED)
 
 
 def _shortest_tuning(config: ml_collections.ConfigDict) -> int:
@@ -27,6 +31,7 @@ def _shortest_tuning(config: ml_collections.ConfigDict) -> int:
 
 FIELDS = {
     **config_lib.BATCH_SIZE,
+    'defences': config_lib.Each(config_lib.Choice(DEFENCES, 'defence')),
     'models': config_lib.Each(config_lib.Text()),  # .h5 files or shipped nets' names
     'layers': config_lib.Each(config_lib.Choice(model.PRUNABLE_LAYERS, 'layer')),
     'orders': config_lib.Each(config_lib.Choice(pruning.ORDERS, 'order')),
@@ -38,6 +43,23 @@ FIELDS = {
     'precision': pruning.FIELDS['precision'],
     **fine_pruning.recipe_fields(_shortest_tuning),
 }
+
+
+def learned_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """What ANP and RNP read: config.learned_masks with the grid's batch_size and precision."""
+  learned = ml_collections.ConfigDict(config.learned_masks.to_dict())
+  learned.batch_size, learned.precision = config.batch_size, config.precision
+  return learned
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+  """The fields of the learned-mask defences the grid runs, named as the grid's config has them."""
+  defences = config_lib.values(config.defences)
+  for name in dict.fromkeys(defences):
+    if name in LEARNED:
+      fields = {k: v for k, v in LEARNED[name].FIELDS.items()
+                if k not in ('batch_size', 'precision')}  # the grid's own, checked above
+      config_lib.check(learned_config(config), fields, prefix='learned_masks.')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,29 +118,34 @@ def run(config: ml_collections.ConfigDict, out: pathlib.Path) -> list[dict]:
   epochs_axis = sorted(set(config_lib.values(config.finetune_epochs)))
   # Each fine-tuning sets its own epochs.
   recipe = train.Recipe.from_config(config.finetune, epochs=1)
+  defences = tuple(dict.fromkeys(config_lib.values(config.defences)))
+
+  def record(row: dict) -> None:
+    # Written at once, atomically: an interrupted run keeps every finished point.
+    rows.append(row)
+    done.add(_key(row))
+    tables.write_csv(out / 'ablation.csv', ROW_FIELDS, rows)
+
   start = time.perf_counter()
   for name, params in nets.items():
-    for layer in dict.fromkeys(config_lib.values(config.layers)):
-      wanted = [(name, layer, v.order, v.seed_text, pruning.label(x), str(e))
+    for layer in dict.fromkeys(config_lib.values(config.layers)) if 'pruning' in defences else ():
+      wanted = [('pruning', name, layer, v.order, v.seed_text, pruning.label(x), str(e))
                 for v in variants for x in thresholds for e in epochs_axis]
       if all(key in done for key in wanted):
         logging.info('%s / %s: every point already done.', name, layer)
         continue
       print(f'{name} / {layer}: {len(variants)} orders x {len(thresholds)} X x '
             f'{len(epochs_axis)} fine-tuning settings...', flush=True)
-      def record(row: dict) -> None:
-        # Written at once, atomically: an interrupted run keeps every finished point.
-        rows.append(row)
-        done.add(_key(row))
-        tables.write_csv(out / 'ablation.csv', ROW_FIELDS, rows)
-
       new_curves = _model_layer(name, params, layer, variants, thresholds, epochs_axis, splits,
                                 labels, set(done), config, recipe, record)
       curves = [c for c in curves if (c['model'], c['layer']) != (name, layer)] + new_curves
       tables.write_csv(out / 'curves.csv', CURVE_FIELDS, curves)
+    for defence in defences:
+      if defence in LEARNED:
+        _learned_row(LEARNED[defence], name, params, splits, labels, done, config, record)
   logging.info('Grid done in %.1f s.', time.perf_counter() - start)
-  rows.sort(key=lambda r: (r['model'], r['layer'], r['order'], r['seed'], float(r['x']),
-                           int(r['finetune_epochs'])))
+  rows.sort(key=lambda r: (r['defence'], r['model'], r['layer'], r['order'], r['seed'],
+                           float(r['x']), int(r['finetune_epochs'])))
   tables.write_csv(out / 'ablation.csv', ROW_FIELDS, rows)
   markdown = _markdown(rows, shipped)
   workdir.write_text(out / 'ablation.md', markdown)
@@ -175,7 +202,8 @@ def _model_layer(name, params, layer, variants, thresholds, epochs_axis, splits,
     for column, x in enumerate(thresholds):
       level = levels[index][column]
       for epochs in epochs_axis:
-        key = (name, layer, variant.order, variant.seed_text, pruning.label(x), str(epochs))
+        key = ('pruning', name, layer, variant.order, variant.seed_text, pruning.label(x),
+               str(epochs))
         if key in done:
           continue
         row = dict(zip(KEY_FIELDS, key))
@@ -200,6 +228,41 @@ def _model_layer(name, params, layer, variants, thresholds, epochs_axis, splits,
   return curves
 
 
+def layers_text(layers: tuple[str, ...]) -> str:
+  """A learned-mask row's layer: 'conv_1-fc_2' for every neuron layer, else 'conv_3+fc_1'..."""
+  return (f'{model.NEURON_LAYERS[0]}-{model.NEURON_LAYERS[-1]}'
+          if tuple(layers) == model.NEURON_LAYERS else '+'.join(layers))
+
+
+def _learned_row(defence, name, params, splits, labels, done, config, record) -> None:
+  """The row of a learned-mask defence on one model: its chosen net on the test split."""
+  learned = learned_config(config)
+  layers = config_lib.values(learned.layers)
+  key = (defence.NAME, name, layers_text(layers), '', '', pruning.label(learned.max_clean_drop),
+         str(learned.finetune.epochs))
+  if key in done:
+    logging.info('%s / %s: already done.', name, defence.NAME)
+    return
+  print(f'{name} / {defence.NAME}: masks on clean data, depth on held-out clean data...',
+        flush=True)
+  start = time.perf_counter()
+  # The defence sees the clean validation split only, as in its own job.
+  outcome = defence.defend(params, splits['clean_valid'], learned)
+  chosen = outcome.candidates[outcome.recommended]
+  predict = lambda net, key: evaluate.predict(net, splits[key].images, config.batch_size,
+                                              precision=config.precision)
+  tests = ('clean_test', 'poisoned_test')
+  figures = _metrics({key: predict(chosen.params, key) for key in tests},
+                     {key: predict(params, key) for key in tests}, labels,
+                     model.num_classes_of(params))
+  logging.info('%s / %s: %s chosen in %.1f s.', name, defence.NAME, outcome.recommended,
+               time.perf_counter() - start)
+  record({**dict(zip(KEY_FIELDS, key)), 'channels_pruned': chosen.figures['neurons_pruned'],
+          'pruned_channels': ' '.join(f'{layer}:{int(i)}' for layer in layers
+                                      for i in chosen.pruned.get(layer, ())),
+          **{k: _percent(v) for k, v in figures.items()}})
+
+
 def _fine_pruned(params, mask, layer, epochs, splits, b_test, labels, num_classes, config,
                  recipe, name) -> dict:
   clean = splits['clean_valid']
@@ -217,12 +280,15 @@ def _markdown(rows: list[dict], shipped: bool) -> str:
   for row in rows:
     line = [row[f] or '—' for f in ROW_FIELDS if f != 'pruned_channels']
     if not row['channels_pruned']:  # no level of this order drops clean accuracy X points
-      line[6] = 'not reached'
-    cells.append([f'{float(c):.2f}' if i >= 7 and c != '—' else c for i, c in enumerate(line)])
+      line[7] = 'not reached'
+    cells.append([f'{float(c):.2f}' if i >= 8 and c != '—' else c for i, c in enumerate(line)])
   lines = ['# Ablation', '',
            'Shipped synthetic benchmark.' if shipped else '', '',
-           'Test split, percent. G = GoodNet (B with the pruned or fine-pruned net).', '',
-           *tables.markdown(['model', 'layer', 'order', 'seed', 'X', 'fine-tune epochs',
-                             'channels pruned', 'clean', 'ASR', 'G clean', 'G ASR', 'detection',
-                             'false alarm'], cells, 'lll' + 'r' * 10)]
+           'Test split, percent. G = GoodNet (B with the pruned or fine-pruned net). '
+           'X: the clean-accuracy budget (pruning\'s X; ANP\'s and RNP\'s max_clean_drop, '
+           'their depth chosen on held-out clean data); channels pruned: neurons for ANP '
+           'and RNP.', '',
+           *tables.markdown(['defence', 'model', 'layer', 'order', 'seed', 'X',
+                             'fine-tune epochs', 'channels pruned', 'clean', 'ASR', 'G clean',
+                             'G ASR', 'detection', 'false alarm'], cells, 'llll' + 'r' * 10)]
   return '\n'.join(lines) + '\n'
