@@ -257,7 +257,8 @@ def _learned_row(defence, name, params, splits, labels, done, config, record) ->
                      model.num_classes_of(params))
   logging.info('%s / %s: %s chosen in %.1f s.', name, defence.NAME, outcome.recommended,
                time.perf_counter() - start)
-  record({**dict(zip(KEY_FIELDS, key)), 'channels_pruned': chosen.figures['neurons_pruned'],
+  record({**dict(zip(KEY_FIELDS, key)),
+          'channels_pruned': str(chosen.figures['neurons_pruned']),
           'pruned_channels': ' '.join(f'{layer}:{int(i)}' for layer in layers
                                       for i in chosen.pruned.get(layer, ())),
           **{k: _percent(v) for k, v in figures.items()}})
@@ -279,7 +280,7 @@ def _markdown(rows: list[dict], shipped: bool) -> str:
   cells = []
   for row in rows:
     line = [row[f] or '—' for f in ROW_FIELDS if f != 'pruned_channels']
-    if not row['channels_pruned']:  # no level of this order drops clean accuracy X points
+    if row['channels_pruned'] == '':  # no level of this order drops clean accuracy X points
       line[7] = 'not reached'
     cells.append([f'{float(c):.2f}' if i >= 8 and c != '—' else c for i, c in enumerate(line)])
   lines = ['# Ablation', '',
