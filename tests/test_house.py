@@ -79,12 +79,13 @@ def test_an_unknown_job_is_one_clear_error():
 
 
 def test_defences_are_found_by_name_with_their_interface():
-  assert defences.names() == ('anp', 'fine_pruning', 'pruning', 'rnp')
+  assert defences.names() == ('anp', 'fine_pruning', 'neural_cleanse', 'pruning', 'rnp',
+                              'strip')
   for name in defences.names():
     defence = defences.get(name)
     assert defence.NAME == name and callable(defence.defend)
-  with pytest.raises(ConfigError, match="unknown defence 'strip'"):
-    defences.get('strip')
+  with pytest.raises(ConfigError, match="unknown defence 'stirp'"):
+    defences.get('stirp')
 
 
 CONFIG = ml_collections.ConfigDict({'a': 3, 'b': 0.5, 'c': 'y', 'flag': True, 'axis': (1, 2),

@@ -1,0 +1,71 @@
+"""The STRIP job's plot: the entropy histograms of clean and poisoned inputs, and the threshold."""
+
+import pathlib
+
+import matplotlib
+
+matplotlib.use('Agg')  # files only; no display is needed or assumed
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+import numpy as np
+
+from badnet.io import report
+
+BINS = 60
+
+
+def _percent_per_bin(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
+  counts, _ = np.histogram(values, edges)
+  return 100.0 * counts / max(len(values), 1)
+
+
+def plot_entropies(path: pathlib.Path, fit: np.ndarray, clean: np.ndarray,
+                   poisoned: np.ndarray, fixed: dict, rates: dict) -> None:
+  """Histograms (% of each set per bin) of STRIP entropies, the fitted normal and the threshold.
+
+  Args:
+    path: the PNG to write.
+    fit: entropies of the clean validation inputs the threshold was fitted to.
+    clean, poisoned: entropies of the clean and poisoned test inputs.
+    fixed: results.json's ``strip`` (threshold, normal_fit, frr_target, ...).
+    rates: results.json's ``test`` (STRIP's rates, and any composed detector's).
+  """
+  values = [np.asarray(v, np.float64) for v in (fit, clean, poisoned)]
+  high = max(max(float(v.max()) for v in values if len(v)), fixed['threshold']) * 1.02
+  edges = np.linspace(0.0, max(high, 1e-3), BINS + 1)
+  width = edges[1] - edges[0]
+  figure, axes = plt.subplots(figsize=(7.5, 4.2))
+  clean_bars = _percent_per_bin(values[1], edges)
+  poisoned_bars = _percent_per_bin(values[2], edges)
+  axes.bar(edges[:-1], clean_bars, width, align='edge', color='tab:blue', alpha=0.55,
+           label=f'clean test ({len(values[1])})')
+  axes.bar(edges[:-1], poisoned_bars, width, align='edge', color='tab:red', alpha=0.55,
+           label=f'poisoned test ({len(values[2])})')
+  axes.stairs(_percent_per_bin(values[0], edges), edges, color='tab:blue', linewidth=1,
+              label=f'clean valid, threshold fitted to these ({len(values[0])})')
+  mean, std = fixed['normal_fit']['mean'], fixed['normal_fit']['std']
+  if std > 0:
+    grid = np.linspace(edges[0], edges[-1], 400)
+    density = np.exp(-0.5 * ((grid - mean) / std) ** 2) / (std * np.sqrt(2 * np.pi))
+    axes.plot(grid, 100 * density * width, color='navy', linestyle=':', linewidth=1.2,
+              label='normal fitted to clean valid')
+  # A poisoned spike near 0 can be many times the clean peak: cap the axis so
+  # the clean histogram stays readable, and print the clipped bar's height.
+  top = 1.6 * max(float(clean_bars.max()), float(_percent_per_bin(values[0], edges).max()), 1.0)
+  if poisoned_bars.max() > top:
+    tallest = int(np.argmax(poisoned_bars))
+    axes.annotate(f'{poisoned_bars[tallest]:.0f} %', (edges[tallest] + width / 2, top),
+                  xytext=(4, -12), textcoords='offset points', color='tab:red', fontsize=8)
+  axes.set_ylim(0, top)
+  strip_rates = rates['STRIP']
+  axes.axvline(fixed['threshold'], color='black', linestyle='--', linewidth=1.2,
+               label=f'threshold {fixed["threshold"]:.3f} bits '
+                     f'(clean valid FRR target {fixed["frr_target"]:g} %)')
+  axes.set_xlabel(f'mean entropy of the predictions over N = {fixed["overlays"]} blends (bits)')
+  axes.set_ylabel('% of the set, per bin')
+  axes.set_title(f'STRIP, blend {fixed["blend"]}: test FRR '
+                 f'{strip_rates["false_rejection_rate"]:.2f} %, FAR '
+                 f'{strip_rates["false_acceptance_rate"]:.2f} % (flagged: left of the threshold)',
+                 fontsize=10)
+  axes.legend(loc='upper left', bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+  axes.grid(alpha=0.3)
+  report.save_figure(figure, path)
