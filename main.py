@@ -14,6 +14,7 @@ Each process reads only its share of every data file; process 0 writes.
 """
 
 import logging as py_logging
+import os
 import re
 import sys
 
@@ -92,6 +93,13 @@ def main(argv: list[str]) -> None:
 def _stop(line: str, status: int) -> None:
   logging.flush()
   print(line, file=sys.stderr, flush=True)
+  if status == 130:
+    # Interrupted mid-computation: XLA's threads may still be running the step the
+    # interrupt cut short, and tearing the interpreter down under them can crash
+    # (a segfault instead of this exit status). The job's files are settled by now
+    # (atomic writes clean up as the interrupt unwinds), so leave at once.
+    sys.stdout.flush()
+    os._exit(status)
   sys.exit(status)
 
 
