@@ -28,7 +28,8 @@ or 'rnp', layer the masked layers ('conv_1-fc_2' for all), x their
 `max_clean_drop`, finetune_epochs their `finetune.epochs`, pruned_channels
 'layer:neuron' pairs. 'pruning' is the channel grid above (fine-pruning where
 finetune_epochs > 0); every row's first column names its defence. To compare
-all four on the shipped nets (about 20 minutes on a 2-core CPU):
+all four on the shipped nets (the default grid, plus one ANP and one RNP run
+per net, each as long as its own job):
 
     python main.py --config=configs/ablate.py --config.defences="('pruning', 'anp', 'rnp')"
 
