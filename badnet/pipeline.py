@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 
 from badnet.core import distributed, evaluate, masks, model
-from badnet.defences import goodnet, pruning, sweep
+from badnet.defences import base, goodnet, pruning, sweep
 from badnet.errors import DataError
 from badnet.io import data, inputs, keras_io, report, workdir
 
@@ -241,6 +241,25 @@ def _test_figures(classes, labels, order, levels, reached, num_classes, relative
   return base, figures
 
 
+def defend_on_clean(defence: ModuleType, config: ml_collections.ConfigDict
+                    ) -> tuple[inputs.Inputs, model.Params, data.Dataset, base.Outcome, float]:
+  """A defence run on what a defender has: the model and the clean validation split.
+
+  No other file is read here; a job reads the test and poisoned files after
+  this returns, to report.
+
+  Returns:
+    The job's inputs, B's params, the clean validation split, the defence's
+    outcome and the seconds it took.
+  """
+  given = inputs.resolve(config)
+  params = keras_io.read_params(given.model_path)
+  clean_valid = data.load_csaw_h5(given.paths['clean_valid'], model.num_classes_of(params))
+  start = time.perf_counter()
+  outcome = defence.defend(params, clean_valid, config)
+  return given, params, clean_valid, outcome, time.perf_counter() - start
+
+
 def run_learned_masks(defence: ModuleType, config: ml_collections.ConfigDict,
                       out: pathlib.Path) -> dict:
   """A learned-mask defence (ANP, RNP) end to end: defend on clean data, then report.
@@ -251,14 +270,10 @@ def run_learned_masks(defence: ModuleType, config: ml_collections.ConfigDict,
   ASR for reporting only), the chosen one and its GoodNet. Writes
   models/defended.h5, masks.npz, results.json, results.md and plots.
   """
-  given = inputs.resolve(config)
-  params = keras_io.read_params(given.model_path)
+  given, params, clean_valid, outcome, seconds = defend_on_clean(defence, config)
   num_classes = model.num_classes_of(params)
-  clean_valid = data.load_csaw_h5(given.paths['clean_valid'], num_classes)
-  start = time.perf_counter()
-  outcome = defence.defend(params, clean_valid, config)
   logging.info('%s: masks learned and %d candidates scored on held-out clean data in %.1f s.',
-               defence.NAME, len(outcome.candidates), time.perf_counter() - start)
+               defence.NAME, len(outcome.candidates), seconds)
   # Reporting from here on: the poisoned files are read now, and only now.
   splits = {key: data.load_csaw_h5(given.paths[key], num_classes)
             for key in ('clean_test', 'poisoned_valid', 'poisoned_test')}

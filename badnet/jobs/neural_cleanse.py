@@ -7,13 +7,13 @@ B and the unlearned net (and its GoodNet) on them.
 """
 
 import pathlib
-import time
 
 from absl import logging
 import ml_collections
 import numpy as np
 
 from badnet import config as config_lib
+from badnet import pipeline
 from badnet.benchmark import shipped
 from badnet.core import evaluate, model
 from badnet.defences import goodnet, neural_cleanse
@@ -33,13 +33,9 @@ def check(config: ml_collections.ConfigDict) -> None:
 
 
 def run(config: ml_collections.ConfigDict, out: pathlib.Path) -> dict:
-  given = inputs.resolve(config)
-  params = keras_io.read_params(given.model_path)
+  given, params, clean_valid, outcome, seconds = pipeline.defend_on_clean(neural_cleanse, config)
   num_classes = model.num_classes_of(params)
-  clean_valid = data.load_csaw_h5(given.paths['clean_valid'], num_classes)
-  start = time.perf_counter()
-  outcome = neural_cleanse.defend(params, clean_valid, config)
-  logging.info('Neural Cleanse: done on clean data in %.1f s.', time.perf_counter() - start)
+  logging.info('Neural Cleanse: done on clean data in %.1f s.', seconds)
   found = outcome.figures
 
   # Reporting from here on: the test and poisoned files are read now, and only now.

@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 
 from badnet import config as config_lib
+from badnet import pipeline
 from badnet.core import evaluate, model
 from badnet.defences import pruning, strip
 from badnet.errors import ConfigError, ModelFileError
@@ -34,16 +35,12 @@ def check(config: ml_collections.ConfigDict) -> None:
 
 
 def run(config: ml_collections.ConfigDict, out: pathlib.Path) -> dict:
-  given = inputs.resolve(config)
-  params = keras_io.read_params(given.model_path)
+  given, params, clean_valid, outcome, seconds = pipeline.defend_on_clean(strip, config)
   num_classes = model.num_classes_of(params)
-  clean_valid = data.load_csaw_h5(given.paths['clean_valid'], num_classes)
-  start = time.perf_counter()
-  outcome = strip.defend(params, clean_valid, config)
   detector, fixed = outcome.detector, outcome.figures
   logging.info('STRIP: threshold %.4f bits from %d clean inputs x %d overlays in %.1f s.',
                fixed['threshold'], fixed['fit_images'], fixed['overlays'],
-               time.perf_counter() - start)
+               seconds)
   repaired, goodnet = _repaired_net(params, clean_valid, config)
 
   # Reporting from here on: the test files are read now, and only now.
