@@ -58,3 +58,13 @@ def count_compilations(fn) -> int:
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
   return sum(event == '/jax/core/compile/backend_compile_duration' for event in events)
+
+
+def set_fields(config, fields: dict) -> None:
+  """Sets ``config``'s fields named by dotted paths (e.g. 'anp.iterations') to the values."""
+  for path, value in fields.items():
+    *sections, name = path.split('.')
+    target = config
+    for section in sections:
+      target = target[section]
+    target[name] = value

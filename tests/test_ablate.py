@@ -233,9 +233,7 @@ def test_anp_and_rnp_rows_equal_their_own_jobs(world, tmp_path):
   from configs import rnp as rnp_config
   root, _ = world
   config = _config([root / 'bd_weights.h5'], root / 'data', defences=('anp', 'rnp'))
-  for name, value in _learned_fields().items():
-    section, field = name.split('.')
-    config.learned_masks[section][field] = value
+  helpers.set_fields(config.learned_masks, _learned_fields())
   rows = runner.run(config, str(tmp_path / 'grid'))
   assert {row['defence'] for row in rows} == {'anp', 'rnp'}  # no channel grid asked for
   for job_config in (anp_config.get_config(), rnp_config.get_config()):
@@ -270,12 +268,7 @@ def test_a_bad_learned_mask_setting_stops_the_grid_naming_its_field(world, tmp_p
                                                                      message):
   root, _ = world
   config = _config([root / 'bd_weights.h5'], root / 'data', defences=('pruning', 'anp', 'rnp'))
-  for name, value in fields.items():
-    if name.startswith('learned_masks.'):
-      _, section, field = name.split('.')
-      config.learned_masks[section][field] = value
-    else:
-      config[name] = value
+  helpers.set_fields(config, fields)
   with pytest.raises(BadnetError, match=message):
     runner.run(config, str(tmp_path / 'w'))
   assert not (tmp_path / 'w').exists()

@@ -159,9 +159,7 @@ def test_unlearning_stops_at_the_clean_threshold(world):
 def _job_config(config, root, **fields):
   config.model, config.data.dir = str(root / 'bd_weights.h5'), str(root / 'data')
   config.batch_size = 64
-  for key, value in fields.items():
-    section, _, name = key.rpartition('.')
-    (config[section] if section else config)[name] = value
+  helpers.set_fields(config, fields)
   return config
 
 

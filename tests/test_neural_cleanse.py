@@ -153,9 +153,7 @@ def _job(root, **fields):
   config.batch_size = 64
   settings = {'nc.steps': 4, 'nc.batch_size': 8, 'nc.slots': 3, 'unlearning.epochs': 1,
               'unlearning.batch_size': 32, **fields}
-  for key, value in settings.items():
-    section, _, name = key.rpartition('.')
-    (config[section] if section else config)[name] = value
+  helpers.set_fields(config, settings)
   return config
 
 

@@ -142,9 +142,7 @@ def _config(root, **fields) -> ml_collections.ConfigDict:
   config = strip_config.get_config()
   config.model, config.data.dir = str(root / 'bd_weights.h5'), str(root / 'data')
   config.strip.overlays, config.batch_size = 4, 64
-  for key, value in fields.items():
-    section, _, name = key.rpartition('.')
-    (config[section] if section else config)[name] = value
+  helpers.set_fields(config, fields)
   return config
 
 
