@@ -1,7 +1,7 @@
 """Neural Cleanse: labels reverse engineered together (vmapped) against one label at a time.
 
     python benchmarks/neural_cleanse.py [--loop_labels=10] [--lab3_labels=40] [--lab3_steps=20]
-        [--fast_pool] [--skip_all]
+        [--skip_all]
 
 Both ways run the same jitted ``tick`` of badnet/defences/neural_cleanse.py
 (one batch's update and the paper's bookkeeping): vmapped over ``nc.slots``
@@ -19,12 +19,6 @@ timed on its own. Settings are configs/neural_cleanse.py's defaults.
    ``lab3_labels`` labels vmapped, then one at a time, early stopping off and
    ``lab3_steps`` steps each; the time per label at the default ``nc.steps``
    and for all 1283 labels is extrapolated from the time per label-step.
-
-``--fast_pool`` first replaces ``model._max_pool`` (in this process only) by
-a 2x2 max-pool whose gradient goes to the first maximum of each window, as
-XLA's select_and_scatter does (the same values and gradients, bit for bit),
-but computed by comparisons instead of select_and_scatter: the change proposed
-for badnet/core/model.py, measured here before it is made.
 """
 
 import argparse
@@ -46,52 +40,6 @@ from configs import neural_cleanse as nc_config  # pylint: disable=g-import-not-
 
 CSAW = pathlib.Path(os.environ.get('BADNET_CSAW_DIR') or
                     pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'csaw')
-
-
-def _windows(y: jax.Array) -> jax.Array:
-  n, h, w, c = y.shape
-  return y.reshape(n, h // 2, 2, w // 2, 2, c)
-
-
-@jax.custom_vjp
-def first_max_pool(y: jax.Array) -> jax.Array:
-  """2x2 max-pooling (even sizes, as every pooled map of DeepID is)."""
-  return _windows(y).max(axis=(2, 4))
-
-
-def _pool_forward(y):
-  pooled = first_max_pool(y)
-  return pooled, (y, pooled)
-
-
-def _pool_backward(saved, grad):
-  y, pooled = saved
-  windows, taken, parts = _windows(y), None, []
-  for row in range(2):
-    for column in range(2):  # row-major, as select_and_scatter visits a window
-      hit = windows[:, :, row, :, column, :] == pooled
-      hit = hit if taken is None else hit & ~taken
-      taken = hit if taken is None else taken | hit
-      parts.append(jnp.where(hit, grad, 0.0))
-  stacked = jnp.stack(parts).reshape(2, 2, *pooled.shape)  # [row, column, n, h, w, c]
-  return (stacked.transpose(2, 3, 0, 4, 1, 5).reshape(y.shape),)
-
-
-first_max_pool.defvjp(_pool_forward, _pool_backward)
-
-
-def check_first_max_pool() -> None:
-  """first_max_pool's values and gradients equal flax's max_pool's bit for bit (ties too)."""
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  rng = np.random.default_rng(0)
-  for shape in ((3, 52, 44, 20), (3, 24, 20, 40), (3, 10, 8, 60)):  # DeepID's pooled maps
-    y = jnp.asarray(np.maximum(rng.integers(-3, 4, shape), 0), jnp.float32)  # many ties
-    grad = jnp.asarray(rng.normal(size=(shape[0], shape[1] // 2, shape[2] // 2, shape[3])),
-                       jnp.float32)
-    ours, our_vjp = jax.vjp(first_max_pool, y)
-    flax_pool, flax_vjp = jax.vjp(lambda x: nn.max_pool(x, (2, 2), (2, 2), 'VALID'), y)
-    assert np.array_equal(ours, flax_pool) and np.array_equal(our_vjp(grad)[0],
-                                                              flax_vjp(grad)[0]), shape
 
 
 def _load() -> str:
@@ -145,19 +93,13 @@ def main() -> None:
   parser.add_argument('--loop_labels', type=int, default=10)
   parser.add_argument('--lab3_labels', type=int, default=40)
   parser.add_argument('--lab3_steps', type=int, default=20)
-  parser.add_argument('--fast_pool', action='store_true')
   parser.add_argument('--skip_all', action='store_true',
                       help='skip the run of all 100 labels (the job times it too)')
   args = parser.parse_args()
-  if args.fast_pool:
-    check_first_max_pool()
-    model._max_pool = first_max_pool  # pylint: disable=protected-access
   config = nc_config.get_config()
   settings = nc.settings_of(config)
   slots = config.nc.slots
-  print(f'{jax.devices()[0].platform}, {os.cpu_count()} CPUs, pool: '
-        f'{"first-max custom VJP" if args.fast_pool else "flax max_pool (select_and_scatter)"}; '
-        f'settings {settings}', flush=True)
+  print(f'{jax.devices()[0].platform}, {os.cpu_count()} CPUs; settings {settings}', flush=True)
 
   model_path, data_dir = inputs.shipped_benchmark('badnets', quiet=True)
   params = keras_io.read_params(model_path)

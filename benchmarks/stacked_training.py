@@ -21,7 +21,7 @@ import numpy as np
 import optax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from badnet.core import train
+from badnet.core import backend, train
 from tests import helpers  # pylint: disable=g-import-not-at-top
 
 
@@ -47,12 +47,12 @@ def main() -> None:
   masks = jnp.asarray((rng.random((args.variants, 60)) > 0.5).astype(np.float32))
   optimizer = optax.adam(1e-3)
   step = functools.partial(train.train_step, optimizer=optimizer, hold_pruned_at_zero=True)
-  one = jax.jit(step)
+  one = backend.jit(step)
   state = optimizer.init(params)
   in_turn = _best_ms(lambda: [one(params, state, images, labels, mask) for mask in masks])
   stacked = jax.tree.map(lambda leaf: jnp.stack([leaf] * args.variants), params)
   stacked_state = jax.vmap(optimizer.init)(stacked)
-  together = jax.jit(jax.vmap(step, in_axes=(0, 0, None, None, 0)))
+  together = backend.jit(jax.vmap(step, in_axes=(0, 0, None, None, 0)))
   at_once = _best_ms(lambda: together(stacked, stacked_state, images, labels, masks))
   print(f'{jax.devices()[0].platform}: {args.variants} nets, batch {args.batch}: '
         f'one after another {in_turn:.0f} ms, vmapped together {at_once:.0f} ms')

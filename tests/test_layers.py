@@ -61,9 +61,12 @@ def test_gradients_through_a_mask_stop_at_the_pruned_channels(random_net, layer)
 def test_prefix_sweep_of_another_layer_equals_the_naive_loop(random_net, layer):
   params, images = random_net
   features = sweep.features(params, images, batch_size=32, layer=layer)
-  np.testing.assert_array_equal(features.mean_activations(),
-                                pruning.mean_activations(params, images, 32, layer))
+  # Equal up to the order XLA adds in, which depends on what else a program computes.
+  np.testing.assert_allclose(features.mean_activations(),
+                             pruning.mean_activations(params, images, 32, layer), rtol=1e-6)
   order = pruning.pruning_order(features.mean_activations())
+  np.testing.assert_array_equal(
+      order, pruning.pruning_order(pruning.mean_activations(params, images, 32, layer)))
   level_masks = masks.prefix_masks(order)
   fast = sweep.prefix_classes(params, features, order, batch_size=48)
   assert fast.shape == (len(images), CHANNELS[layer] + 1)

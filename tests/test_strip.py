@@ -3,7 +3,6 @@
 import json
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -55,11 +54,6 @@ def test_superimposing_by_hand():
   np.testing.assert_array_equal(strip.superimpose(image, overlay, 'average'), [[150, 75, 15]])
   with pytest.raises(ValueError, match="unknown blend 'max'"):
     strip.superimpose(image, overlay, 'max')
-
-
-def test_the_strided_max_pool_is_flax_max_pool():
-  x = np.random.default_rng(0).normal(size=(3, 7, 6, 5)).astype(np.float32)  # an odd height
-  np.testing.assert_array_equal(strip._max_pool(x), nn.max_pool(x, (2, 2), (2, 2), 'VALID'))
 
 
 @pytest.fixture(scope='module')

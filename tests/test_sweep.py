@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from badnet.core import evaluate, masks, model
+from badnet.core import backend, evaluate, masks, model
 from badnet.defences import pruning, sweep
 from tests import helpers
 
@@ -34,7 +34,9 @@ def test_effective_levels_hand_worked():
 
 def test_features_give_pool_3_and_the_ranking_statistic(sparse_net):
   params, images, features = sparse_net
-  np.testing.assert_array_equal(features.pool_3, model.observe_fn(params, images)['activation'])
+  # Jitted as every badnet computation is: eager ops compile with jax's default CPU options.
+  observe = backend.jit(lambda p, x: model.observe_fn(p, x)['activation'])
+  np.testing.assert_array_equal(features.pool_3, observe(params, images))
   # Bit for bit the statistic pruning.mean_activations ranks by: the same order, ties included.
   np.testing.assert_array_equal(features.mean_activations(),
                                 pruning.mean_activations(params, images, batch_size=48))

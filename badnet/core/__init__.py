@@ -5,5 +5,6 @@
   evaluate     jitted, sharded predictions over a device mesh
   train        optax recipes, the pure train step, fit
   distributed  several processes (hosts) with jax.distributed
+  backend      jax.jit with XLA options for the backend (YNNPACK off on a CPU)
   cache        one cached ``functools.partial`` per (function, arguments): one compilation
 """

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from badnet.core import cache
+from badnet.core import backend, cache
 from badnet.core import model as model_lib
 
 Params = model_lib.Params
@@ -99,7 +99,7 @@ def replicate(tree: Any) -> Any:
 @functools.cache
 def _jitted(fn: Callable[..., Any], rows_sharding: NamedSharding) -> Callable[..., Any]:
   # Cached so repeated evaluations with the same fn reuse one compilation.
-  return jax.jit(fn, out_shardings=rows_sharding)
+  return backend.jit(fn, out_shardings=rows_sharding)
 
 
 # Module-level step functions, so each compiles once per shape (not per call).

@@ -42,8 +42,48 @@ NEURON_LAYERS = ('conv_1', 'conv_2', 'conv_3', 'conv_4', 'fc_1', 'fc_2')
 NeuronScales = dict[str, tuple[jax.Array, jax.Array]]
 
 
-def _max_pool(x: jax.Array) -> jax.Array:
-  return nn.max_pool(x, window_shape=(2, 2), strides=(2, 2), padding='VALID')
+def _window_corners(x: jax.Array) -> list[jax.Array]:
+  """The four corners of every 2x2 window of ``x`` [N, H, W, C], in row-major order."""
+  # VALID padding: an odd last row or column belongs to no window and is dropped.
+  height, width = x.shape[1] // 2 * 2, x.shape[2] // 2 * 2
+  return [x[:, row:height:2, column:width:2] for row in (0, 1) for column in (0, 1)]
+
+
+@jax.custom_vjp
+def max_pool(x: jax.Array) -> jax.Array:
+  """2x2 max-pooling, stride 2, 'VALID': ``nn.max_pool``'s values and gradients, bit for bit.
+
+  Written as maxima of strided slices with its own backward pass because XLA's
+  CPU code runs ``nn.max_pool`` (a reduce-window, and a scatter for its
+  gradient) several times slower than the convolutions around it. The gradient
+  goes to the first maximum of each window in row-major order, as
+  ``nn.max_pool``'s does, so training gives the same params with either.
+  """
+  top_left, top_right, bottom_left, bottom_right = _window_corners(x)
+  return jnp.maximum(jnp.maximum(top_left, top_right), jnp.maximum(bottom_left, bottom_right))
+
+
+def _max_pool_forward(x: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+  pooled = max_pool(x)
+  return pooled, (x, pooled)
+
+
+def _max_pool_backward(saved: tuple[jax.Array, jax.Array], grad: jax.Array) -> tuple[jax.Array]:
+  x, pooled = saved
+  parts, taken = [], jnp.zeros(pooled.shape, bool)
+  for corner in _window_corners(x):
+    first = (corner == pooled) & ~taken  # a tie's gradient goes to its first maximum only
+    taken = taken | first
+    parts.append(jnp.where(first, grad, 0.0))
+  n, height, width, channels = pooled.shape
+  # [N, h, w, 4, C] -> [N, h, 2, w, 2, C] -> [N, 2h, 2w, C], then zeros for a dropped row/column.
+  windows = jnp.stack(parts, 3).reshape(n, height, width, 2, 2, channels)
+  full = windows.transpose(0, 1, 3, 2, 4, 5).reshape(n, 2 * height, 2 * width, channels)
+  return (jnp.pad(full, ((0, 0), (0, x.shape[1] - 2 * height), (0, x.shape[2] - 2 * width),
+                         (0, 0))),)
+
+
+max_pool.defvjp(_max_pool_forward, _max_pool_backward)
 
 
 def _flatten(x: jax.Array) -> jax.Array:
@@ -95,13 +135,13 @@ class DeepID(nn.Module):
       branch, which reads pool_3 and so does not depend on conv_4.
     """
     x = jnp.asarray(images, jnp.float32)
-    x = _max_pool(nn.relu(self._unit('conv_1', neurons, x)))
+    x = max_pool(nn.relu(self._unit('conv_1', neurons, x)))
     if layer == 'conv_1':
       return {'activation': x}
-    x = _max_pool(nn.relu(self._unit('conv_2', neurons, x)))
+    x = max_pool(nn.relu(self._unit('conv_2', neurons, x)))
     if layer == 'conv_2':
       return {'activation': x}
-    x = _max_pool(nn.relu(self._unit('conv_3', neurons, x)))
+    x = max_pool(nn.relu(self._unit('conv_3', neurons, x)))
     if layer == 'conv_3':
       return {'activation': x}
     return {'activation': nn.relu(self._unit('conv_4', neurons, x)),
@@ -114,9 +154,9 @@ class DeepID(nn.Module):
     if layer == 'conv_4':
       return self.output(nn.relu(state['fc_1'] + self._unit('fc_2', neurons, _flatten(x))))
     if layer == 'conv_1':
-      x = _max_pool(nn.relu(self._unit('conv_2', neurons, x)))
+      x = max_pool(nn.relu(self._unit('conv_2', neurons, x)))
     if layer in ('conv_1', 'conv_2'):
-      x = _max_pool(nn.relu(self._unit('conv_3', neurons, x)))
+      x = max_pool(nn.relu(self._unit('conv_3', neurons, x)))
     fc_1 = self._unit('fc_1', neurons, _flatten(x))
     fc_2 = self._unit('fc_2', neurons, _flatten(nn.relu(self._unit('conv_4', neurons, x))))
     return self.output(nn.relu(fc_1 + fc_2))

@@ -30,7 +30,7 @@ import numpy as np
 import optax
 
 from badnet import config as config_lib
-from badnet.core import evaluate, masks, train
+from badnet.core import backend, evaluate, masks, train
 from badnet.core import model as model_lib
 from badnet.defences import base
 
@@ -122,7 +122,7 @@ def _anp_steps(optimizer: MaskOptimizer, precision: str, stacked: bool):
   step = functools.partial(anp_step, optimizer=optimizer, precision=precision)
   if stacked:  # params shared; masks, momentum, batches, keys and settings per variant
     step = jax.vmap(step, in_axes=(None, 0, 0, 0, 0, 0, 0, 0))
-  return jax.jit(step)
+  return backend.jit(step)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -291,7 +291,7 @@ def unlearn(params: Params, images: np.ndarray, labels: np.ndarray, settings: Rn
   optimizer = optax.chain(optax.clip_by_global_norm(settings.clip_norm),
                           optax.add_decayed_weights(settings.weight_decay),
                           optax.sgd(settings.unlearning_lr, momentum=settings.unlearning_momentum))
-  step = jax.jit(functools.partial(_ascent_step, optimizer=optimizer, precision=precision))
+  step = backend.jit(functools.partial(_ascent_step, optimizer=optimizer, precision=precision))
   params = jax.tree.map(jnp.asarray, params)
   opt_state = optimizer.init(params)
   rng = np.random.default_rng(settings.seed)
@@ -325,7 +325,7 @@ def learn_rnp(params: Params, images: np.ndarray, labels: np.ndarray, settings: 
   labels = np.asarray(labels, np.int32)
   unlearned, history = unlearn(params, images, labels, settings, precision)
   optimizer = MaskOptimizer(settings.recovering_lr, 0.9)
-  step = jax.jit(functools.partial(recover_step, alpha=settings.alpha, optimizer=optimizer,
+  step = backend.jit(functools.partial(recover_step, alpha=settings.alpha, optimizer=optimizer,
                                    precision=precision))
   unlearned = evaluate.replicate(unlearned)
   mask = init_masks(unlearned, layers)

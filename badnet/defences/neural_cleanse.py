@@ -73,7 +73,7 @@ import numpy as np
 import optax
 
 from badnet import config as config_lib
-from badnet.core import cache, evaluate, train
+from badnet.core import backend, cache, evaluate, train
 from badnet.core import model as model_lib
 from badnet.defences import base, fine_pruning
 from badnet.errors import ConfigError
@@ -348,7 +348,8 @@ def _compiled(settings: Settings, precision: str):
                    in_axes=(0, None, None, 0, None))
   inits = jax.vmap(functools.partial(init_state, settings=settings), in_axes=(0, None))
   finished = jax.vmap(functools.partial(done, settings=settings))
-  return jax.jit(ticks), jax.jit(inits), jax.jit(finished), jax.jit(jax.vmap(result))
+  jit = backend.jit
+  return jit(ticks), jit(inits), jit(finished), jit(jax.vmap(result))
 
 
 def reverse_engineer_labels(params: Params, images: np.ndarray, labels: Sequence[int],

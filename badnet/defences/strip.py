@@ -135,25 +135,13 @@ def _conv_1_linear(params: Params, images: jax.Array, precision: str) -> jax.Arr
       dimension_numbers=('NHWC', 'HWIO', 'NHWC'), precision=precision)
 
 
-def _max_pool(x: jax.Array) -> jax.Array:
-  """2x2 max-pooling, stride 2, VALID ([N, H, W, C]), as maxima of strided slices.
-
-  The same values as ``nn.max_pool``, but XLA's CPU code runs this several
-  times faster than its reduce_window on conv_1's wide output, the bulk of
-  a blend's work once conv_1 itself is shared (``averaged_entropy``).
-  """
-  rows, cols = x.shape[1] // 2 * 2, x.shape[2] // 2 * 2
-  x = jnp.maximum(x[:, 0:rows:2], x[:, 1:rows:2])
-  return jnp.maximum(x[:, :, 0:cols:2], x[:, :, 1:cols:2])
-
-
 def _mean_entropy(params: Params, terms: jax.Array, count: int, precision: str) -> jax.Array:
   """Per input, the mean entropy of the nets' predictions from conv_1's linear parts [B * N, ...].
 
   The bias and the ReLU come after the pooling: both commute with the
   maximum exactly (the same floats), and there are a quarter as many values.
   """
-  pooled = nn.relu(_max_pool(terms) + params['conv_1']['bias'])
+  pooled = nn.relu(model_lib.max_pool(terms) + params['conv_1']['bias'])
   logits = model_lib.resume_fn(params, {'activation': pooled}, None, 'conv_1', precision)
   return prediction_entropy(logits).reshape(count, -1).mean(axis=1)
 
