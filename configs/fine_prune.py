@@ -44,6 +44,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.finetune.batch_size = 64         # images per step over all devices
   config.finetune.weight_decay = 0.0      # adamw: decoupled; adam, sgd: L2 on the gradient
   config.finetune.seed = 0                # shuffling and the held-out split
+  # The nets (B alone, each X) train in one vmapped step ('vmap') or in turn ('loop');
+  # 'auto' stacks them on a GPU or TPU and not on a CPU. Results are the same either way.
+  config.finetune.stacking = 'auto'
   # Part of the clean validation split held out to choose the epoch, in (0, 1).
   config.finetune.holdout_fraction = 0.2
   # The recommended X is the deepest whose fine-pruned net keeps its held-out

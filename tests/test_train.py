@@ -1,5 +1,8 @@
 """Training and the two attacks, on a small synthetic task."""
 
+import dataclasses
+
+import jax
 import numpy as np
 import pytest
 
@@ -59,3 +62,82 @@ def test_pruning_aware_attack_leaves_its_decoys_dormant(task):
   mask[decoys] = 0
   np.testing.assert_array_equal(evaluate.predict(masks.prune(params, mask), poisoned),
                                 evaluate.predict(params, poisoned))
+
+
+@pytest.fixture(scope='module')
+def variants(task):
+  """Three nets of the same shapes, fine-tuned with different conv_3 masks (one all kept)."""
+  train_images, train_labels, test_images, test_labels = task
+  params = attacks.csaw_init(K, seed=4)
+  rng = np.random.default_rng(0)
+  channel_masks = [np.ones(60, np.float32)] + [
+      (rng.random(60) > fraction).astype(np.float32) for fraction in (0.3, 0.6)]
+  recipe = train.Recipe(epochs=3, batch_size=32, learning_rate=1e-3, seed=1)
+  kwargs = dict(hold_pruned_at_zero=True, holdout=(test_images, test_labels),
+                names=['all kept', 'a third pruned', 'most pruned'])
+  alone = [train.fit(params, train_images, train_labels, recipe, channel_mask=mask,
+                     hold_pruned_at_zero=True, holdout=(test_images, test_labels))
+           for mask in channel_masks]
+  return params, channel_masks, recipe, kwargs, alone
+
+
+def test_nets_fitted_in_turn_equal_each_net_fitted_alone(task, variants):
+  params, channel_masks, recipe, kwargs, alone = variants
+  together = train.fit_many([params] * 3, *task[:2], recipe, channel_masks=channel_masks,
+                            stacking='loop', **kwargs)
+  for (ours, our_history), (theirs, their_history) in zip(together, alone):
+    jax_tree_equal(ours, theirs)
+    assert [e['holdout_acc'] for e in our_history] == [e['holdout_acc'] for e in their_history]
+  # The masks mattered: the nets differ, and each kept its pruned channels at zero.
+  assert not np.array_equal(together[0][0]['conv_3']['kernel'], together[1][0]['conv_3']['kernel'])
+  for (tuned, _), mask in zip(together, channel_masks):
+    assert not tuned['conv_3']['bias'][mask == 0].any()
+
+
+@pytest.mark.parametrize('optimizer', ['sgd', 'adam'])
+def test_stacked_nets_give_each_net_fitted_alone(task, variants, optimizer):
+  """One vmapped step for all three nets: each net's params up to float rounding.
+
+  vmapped convolutions add in another order. With SGD a rounding difference
+  stays one; Adam turns one in a near-zero gradient into a step of up to the
+  learning rate, so with Adam (the jobs' recipe) the nets must give the same
+  classes and the same chosen epochs.
+  """
+  params, channel_masks, recipe, kwargs, alone = variants
+  if optimizer == 'sgd':  # a rate that raw 0..255 pixels take without diverging
+    recipe = dataclasses.replace(recipe, optimizer='sgd', learning_rate=1e-5, epochs=2)
+    alone = [train.fit(params, *task[:2], recipe, channel_mask=mask, hold_pruned_at_zero=True)
+             for mask in channel_masks]
+    kwargs = {**kwargs, 'holdout': None}
+  stacked = train.fit_many([params] * 3, *task[:2], recipe, channel_masks=channel_masks,
+                           stacking='vmap', **kwargs)
+  test_images = task[2]
+  for i, ((ours, our_history), mask) in enumerate(zip(stacked, channel_masks)):
+    theirs, their_history = alone[i]
+    np.testing.assert_array_equal(evaluate.predict(ours, test_images, channel_mask=mask),
+                                  evaluate.predict(theirs, test_images, channel_mask=mask))
+    if optimizer == 'adam':
+      best = lambda history: max(history, key=lambda e: (e['holdout_acc'], e['epoch']))['epoch']
+      assert best(our_history) == best(their_history)
+      continue
+    moved = max(np.abs(theirs[layer]['kernel'] - params[layer]['kernel']).max()
+                for layer in params)
+    assert moved > 1e-6  # training moved the params far more than the tolerance
+    for layer in ours:
+      for name in ours[layer]:
+        np.testing.assert_allclose(ours[layer][name], theirs[layer][name], rtol=0, atol=1e-9,
+                                   err_msg=f'net {i}: {layer}/{name}')
+
+
+def test_stacking_is_chosen_by_backend_and_overridable():
+  assert train.stacks('vmap') and not train.stacks('loop')
+  assert train.stacks('auto') == (jax.default_backend() != 'cpu')
+  with pytest.raises(ValueError, match="unknown stacking 'both'"):
+    train.stacks('both')
+
+
+def jax_tree_equal(ours, theirs):
+  assert ours.keys() == theirs.keys()
+  for layer in ours:
+    for name in ours[layer]:
+      np.testing.assert_array_equal(ours[layer][name], theirs[layer][name], f'{layer}/{name}')

@@ -10,7 +10,7 @@ import dataclasses
 import functools
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from absl import logging
 import jax
@@ -21,7 +21,7 @@ import optax
 import tqdm
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from badnet.core import evaluate, masks, model
+from badnet.core import backend, evaluate, masks, model
 from badnet.errors import DataError, TrainingError
 
 Params = model.Params
@@ -29,6 +29,7 @@ Params = model.Params
 
 OPTIMIZERS = ('adam', 'adamw', 'sgd')
 SCHEDULES = ('cosine', 'constant')
+STACKING = ('auto', 'vmap', 'loop')  # see stacks()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,13 +130,27 @@ def train_step(params: Params, opt_state: optax.OptState, images: jax.Array,
 
 @functools.cache
 def _compiled_step(recipe: Recipe, steps_per_epoch: int, hold_pruned_at_zero: bool,
-                   layer: str = model.FEATURE_LAYER
+                   layer: str = model.FEATURE_LAYER, stacked: bool = False
                    ) -> tuple[optax.GradientTransformation, Callable]:
   # One compilation per (recipe, shapes, layer): fine-tuning several masks reuses it.
   optimizer = make_optimizer(recipe, steps_per_epoch)
   step = functools.partial(train_step, optimizer=optimizer,
                            hold_pruned_at_zero=hold_pruned_at_zero, layer=layer)
-  return optimizer, jax.jit(step, donate_argnums=(0, 1))
+  if stacked:  # nets stacked on a leading axis (params, state, masks); one batch for all
+    step = jax.vmap(step, in_axes=(0, 0, None, None, 0, 0))
+  return optimizer, backend.jit(step, donate_argnums=(0, 1))
+
+
+def stacks(stacking: str) -> bool:
+  """Whether ``fit_many`` trains its nets in one vmapped step: 'vmap' yes, 'loop' no.
+
+  'auto' stacks on a GPU or TPU, where one wide step keeps the chip busy, and
+  not on a CPU, where vmapped convolutions ran slower than one net after
+  another (WORKSPACE.md, "Training speed").
+  """
+  if stacking not in STACKING:
+    raise ValueError(f'unknown stacking {stacking!r}; expected one of {", ".join(STACKING)}')
+  return stacking == 'vmap' or (stacking == 'auto' and jax.default_backend() != 'cpu')
 
 
 def _progress_bar(name: str, epoch: int, epochs: int, steps: int) -> tqdm.tqdm:
@@ -198,14 +213,87 @@ def fit(params: Params, images: np.ndarray, labels: np.ndarray, recipe: Recipe, 
       ``collapsed`` to chance from where it started (or at the end, if no
       epoch climbed out): training stops, and the job with it.
   """
+  return fit_many([params], images, labels, recipe, channel_masks=[channel_mask],
+                  hold_pruned_at_zero=hold_pruned_at_zero, holdout=holdout, names=[name],
+                  layer=layer, held=[held], stacking='loop')[0]
+
+
+def fit_many(params: Sequence[Params], images: np.ndarray, labels: np.ndarray, recipe: Recipe,
+             *, channel_masks: Sequence[np.ndarray | None] | None = None,
+             hold_pruned_at_zero: bool = False,
+             holdout: tuple[np.ndarray, np.ndarray] | None = None,
+             names: Sequence[str] | None = None, layer: str = model.FEATURE_LAYER,
+             held: Sequence[dict[str, np.ndarray] | None] | None = None,
+             stacking: str = 'auto') -> list[tuple[Params, list[dict]]]:
+  """``fit`` for several nets of the same shapes on the same batches; a (params, history) each.
+
+  Net i starts from ``params[i]`` with ``channel_masks[i]`` and ``held[i]``
+  (the other arguments are ``fit``'s, shared). Every net sees the batches
+  ``fit`` would give it alone (one seeded shuffle), so the results are
+  ``fit``'s for each net; ``stacking`` (see ``stacks``) says whether they
+  train in one vmapped step or one after another within each step.
+  ``held[i]`` must name the same layers for every net.
+  """
+  count = len(params)
+  names = list(names) if names is not None else [f'train {i}' for i in range(count)]
+  channel_masks = list(channel_masks) if channel_masks is not None else [None] * count
+  held = list(held) if held is not None else [None] * count
   if not len(labels) or len(images) != len(labels):
-    raise DataError(f'{name}: {len(images)} training images and {len(labels)} labels; '
+    raise DataError(f'{names[0]}: {len(images)} training images and {len(labels)} labels; '
                     f'training needs at least one image and a label for each')
+  stacked = stacks(stacking) and count > 1
   mesh = evaluate.data_mesh()
   batch_size = evaluate.global_batch_size(min(recipe.batch_size, len(labels)), mesh)
   rows, replicated = NamedSharding(mesh, P('data')), NamedSharding(mesh, P())
   steps = len(labels) // batch_size
-  optimizer, step = _compiled_step(recipe, steps, hold_pruned_at_zero, layer)
+  optimizer, step = _compiled_step(recipe, steps, hold_pruned_at_zero, layer, stacked)
+  nets = [_start(p, m, h, hold_pruned_at_zero, layer)
+          for p, m, h in zip(params, channel_masks, held)]
+  masks_, held_ = [net[1] for net in nets], [net[2] for net in nets]
+  states = [jax.tree.map(jnp.array, net[0]) for net in nets]
+  if stacked:  # one leading axis over the nets, for params, optimiser states and masks
+    stack = lambda trees: jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
+    weights, device_masks, device_held = [stack(states)], [stack(masks_)], [stack(held_)]
+  else:
+    weights, device_masks, device_held = states, masks_, held_
+  weights = jax.device_put(weights, replicated)
+  opt_states = jax.device_put([jax.vmap(optimizer.init)(w) if stacked else optimizer.init(w)
+                               for w in weights], replicated)
+  device_masks = jax.device_put(device_masks, replicated)
+  device_held = jax.device_put(device_held, replicated)  # once, not a host copy every step
+  trackers = [_Tracker(name, recipe, holdout, layer, masks_[i], net[0])
+              for i, (name, net) in enumerate(zip(names, nets))]
+  rng = np.random.default_rng(recipe.seed)
+  for epoch in range(1, recipe.epochs + 1):
+    start = time.perf_counter()
+    order = rng.permutation(len(labels))
+    losses, accuracies = [], []
+    with _progress_bar(names[0] if count == 1 else f'{names[0]} (+{count - 1})', epoch,
+                       recipe.epochs, steps) as bar:
+      for index in range(steps):
+        batch = order[index * batch_size:(index + 1) * batch_size]
+        x, y = jax.device_put((images[batch], labels[batch].astype(np.int32)), rows)
+        for i, weight in enumerate(weights):  # one stacked step, or each net's in turn
+          weights[i], opt_states[i], loss, accuracy = step(weight, opt_states[i], x, y,
+                                                           device_masks[i], device_held[i])
+          losses.append(loss)
+          accuracies.append(accuracy)
+        if not bar.disable and ((index + 1) % 10 == 0 or index + 1 == steps):
+          bar.set_postfix(loss=f'{float(jnp.mean(losses[-1])):.4f}', refresh=False)
+          bar.update(index + 1 - bar.n)
+    # [steps, nets]: each net's loss and accuracy per step
+    losses = np.asarray(jax.device_get(losses)).reshape(steps, count)
+    accuracies = np.asarray(jax.device_get(accuracies)).reshape(steps, count)
+    seconds = (time.perf_counter() - start) / count
+    for i, tracker in enumerate(trackers):
+      net = jax.tree.map(lambda leaf, i=i: leaf[i], weights[0]) if stacked else weights[i]
+      tracker.end_epoch(epoch, losses[:, i], accuracies[:, i], net, seconds)
+  return [tracker.result() for tracker in trackers]
+
+
+def _start(params: Params, channel_mask: np.ndarray | None, held: dict | None,
+           hold_pruned_at_zero: bool, layer: str) -> tuple[Params, np.ndarray, dict | None]:
+  """A net's starting params (pruned where held at zero), its mask and held masks (float32)."""
   mask = np.ones(model.num_channels(params, layer), np.float32) if channel_mask is None else (
       np.asarray(channel_mask, np.float32))
   if hold_pruned_at_zero:
@@ -213,52 +301,51 @@ def fit(params: Params, images: np.ndarray, labels: np.ndarray, recipe: Recipe, 
   held = None if held is None else {k: np.asarray(v, np.float32) for k, v in held.items()}
   for held_layer, held_mask in (held or {}).items():
     params = {**params, held_layer: masks.prune_layer(params[held_layer], held_mask, held_layer)}
-  params = jax.device_put(jax.tree.map(jnp.array, params), replicated)
-  opt_state = jax.device_put(optimizer.init(params), replicated)
-  mask = jax.device_put(mask, replicated)
-  held = jax.device_put(held, replicated)  # once, not a host copy every step
-  rng = np.random.default_rng(recipe.seed)
-  history, best, best_acc = [], None, -1.0
-  # Where held-out accuracy starts, so that an epoch that wrecks it is noticed.
-  start_acc = None if holdout is None else evaluate.accuracy(
-      params, *holdout, channel_mask=mask, layer=layer)
-  num_classes, streak = model.num_classes_of(params), 0
-  for epoch in range(1, recipe.epochs + 1):
-    start = time.perf_counter()
-    order = rng.permutation(len(labels))
-    losses, accuracies = [], []
-    with _progress_bar(name, epoch, recipe.epochs, steps) as bar:
-      for index in range(steps):
-        batch = order[index * batch_size:(index + 1) * batch_size]
-        x, y = jax.device_put((images[batch], labels[batch].astype(np.int32)), rows)
-        params, opt_state, loss, accuracy = step(params, opt_state, x, y, mask, held)
-        losses.append(loss)
-        accuracies.append(accuracy)
-        if not bar.disable and ((index + 1) % 10 == 0 or index + 1 == steps):
-          bar.set_postfix(loss=f'{float(loss):.4f}', refresh=False)
-          bar.update(index + 1 - bar.n)
-    stats = {'epoch': epoch, 'loss': float(np.mean(jax.device_get(losses))),
-             'train_acc': 100 * float(np.mean(jax.device_get(accuracies)))}
+  return params, mask, held
+
+
+class _Tracker:
+  """One net's epochs: its history, the best held-out epoch's params, and collapse checks."""
+
+  def __init__(self, name: str, recipe: Recipe, holdout: tuple[np.ndarray, np.ndarray] | None,
+               layer: str, mask: np.ndarray, params: Params):
+    self.name, self.recipe, self.holdout, self.layer, self.mask = (name, recipe, holdout,
+                                                                   layer, mask)
+    self.history, self.best, self.best_acc, self.streak, self.last = [], None, -1.0, 0, None
+    self.num_classes = model.num_classes_of(params)
+    # Where held-out accuracy starts, so that an epoch that wrecks it is noticed.
+    self.start_acc = None if holdout is None else evaluate.accuracy(
+        params, *holdout, channel_mask=mask, layer=layer)
+
+  def end_epoch(self, epoch: int, losses: np.ndarray, accuracies: np.ndarray, params: Params,
+                seconds: float) -> None:
+    """Records an epoch (the net's params after it); raises TrainingError where it diverged."""
+    recipe, self.last = self.recipe, params
+    stats = {'epoch': epoch, 'loss': float(np.mean(losses)),
+             'train_acc': 100 * float(np.mean(accuracies))}
     message = ''
-    if holdout is not None:
-      stats['holdout_acc'] = evaluate.accuracy(params, *holdout, channel_mask=mask,
-                                               layer=layer)
+    if self.holdout is not None:
+      stats['holdout_acc'] = evaluate.accuracy(params, *self.holdout, channel_mask=self.mask,
+                                               layer=self.layer)
       message = f', holdout acc {stats["holdout_acc"]:.2f} %'
-      if stats['holdout_acc'] >= best_acc:
-        best_acc, best = stats['holdout_acc'], jax.device_get(params)
-    stats['seconds'] = time.perf_counter() - start
-    history.append(stats)
-    logging.info('%s: epoch %d/%d loss %.4f train acc %.2f %%%s (%.1f s)', name, epoch,
-                 recipe.epochs, stats['loss'], stats['train_acc'], message, stats['seconds'])
+      if stats['holdout_acc'] >= self.best_acc:
+        self.best_acc, self.best = stats['holdout_acc'], jax.device_get(params)
+    stats['seconds'] = seconds
+    self.history.append(stats)
+    logging.info('%s: epoch %d/%d loss %.4f train acc %.2f %%%s (%.1f s)', self.name, epoch,
+                 recipe.epochs, stats['loss'], stats['train_acc'], message, seconds)
     if not np.isfinite(stats['loss']):
-      raise _diverged(name, epoch, recipe, f'the loss is {stats["loss"]}')
-    if start_acc is not None:
-      streak = streak + 1 if collapsed(stats['holdout_acc'], start_acc, num_classes) else 0
-      if streak >= COLLAPSE_EPOCHS or (epoch == recipe.epochs
-                                       and collapsed(best_acc, start_acc, num_classes)):
-        raise _diverged(name, epoch, recipe,
-                        f'held-out clean accuracy fell from {start_acc:.2f} % to '
-                        f'{stats["holdout_acc"]:.2f} %, chance level, for {streak} epoch'
-                        f'{"s" if streak > 1 else ""}')
-  final = best if holdout is not None else jax.device_get(params)
-  return jax.tree.map(np.asarray, final), history
+      raise _diverged(self.name, epoch, recipe, f'the loss is {stats["loss"]}')
+    if self.start_acc is not None:
+      self.streak = self.streak + 1 if collapsed(stats['holdout_acc'], self.start_acc,
+                                                 self.num_classes) else 0
+      if self.streak >= COLLAPSE_EPOCHS or (
+          epoch == recipe.epochs and collapsed(self.best_acc, self.start_acc, self.num_classes)):
+        raise _diverged(self.name, epoch, recipe,
+                        f'held-out clean accuracy fell from {self.start_acc:.2f} % to '
+                        f'{stats["holdout_acc"]:.2f} %, chance level, for {self.streak} epoch'
+                        f'{"s" if self.streak > 1 else ""}')
+
+  def result(self) -> tuple[Params, list[dict]]:
+    final = self.best if self.holdout is not None else jax.device_get(self.last)
+    return jax.tree.map(np.asarray, final), self.history

@@ -16,6 +16,7 @@ X whose fine-pruned net keeps its held-out clean accuracy within
 """
 
 import dataclasses
+from collections.abc import Sequence
 import math
 import time
 
@@ -58,6 +59,7 @@ FIELDS: config_lib.Fields = {
     'finetune.epochs': config_lib.Integer(1),
     **recipe_fields(lambda config: config.finetune.epochs),
     'finetune.max_clean_drop': config_lib.Number(0, 100),
+    'finetune.stacking': config_lib.Choice(train.STACKING, 'stacking'),
 }
 
 
@@ -110,14 +112,25 @@ def fine_prune(params: Params, channel_mask: np.ndarray, images: np.ndarray,
   Returns:
     The fine-pruned params and the per-epoch history (with ``holdout_acc``).
   """
-  mask = masks.check_mask(channel_mask, model_lib.num_channels(params, layer))
+  return fine_prune_many(params, [channel_mask], images, labels, recipe, holdout_fraction,
+                         [name], layer, stacking='loop')[0]
+
+
+def fine_prune_many(params: Params, channel_masks: Sequence[np.ndarray], images: np.ndarray,
+                    labels: np.ndarray, recipe: train.Recipe, holdout_fraction: float,
+                    names: Sequence[str], layer: str = model_lib.FEATURE_LAYER,
+                    stacking: str = 'auto') -> list[tuple[Params, list[dict]]]:
+  """``fine_prune`` for each mask, trained together or in turn (``train.stacks(stacking)``)."""
+  channel_masks = [masks.check_mask(mask, model_lib.num_channels(params, layer))
+                   for mask in channel_masks]
   if len(images) != len(labels):
     raise DataError(f'{len(images)} clean images but {len(labels)} labels')
   fit_rows, holdout_rows = split_for_fine_tuning(labels, holdout_fraction, recipe.seed)
-  return train.fit(masks.prune(params, mask, layer), images[fit_rows], labels[fit_rows],
-                   recipe, channel_mask=mask, hold_pruned_at_zero=True,
-                   holdout=(images[holdout_rows], labels[holdout_rows]), name=name,
-                   layer=layer)
+  return train.fit_many([masks.prune(params, mask, layer) for mask in channel_masks],
+                        images[fit_rows], labels[fit_rows], recipe, channel_masks=channel_masks,
+                        hold_pruned_at_zero=True,
+                        holdout=(images[holdout_rows], labels[holdout_rows]), names=names,
+                        layer=layer, stacking=stacking)
 
 
 def tune(params: Params, mask: np.ndarray, clean: data.Dataset, recipe: train.Recipe,
@@ -128,16 +141,30 @@ def tune(params: Params, mask: np.ndarray, clean: data.Dataset, recipe: train.Re
   The summary holds the chosen epoch, its held-out clean accuracy and the
   per-epoch history, without timings (so results files are reproducible).
   """
+  return tune_many(params, [mask], clean, recipe, holdout_fraction, [name], layer, 'loop')[0]
+
+
+def tune_many(params: Params, channel_masks: Sequence[np.ndarray], clean: data.Dataset,
+              recipe: train.Recipe, holdout_fraction: float, names: Sequence[str],
+              layer: str = model_lib.FEATURE_LAYER, stacking: str = 'auto'
+              ) -> list[tuple[Params, dict]]:
+  """``tune`` for each mask, the nets trained together or in turn (see ``train.stacks``)."""
   start = time.perf_counter()
-  params, history = fine_prune(params, mask, clean.images, clean.labels, recipe,
-                               holdout_fraction, name=name, layer=layer)
-  best = max(history, key=lambda epoch: (epoch['holdout_acc'], epoch['epoch']))
-  logging.info('%s: %d epochs in %.1f s; epoch %d chosen (held-out clean accuracy %.2f %%).',
-               name, len(history), time.perf_counter() - start, best['epoch'],
-               best['holdout_acc'])
-  return params, {'chosen_epoch': best['epoch'], 'holdout_acc': best['holdout_acc'],
-                  'history': [{key: value for key, value in epoch.items() if key != 'seconds'}
-                              for epoch in history]}
+  tuned = fine_prune_many(params, channel_masks, clean.images, clean.labels, recipe,
+                          holdout_fraction, names, layer, stacking)
+  results = []
+  for name, (tuned_params, history) in zip(names, tuned):
+    best = max(history, key=lambda epoch: (epoch['holdout_acc'], epoch['epoch']))
+    logging.info('%s: %d epochs; epoch %d chosen (held-out clean accuracy %.2f %%).', name,
+                 len(history), best['epoch'], best['holdout_acc'])
+    results.append((tuned_params, {
+        'chosen_epoch': best['epoch'], 'holdout_acc': best['holdout_acc'],
+        'history': [{key: value for key, value in epoch.items() if key != 'seconds'}
+                    for epoch in history]}))
+  logging.info('Fine-tuned %d net%s in %.1f s (%s).', len(names), 's' * (len(names) > 1),
+               time.perf_counter() - start,
+               'stacked' if train.stacks(stacking) and len(names) > 1 else 'in turn')
+  return results
 
 
 def recommend(holdout_accs: dict[str, tuple[tuple, float]], b_holdout_acc: float,
@@ -173,16 +200,27 @@ def defend(params: Params, clean: data.Dataset, config: config_lib.Config) -> ba
   """
   pruned = pruning.defend(params, clean, config)
   recipe = train.Recipe.from_config(config.finetune)
-  tuned, candidates = {}, {}
+  keys = {}  # (layer, channels) -> the first candidate's name: a level shares one fine-tuning
   for name, candidate in pruned.candidates.items():
     (layer, channels), = candidate.pruned.items()
-    key = (layer, tuple(channels))
-    if key not in tuned:
-      mask = np.ones(model_lib.num_channels(params, layer), np.float32)
-      mask[channels] = 0
-      tuned[key] = tune(params, mask, clean, recipe, config.finetune.holdout_fraction,
-                        f'fine-prune {name}', layer)
-    tuned_params, summary = tuned[key]
+    keys.setdefault((layer, tuple(channels)), name)
+  layers = {layer for layer, _ in keys}
+  if len(layers) > 1:
+    raise ValueError(f'fine-pruning candidates of several layers: {sorted(layers)}')
+  layer = layers.pop() if layers else model_lib.FEATURE_LAYER
+  level_masks = []
+  for _, channels in keys:
+    mask = np.ones(model_lib.num_channels(params, layer), np.float32)
+    mask[list(channels)] = 0
+    level_masks.append(mask)
+  tuned = dict(zip(keys, tune_many(params, level_masks, clean, recipe,
+                                   config.finetune.holdout_fraction,
+                                   [f'fine-prune {name}' for name in keys.values()], layer,
+                                   config.finetune.get('stacking', 'auto'))))
+  candidates = {}
+  for name, candidate in pruned.candidates.items():
+    (layer, channels), = candidate.pruned.items()
+    tuned_params, summary = tuned[(layer, tuple(channels))]
     candidates[name] = base.Candidate(tuned_params, candidate.pruned,
                                       {**candidate.figures, **summary})
   b_holdout_acc = holdout_accuracy(params, clean, config)

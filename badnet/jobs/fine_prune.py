@@ -51,21 +51,29 @@ def run(config: ml_collections.ConfigDict, out: pathlib.Path) -> dict:
     classes = {key: evaluate.predict(params, run_.splits[key].images, batch) for key in TEST}
     return goodnet.figures(b_classes, classes, labels, run_.num_classes)
 
-  tune_with = lambda mask, name: fine_pruning.tune(run_.params, mask, clean_valid, recipe,
-                                                   tune.holdout_fraction, name)
-  params, summary = tune_with(np.ones(len(run_.order), np.float32), 'fine-tune only')
+  # B alone and each distinct level, fine-tuned together or in turn (config.finetune.stacking).
+  first_x = {}  # level -> the first X that reaches it (names its fine-tuning in the log)
+  for x, level in run_.levels.items():
+    if level is not None:
+      first_x.setdefault(level, x)
+  levels = list(first_x)
+  names = ['fine-tune only'] + [f'fine-prune X={pruning.label(first_x[level])}'
+                                for level in levels]
+  fine_tuned = fine_pruning.tune_many(
+      run_.params, [np.ones(len(run_.order), np.float32)] + [run_.masks[level] for level in levels],
+      clean_valid, recipe, tune.holdout_fraction, names, stacking=tune.stacking)
+  params, summary = fine_tuned[0]
   results['fine_tuned_only'] = {**scores(params)[0], **summary}
   tuned = {}  # level -> (params, figures): thresholds that share a level share the net
+  for level, (params, summary) in zip(levels, fine_tuned[1:]):
+    net, good = scores(params)
+    tuned[level] = params, {**net, **summary}, good
   for x, level in run_.levels.items():
     name = pruning.label(x)
     entry = results['thresholds'][name]
     if level is None:
       entry.update(fine_pruned=None, goodnet_fine_pruned=None)
       continue
-    if level not in tuned:
-      params, summary = tune_with(run_.masks[level], f'fine-prune X={name}')
-      net, good = scores(params)
-      tuned[level] = params, {**net, **summary}, good
     params, net, good = tuned[level]
     entry['fine_pruned'], entry['goodnet_fine_pruned'] = dict(net), dict(good)
     entry['fine_pruned_model_file'] = f'models/fine_pruned_X={name}.h5'
