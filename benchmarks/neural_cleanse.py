@@ -1,10 +1,10 @@
 """Neural Cleanse: labels reverse engineered together (vmapped) against one label at a time.
 
     python benchmarks/neural_cleanse.py [--loop_labels=10] [--lab3_labels=40] [--lab3_steps=20]
-        [--skip_all]
+        [--slots=10] [--skip_all]
 
 Both ways run the same jitted ``tick`` of badnet/defences/neural_cleanse.py
-(one batch's update and the paper's bookkeeping): vmapped over ``nc.slots``
+(one batch's update and the paper's bookkeeping): vmapped over ``--slots``
 labels, or over one (the loop over labels). Compilation is done first and
 timed on its own. Settings are configs/neural_cleanse.py's defaults.
 
@@ -93,12 +93,13 @@ def main() -> None:
   parser.add_argument('--loop_labels', type=int, default=10)
   parser.add_argument('--lab3_labels', type=int, default=40)
   parser.add_argument('--lab3_steps', type=int, default=20)
+  parser.add_argument('--slots', type=int, default=10, help='labels vmapped together')
   parser.add_argument('--skip_all', action='store_true',
                       help='skip the run of all 100 labels (the job times it too)')
   args = parser.parse_args()
   config = nc_config.get_config()
   settings = nc.settings_of(config)
-  slots = config.nc.slots
+  slots = args.slots
   print(f'{jax.devices()[0].platform}, {os.cpu_count()} CPUs; settings {settings}', flush=True)
 
   model_path, data_dir = inputs.shipped_benchmark('badnets', quiet=True)

@@ -122,16 +122,16 @@ def test_an_interrupted_run_resumes_where_it_stopped(world, tmp_path, monkeypatc
   config = _config([root / 'bd_weights.h5'], root / 'data', finetune_epochs=(0, 1),
                    thresholds=(2.0, 30.0))
   runner.run(config, str(tmp_path / 'whole'))
-  real = fine_pruning.fine_prune
+  real = fine_pruning.fine_prune_many
   calls, stop_at = [], [3]
 
-  def interrupted(*args, **kwargs):
-    calls.append(kwargs['name'])
+  def interrupted(params, level_masks, images, labels, recipe, fraction, names, *args):
+    calls.extend(names)  # on a CPU the grid fine-tunes one mask a call
     if len(calls) == stop_at[0]:
       raise Interrupted
-    return real(*args, **kwargs)
+    return real(params, level_masks, images, labels, recipe, fraction, names, *args)
 
-  monkeypatch.setattr(fine_pruning, 'fine_prune', interrupted)
+  monkeypatch.setattr(fine_pruning, 'fine_prune_many', interrupted)
   with pytest.raises(Interrupted):
     runner.run(config, str(tmp_path / 'resumed'))
   kept = {ablate._key(r) for r in _rows(tmp_path / 'resumed' / 'ablation.csv')}  # pylint: disable=protected-access
@@ -272,3 +272,30 @@ def test_a_bad_learned_mask_setting_stops_the_grid_naming_its_field(world, tmp_p
   with pytest.raises(BadnetError, match=message):
     runner.run(config, str(tmp_path / 'w'))
   assert not (tmp_path / 'w').exists()
+
+
+def test_stacked_fine_tunings_give_the_rows_of_fine_tunings_in_turn(world, tmp_path, monkeypatch):
+  """finetune.stacking='vmap': one fit for all of a (model, layer)'s masks, the same rows.
+
+  SGD at a small rate keeps vmapped rounding differences far below a class
+  flip (with Adam they compound: tests/test_train.py), so the rows must be equal.
+  """
+  root, _ = world
+  calls = []
+  many = fine_pruning.fine_prune_many
+  monkeypatch.setattr(fine_pruning, 'fine_prune_many',
+                      lambda params, level_masks, *args: calls.append(len(level_masks)) or many(
+                          params, level_masks, *args))
+  rows = {}
+  for stacking in ('vmap', 'loop'):
+    config = _config([root / 'bd_weights.h5'], root / 'data', finetune_epochs=(1,))
+    config.finetune.optimizer, config.finetune.learning_rate = 'sgd', 1e-5
+    config.finetune.stacking = stacking
+    runner.run(config, str(tmp_path / stacking))
+    rows[stacking] = _rows(tmp_path / stacking / 'ablation.csv')
+  distinct = len({r['pruned_channels'] for r in rows['loop'] if r['pruned_channels']})
+  assert distinct > 2
+  assert calls == [distinct] + [1] * distinct  # stacked: one call; in turn: one a mask
+  assert rows['vmap'] == rows['loop']
+  # The masks' nets differ, so a row given another mask's net would show.
+  assert len({r['clean_acc'] for r in rows['loop']}) > 2

@@ -42,6 +42,7 @@ FIELDS = {
     'relative': config_lib.Boolean(),
     'precision': pruning.FIELDS['precision'],
     **fine_pruning.recipe_fields(_shortest_tuning),
+    'finetune.stacking': config_lib.Choice(train.STACKING, 'stacking'),
 }
 
 
@@ -194,6 +195,23 @@ def _model_layer(name, params, layer, variants, thresholds, epochs_axis, splits,
   logging.info('%s / %s: %d orders x %d levels swept, and the test split scored, in %.1f s.',
                name, layer, len(variants), stacked.shape[1], time.perf_counter() - start)
   curves, tuned = [], {}
+  if train.stacks(config.finetune.stacking):  # every pending fine-tuning of an epochs at once
+    pending = {}  # epochs -> {memo: (mask, name)}, what the loop below would fine-tune
+    for index, variant in enumerate(variants):
+      for column, x in enumerate(thresholds):
+        level = levels[index][column]
+        for epochs in epochs_axis:
+          key = ('pruning', name, layer, variant.order, variant.seed_text, pruning.label(x),
+                 str(epochs))
+          if key not in done and level is not None and epochs:
+            pending.setdefault(epochs, {}).setdefault(
+                (stacked[index, level].tobytes(), epochs),
+                (stacked[index, level], f'{name}/{layer}/{variant.order}{variant.seed_text} '
+                                        f'X={x:g}'))
+    for epochs, group in pending.items():
+      tuned.update(zip(group, _fine_pruned(
+          params, [mask for mask, _ in group.values()], layer, epochs, splits, b_test, labels,
+          num_classes, config, recipe, [text for _, text in group.values()])))
   for index, (variant, order) in enumerate(zip(variants, orders)):
     clean_acc, asr = curves_of[index]
     curves += [{'model': name, 'layer': layer, 'order': variant.order,
@@ -219,10 +237,10 @@ def _model_layer(name, params, layer, variants, thresholds, epochs_axis, splits,
           # X values (or orders) that land on the same mask share one fine-tuning.
           memo = (stacked[index, level].tobytes(), epochs)
           if memo not in tuned:
-            tuned[memo] = _fine_pruned(
-                params, stacked[index, level], layer, epochs, splits, b_test, labels,
+            tuned[memo], = _fine_pruned(
+                params, [stacked[index, level]], layer, epochs, splits, b_test, labels,
                 num_classes, config, recipe,
-                f'{name}/{layer}/{variant.order}{variant.seed_text} X={x:g}')
+                [f'{name}/{layer}/{variant.order}{variant.seed_text} X={x:g}'])
           figures = tuned[memo]
         record({**row, **{k: _percent(v) for k, v in figures.items()}})
   return curves
@@ -264,16 +282,21 @@ def _learned_row(defence, name, params, splits, labels, done, config, record) ->
           **{k: _percent(v) for k, v in figures.items()}})
 
 
-def _fine_pruned(params, mask, layer, epochs, splits, b_test, labels, num_classes, config,
-                 recipe, name) -> dict:
+def _fine_pruned(params, level_masks, layer, epochs, splits, b_test, labels, num_classes,
+                 config, recipe, names) -> list[dict]:
+  """Each mask's net fine-pruned for ``epochs`` (together where ``finetune.stacking`` stacks)."""
   clean = splits['clean_valid']
-  tuned, _ = fine_pruning.fine_prune(params, mask, clean.images, clean.labels,
-                                  dataclasses.replace(recipe, epochs=epochs),
-                                  config.finetune.holdout_fraction, name=name, layer=layer)
-  classes = {key: evaluate.predict(tuned, splits[key].images, config.batch_size,
-                                   precision=config.precision)
-             for key in ('clean_test', 'poisoned_test')}
-  return _metrics(classes, b_test, labels, num_classes)
+  tuned = fine_pruning.fine_prune_many(params, level_masks, clean.images, clean.labels,
+                                       dataclasses.replace(recipe, epochs=epochs),
+                                       config.finetune.holdout_fraction, names, layer,
+                                       config.finetune.stacking)
+  figures = []
+  for net, _ in tuned:
+    classes = {key: evaluate.predict(net, splits[key].images, config.batch_size,
+                                     precision=config.precision)
+               for key in ('clean_test', 'poisoned_test')}
+    figures.append(_metrics(classes, b_test, labels, num_classes))
+  return figures
 
 
 def _markdown(rows: list[dict], shipped: bool) -> str:
