@@ -133,22 +133,15 @@ def fine_prune_many(params: Params, channel_masks: Sequence[np.ndarray], images:
                         layer=layer, stacking=stacking)
 
 
-def tune(params: Params, mask: np.ndarray, clean: data.Dataset, recipe: train.Recipe,
-         holdout_fraction: float, name: str, layer: str = model_lib.FEATURE_LAYER
-         ) -> tuple[Params, dict]:
-  """``fine_prune`` on the clean split; the params and a summary of the epochs.
-
-  The summary holds the chosen epoch, its held-out clean accuracy and the
-  per-epoch history, without timings (so results files are reproducible).
-  """
-  return tune_many(params, [mask], clean, recipe, holdout_fraction, [name], layer, 'loop')[0]
-
-
 def tune_many(params: Params, channel_masks: Sequence[np.ndarray], clean: data.Dataset,
               recipe: train.Recipe, holdout_fraction: float, names: Sequence[str],
               layer: str = model_lib.FEATURE_LAYER, stacking: str = 'auto'
               ) -> list[tuple[Params, dict]]:
-  """``tune`` for each mask, the nets trained together or in turn (see ``train.stacks``)."""
+  """``fine_prune_many`` on the clean split; each net's params and a summary of its epochs.
+
+  A summary holds the chosen epoch, its held-out clean accuracy and the
+  per-epoch history, without timings (so results files are reproducible).
+  """
   start = time.perf_counter()
   tuned = fine_prune_many(params, channel_masks, clean.images, clean.labels, recipe,
                           holdout_fraction, names, layer, stacking)
