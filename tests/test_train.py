@@ -129,6 +129,15 @@ def test_stacked_nets_give_each_net_fitted_alone(task, variants, optimizer):
                                    err_msg=f'net {i}: {layer}/{name}')
 
 
+def test_fit_many_refuses_masks_that_do_not_match_the_nets(task):
+  params = attacks.csaw_init(K, seed=4)
+  with pytest.raises(ValueError, match='2 nets, 2 names, 1 masks'):
+    train.fit_many([params, params], *task[:2], train.Recipe(epochs=1),
+                   channel_masks=[np.ones(60, np.float32)])
+  with pytest.raises(ValueError, match='0 nets'):
+    train.fit_many([], *task[:2], train.Recipe(epochs=1))
+
+
 def test_stacking_is_chosen_by_backend_and_overridable():
   assert train.stacks('vmap') and not train.stacks('loop')
   assert train.stacks('auto') == (jax.default_backend() != 'cpu')

@@ -238,6 +238,9 @@ def fit_many(params: Sequence[Params], images: np.ndarray, labels: np.ndarray, r
   names = list(names) if names is not None else [f'train {i}' for i in range(count)]
   channel_masks = list(channel_masks) if channel_masks is not None else [None] * count
   held = list(held) if held is not None else [None] * count
+  if not count or not len(names) == len(channel_masks) == len(held) == count:
+    raise ValueError(f'fit_many: {count} nets, {len(names)} names, {len(channel_masks)} masks '
+                     f'and {len(held)} held-mask sets; give one of each for every net')
   if not len(labels) or len(images) != len(labels):
     raise DataError(f'{names[0]}: {len(images)} training images and {len(labels)} labels; '
                     f'training needs at least one image and a label for each')
