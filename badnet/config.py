@@ -1,10 +1,8 @@
 """Config checks declared once: a range or a choice per field, checked by one helper.
 
-Each job (and each defence) declares its fields as a mapping from the
-dotted field name to a spec (``Integer``, ``Number``, ``Choice``, ``Boolean``,
-or ``Each`` for a tuple of values). The runner checks them all before any
-work (``check``), and a bad value stops the job with one line naming the
-field, what it must be and what it got.
+Each job and defence maps dotted field names to specs (``Integer``, ``Number``,
+``Choice``, ``Boolean``, ``Each``); before any work a bad value stops the job
+with one line naming the field, what it must be and what it got.
 """
 
 import dataclasses
@@ -153,11 +151,7 @@ Fields = Mapping[str, Spec | Each]
 
 
 def check_field(config: Config, name: str, spec: Spec | Each, prefix: str = '') -> None:
-  """Raises a one-line ConfigError if ``config.<name>`` does not meet ``spec``.
-
-  ``prefix``: where ``config`` sits in the job's config (e.g. 'learned_masks.'),
-  for the message.
-  """
+  """A ConfigError naming ``config.<prefix><name>`` unless ``config.<name>`` meets ``spec``."""
   value, shown = value_of(config, name), prefix + name
   if isinstance(spec, Each):
     spec.check(shown, value, config)
@@ -176,3 +170,30 @@ def check(config: Config, fields: Fields, prefix: str = '') -> None:
 
 # Fields that most jobs share.
 BATCH_SIZE: Fields = {'batch_size': Integer(1)}
+
+
+def block(settings: Any) -> Config:
+  """A config block holding a settings dataclass's defaults (nested dataclasses nested)."""
+  return ml_collections.ConfigDict(dataclasses.asdict(settings))
+
+
+def build(cls: type, config_block: Config, where: str) -> Any:
+  """Settings of dataclass ``cls`` from a config block, checked first by ``cls.FIELDS``.
+
+  A missing field takes the default; a dataclass default is built from the
+  nested block. Messages name ``config.<where><field>``.
+  """
+  check(config_block, getattr(cls, 'FIELDS', {}), prefix=where)
+  defaults = cls()
+  values = {}
+  for field in dataclasses.fields(cls):
+    if field.name not in config_block:
+      continue
+    value = config_block[field.name]
+    default = getattr(defaults, field.name)
+    if dataclasses.is_dataclass(default):
+      value = build(type(default), value, f'{where}{field.name}.')
+    elif isinstance(value, list):
+      value = tuple(value)
+    values[field.name] = value
+  return cls(**values)

@@ -1,9 +1,4 @@
-"""Errors that carry a message meant for the user.
-
-``main.py`` prints the message of any ``BadnetError`` on one line and exits
-with status 1 instead of showing a traceback: every check of user input (files,
-shapes, config values) raises one of these.
-"""
+"""User-input errors: ``main.py`` prints a ``BadnetError``'s message and exits 1, no traceback."""
 
 
 class BadnetError(Exception):

@@ -1,19 +1,10 @@
 """Runs one job: checks the whole config, prepares the workdir, writes the config, runs the job.
 
-A job is a module ``badnet.jobs.<config.job>``, a leaf that only this runner
-calls. It defines
-
-  FIELDS: config.Fields    its config fields and their checks (ranges, choices)
-  run(config, out) -> Any  the work, writing its outputs to the prepared
-                           workdir ``out`` (a pathlib.Path)
-
-and optionally
-
-  check(config) -> None    checks that involve several fields or files' presence
-  MULTI_PROCESS = True     it runs as several processes (jax.distributed);
-                           every other job refuses to
-
-so no job repeats the checks, the workdir handling or the config record.
+A job is a leaf module ``badnet.jobs.<config.job>`` defining ``FIELDS`` (its config fields'
+checks) and ``run(config, out)`` (the work, written to the workdir ``out``), and optionally
+``check(config)`` (checks across fields or of files' presence), ``owner(config)`` (the name
+its workdirs are kept under) and ``multi_process(config)`` (whether it may run as several
+processes). So no job repeats the checks, the workdir handling or the config record.
 """
 
 import importlib
@@ -50,16 +41,22 @@ def check(config: config_lib.Config) -> ModuleType:
   config_lib.check(config, job.FIELDS)
   if hasattr(job, 'check'):
     job.check(config)
-  if jax.process_count() > 1 and not getattr(job, 'MULTI_PROCESS', False):
-    raise ConfigError(f'the {config.job} job runs on one process (run configs/prune.py '
+  if jax.process_count() > 1 and not getattr(job, 'multi_process', lambda _: False)(config):
+    raise ConfigError(f'the {owner(config, job)} job runs on one process (run configs/prune.py '
                       f'across processes)')
   return job
 
 
+def owner(config: config_lib.Config, job: ModuleType) -> str:
+  """The name the job's workdirs are kept under (a defence's, for the defence job)."""
+  return job.owner(config) if hasattr(job, 'owner') else config.job
+
+
 def run(config: config_lib.Config, workdir: str | pathlib.Path | None = None) -> Any:
-  """Checks ``config``, prepares ``workdir`` (default workdir/<job>), records the config, runs."""
+  """Checks ``config``, prepares ``workdir`` (default workdir/<owner>), records the config, runs."""
   job = check(config)
-  out = distributed.on_every_process(_prepare, config, workdir or f'workdir/{config.job}')
+  name = owner(config, job)
+  out = distributed.on_every_process(_prepare, config, workdir or f'workdir/{name}', name)
   results = job.run(config, out)
   if distributed.is_leader():
     print(f'Results in {out}: {", ".join(_listing(out))}', flush=True)
@@ -74,10 +71,10 @@ def _listing(out: pathlib.Path) -> list[str]:
   return [n for n in names if n not in last] + last
 
 
-def _prepare(config: config_lib.Config, workdir: str | pathlib.Path) -> pathlib.Path:
+def _prepare(config: config_lib.Config, workdir: str | pathlib.Path, name: str) -> pathlib.Path:
   """The checked workdir with its config.json; only process 0 touches it."""
   if not distributed.is_leader():
     return pathlib.Path(workdir)
-  out = workdir_lib.prepare(workdir, config.job)
-  workdir_lib.write_config(out, config, config.job)
+  out = workdir_lib.prepare(workdir, name)
+  workdir_lib.write_config(out, config, name)
   return out

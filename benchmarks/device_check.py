@@ -46,6 +46,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import scale  # pylint: disable=g-import-not-at-top
+from badnet import defend  # pylint: disable=g-import-not-at-top
 from badnet.core import evaluate, masks, train  # pylint: disable=g-import-not-at-top
 from badnet.defences import pruning, sweep  # pylint: disable=g-import-not-at-top
 from badnet.io import data, keras_io  # pylint: disable=g-import-not-at-top
@@ -88,7 +89,8 @@ def compute(folder: pathlib.Path, model_path: pathlib.Path) -> tuple[dict, dict]
           masks.prune(params, level_masks[level]), splits[key].images)
 
   clean, test = splits['clean_valid'], splits['clean_test'].images
-  recipe = train.Recipe.from_config(fine_prune.get_config().finetune, epochs=2)
+  tuning = defend.settings_of(fine_prune.get_config()).finetune  # its recipe
+  recipe = tuning.recipe(epochs=2)
   mask = level_masks[PRUNED_LEVELS[0]]
   (tuned, history), seconds = _seconds(lambda: train.fit(
       params, clean.images, clean.labels, recipe, channel_mask=mask, hold_pruned_at_zero=True,
@@ -98,7 +100,7 @@ def compute(folder: pathlib.Path, model_path: pathlib.Path) -> tuple[dict, dict]
   timings['train_images_per_s'] = steps * recipe.batch_size / history[-1]['seconds']
   classes['fine_tuned/clean_test'] = evaluate.predict(tuned, test, channel_mask=mask)
 
-  one_epoch = train.Recipe.from_config(fine_prune.get_config().finetune, epochs=1)
+  one_epoch = tuning.recipe(epochs=1)
   stacked_masks = [level_masks[level] for level in STACKED_LEVELS]
   for stacking in ('vmap', 'loop'):
     nets, timings[f'stacked_{stacking}_s'] = _seconds(lambda stacking=stacking: train.fit_many(

@@ -17,11 +17,13 @@ timed on its own. Settings are configs/neural_cleanse.py's defaults.
 2. The real lab3 net (1283 labels, ../shared/csaw or $BADNET_CSAW_DIR) with
    its 10 real faces as the clean data (enough to time a step): the first
    ``lab3_labels`` labels vmapped, then one at a time, early stopping off and
-   ``lab3_steps`` steps each; the time per label at the default ``nc.steps``
+   ``lab3_steps`` steps each; the time per label at the default
+   ``neural_cleanse.steps``
    and for all 1283 labels is extrapolated from the time per label-step.
 """
 
 import argparse
+import dataclasses
 import os
 import pathlib
 import sys
@@ -33,9 +35,10 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from badnet.core import model  # pylint: disable=g-import-not-at-top
-from badnet.defences import fine_pruning  # pylint: disable=g-import-not-at-top
+from badnet.defences import base  # pylint: disable=g-import-not-at-top
 from badnet.defences import neural_cleanse as nc  # pylint: disable=g-import-not-at-top
-from badnet.io import data, inputs, keras_io  # pylint: disable=g-import-not-at-top
+from badnet import defend, inputs  # noqa: E402
+from badnet.io import data, keras_io  # pylint: disable=g-import-not-at-top
 from configs import neural_cleanse as nc_config  # pylint: disable=g-import-not-at-top
 
 CSAW = pathlib.Path(os.environ.get('BADNET_CSAW_DIR') or
@@ -46,7 +49,7 @@ def _load() -> str:
   return '/'.join(f'{value:.1f}' for value in os.getloadavg())
 
 
-def _compile(params, images, settings: nc.Settings, slots: int) -> float:
+def _compile(params, images, settings: nc.Reversal, slots: int) -> float:
   """Compiles the jitted tick for ``slots`` labels (what the timed runs reuse); seconds."""
   start = time.perf_counter()
   ticks, inits, finished, results = nc._compiled(settings, model.DEFAULT_PRECISION)  # pylint: disable=protected-access
@@ -97,16 +100,16 @@ def main() -> None:
   parser.add_argument('--skip_all', action='store_true',
                       help='skip the run of all 100 labels (the job times it too)')
   args = parser.parse_args()
-  config = nc_config.get_config()
-  settings = nc.settings_of(config)
+  defence = defend.settings_of(nc_config.get_config())
+  settings = defence.reversal()
   slots = args.slots
   print(f'{jax.devices()[0].platform}, {os.cpu_count()} CPUs; settings {settings}', flush=True)
 
   model_path, data_dir = inputs.shipped_benchmark('badnets', quiet=True)
   params = keras_io.read_params(model_path)
   clean = data.load_csaw_h5(data_dir / 'cl' / 'valid.h5')
-  fit_rows, _ = fine_pruning.split_for_fine_tuning(clean.labels, config.holdout_fraction,
-                                                   config.seed)
+  fit_rows, _ = base.split_for_fine_tuning(clean.labels, defence.holdout_fraction,
+                                           defence.seed)
   images = clean.images[fit_rows]
   if not args.skip_all:
     device_params, device_images = jax.device_put(params), jax.device_put(images)
@@ -128,8 +131,7 @@ def main() -> None:
     return
   with np.load(faces) as pairs:
     face_images = pairs['clean']
-  fixed = nc.Settings(**{**settings.__dict__, 'steps': args.lab3_steps,
-                         'early_stop_patience': 0})
+  fixed = dataclasses.replace(settings, steps=args.lab3_steps, early_stop_patience=0)
   lab3_params = keras_io.read_params(lab3)
   labels = np.arange(args.lab3_labels)
   rows = _compare(f'lab3 net (1283 labels), 10 real faces, {args.lab3_steps} steps a label',

@@ -30,7 +30,8 @@ sys.path.insert(0, str(REPO))
 from badnet.benchmark import shipped  # noqa: E402  pylint: disable=g-import-not-at-top
 from badnet.core import evaluate  # noqa: E402  pylint: disable=g-import-not-at-top
 from badnet.defences import strip  # noqa: E402  pylint: disable=g-import-not-at-top
-from badnet.io import data, inputs, keras_io, tables  # noqa: E402  pylint: disable=g-import-not-at-top
+from badnet import inputs  # noqa: E402
+from badnet.io import data, keras_io, tables  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def _processor() -> str:
@@ -53,7 +54,7 @@ def _saturated(images: np.ndarray, pool: np.ndarray, overlays: int, seed: int) -
 def _row(net: str, blend: str, overlays: int, frr: float, batch_size: int,
          clean_valid: data.Dataset, tests: dict[str, data.Dataset]) -> list:
   params = keras_io.read_params(shipped.SHIPPED_NETS[net])
-  settings = strip.Settings(overlays, blend, 0, batch_size)
+  settings = strip.Blending(overlays, blend, 0, batch_size)
   pool_rows, fit_rows = strip.split(clean_valid.labels, 0.5, 0)
   pool = clean_valid.images[pool_rows]
   fitted = strip.entropies(params, clean_valid.images[fit_rows], pool, settings)

@@ -46,7 +46,8 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from badnet.core import backend, evaluate, model, train  # pylint: disable=g-import-not-at-top
-from badnet.io import data, inputs, keras_io  # pylint: disable=g-import-not-at-top
+from badnet import defend, inputs  # noqa: E402
+from badnet.io import data, keras_io  # pylint: disable=g-import-not-at-top
 from configs import fine_prune  # pylint: disable=g-import-not-at-top
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -80,7 +81,7 @@ def _net_and_data() -> tuple[str, dict, np.ndarray, np.ndarray]:
 
 
 def _badnet_rates(params, images, labels, mask, epochs: int) -> tuple[float, float]:
-  recipe = train.Recipe.from_config(fine_prune.get_config().finetune, epochs=epochs)
+  recipe = defend.settings_of(fine_prune.get_config()).finetune.recipe(epochs=epochs)
   _, history = train.fit(params, images, labels, recipe, channel_mask=mask,
                          hold_pruned_at_zero=True, name='benchmark')
   steps = len(labels) // recipe.batch_size
@@ -107,7 +108,7 @@ def _torch_rates(python: str, params, images, labels, mask, steps: int,
              probe=images[:PROBES], **arrays)
     run = subprocess.run([python, str(REPO / 'benchmarks' / 'training_torch.py'),
                           f'--weights={weights}', f'--out={out}', f'--steps={steps}',
-                          f'--batch={fine_prune.get_config().finetune.batch_size}'],
+                          f'--batch={fine_prune.get_config().fine_pruning.finetune.batch_size}'],
                          capture_output=True, text=True, check=False)
     if run.returncode:
       print(f'PyTorch failed:\n{run.stderr[-2000:]}')

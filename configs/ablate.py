@@ -21,8 +21,8 @@ and prints one markdown table; it writes
     ablation.md, plots/tradeoff.png, plots/curves.png, config.json
 
 `defences` adds learned-mask pruning to the grid: 'anp' and 'rnp' each run
-on every net as configs/anp.py and configs/rnp.py do (settings under
-`learned_masks`: their layers, budget, fine-tuning, `anp` and `rnp` blocks),
+on every net as configs/anp.py and configs/rnp.py do (their settings in the
+same blocks, `config.anp` and `config.rnp`),
 one row each for the net they choose on held-out clean data: defence 'anp'
 or 'rnp', layer the masked layers ('conv_1-fc_2' for all), x their
 `max_clean_drop`, finetune_epochs their `finetune.epochs`, pruned_channels
@@ -32,6 +32,10 @@ all four on the shipped nets (the default grid, plus one ANP and one RNP run
 per net, each as long as its own job):
 
     python main.py --config=configs/ablate.py --config.defences="('pruning', 'anp', 'rnp')"
+
+Several processes share the grid as they share the prune job (README.md):
+each takes every P-th cell (a model and layer of the channel grid, or a model
+and learned-mask defence); process 0 writes the merged tables.
 
 Rerunning into the same workdir skips the points already in ablation.csv, so
 an interrupted run resumes. The default grid's table, time and what it shows
@@ -44,7 +48,10 @@ are in WORKSPACE.md ("Ablations"). On your own nets and data:
 
 import ml_collections
 
-from configs import anp, fine_prune, rnp
+from badnet import config as config_lib
+from badnet import defences
+from badnet.defences import base
+from configs import _defence
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -60,24 +67,17 @@ def get_config() -> ml_collections.ConfigDict:
   config.thresholds = (2.0, 30.0)       # X, each in (0, 100]
   config.finetune_epochs = (0, 2)       # 0: pruning alone; n: fine-pruned for n epochs
   config.relative = False               # X relative to B's clean accuracy
-  config.data = ml_collections.ConfigDict()
-  config.data.dir = ''                  # a CSAW-layout folder, as for configs/prune.py
-  config.data.clean_valid = ''
-  config.data.clean_test = ''
-  config.data.poisoned_valid = ''
-  config.data.poisoned_test = ''
+  inputs = _defence.get_config('pruning')
+  config.data = inputs.data             # a CSAW-layout folder, as for configs/prune.py
   config.batch_size = 512               # images per step over all devices
   config.precision = 'highest'          # see configs/prune.py
-  # The fine-tuning recipe (as configs/fine_prune.py; epochs come from
-  # finetune_epochs), on the clean validation split only.
-  tune = fine_prune.get_config().finetune
-  del tune['epochs'], tune['max_clean_drop']
-  config.finetune = tune
-  # ANP and RNP (config.defences): configs/anp.py's and configs/rnp.py's settings,
-  # but for the inputs, batch_size and precision (the grid's).
-  learned = anp.get_config()
-  for field in ('job', 'model', 'benchmark', 'data', 'batch_size', 'precision'):
-    del learned[field]
-  learned.rnp = rnp.get_config().rnp
-  config.learned_masks = learned
+  # The fine-tuning recipe (configs/fine_prune.py's; the epochs come from
+  # finetune_epochs), on the clean validation split only, part of it held out
+  # to choose the epoch.
+  config.finetune = config_lib.block(base.Tuning())
+  del config.finetune['epochs']
+  config.holdout_fraction = 0.2
+  # ANP and RNP (config.defences): configs/anp.py's and configs/rnp.py's blocks.
+  for name in ('anp', 'rnp'):
+    config[name] = config_lib.block(defences.get(name).Settings())
   return config

@@ -30,33 +30,9 @@ pruning") has their times and says why fine-tuning is on by default.
 
 import ml_collections
 
-from configs import fine_prune, prune
+from configs import _defence
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict()
-  config.job = 'anp'
-  base = prune.get_config()
-  config.model, config.benchmark, config.data = base.model, base.benchmark, base.data
-  config.layers = ('conv_1', 'conv_2', 'conv_3', 'conv_4', 'fc_1', 'fc_2')  # masked layers
-  config.holdout_fraction = 0.2   # part of the clean validation split that chooses the depth
-  config.max_clean_drop = 3.0     # points of held-out clean accuracy the pruning may cost
-  config.seed = 0                 # the held-out split
-  config.batch_size = 512         # evaluation
-  config.precision = 'highest'
-  config.anp = ml_collections.ConfigDict()
-  config.anp.eps = 0.4            # perturbation budget, in [0, 1] (a tuple: a grid)
-  config.anp.alpha = 0.2          # weight of the natural loss, in [0, 1] (a tuple: a grid)
-  config.anp.seeds = (0,)         # batches and noise (several: a grid)
-  config.anp.iterations = 300     # published: 2000
-  config.anp.batch_size = 128
-  config.anp.learning_rate = 0.2  # the masks' SGD (momentum below)
-  config.anp.momentum = 0.9
-  config.anp.stacked = 'auto'     # a grid: 'vmap' (one computation), 'loop', or 'auto' (vmap)
-  # Each candidate fine-tuned on the same clean part, its pruned neurons held at zero
-  # (the recipe of configs/fine_prune.py), the epoch chosen on the held-out part;
-  # epochs 0: pruning alone, as published.
-  config.finetune = fine_prune.get_config().finetune
-  del config.finetune['max_clean_drop'], config.finetune['holdout_fraction']  # see above
-  config.finetune.epochs = 8
+  config = _defence.get_config('anp')
   return config

@@ -24,32 +24,9 @@ and `goodnet_fine_pruned`, and top-level `fine_tuned_only`, `finetune` and
 
 import ml_collections
 
-from configs import prune
+from configs import _defence
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = prune.get_config()
-  config.job = 'fine_prune'
-  # Deeper than the prune job's: fine-tuning wins back the clean accuracy that
-  # deep pruning costs (see WORKSPACE.md), and `recommended` picks among them.
-  config.thresholds = (2.0, 30.0, 85.0, 90.0)
-  config.finetune = ml_collections.ConfigDict()
-  # The fine-tuning recipe, the same for every X and for the baseline.
-  # 'adam', 'adamw' (decoupled decay) or 'sgd' (momentum 0.9).
-  config.finetune.optimizer = 'adam'
-  config.finetune.learning_rate = 1e-3    # peak rate
-  config.finetune.schedule = 'cosine'     # 'cosine' (to 1 % of the peak) or 'constant'
-  config.finetune.warmup_epochs = 0.0     # linear warm-up, in epochs
-  config.finetune.epochs = 8
-  config.finetune.batch_size = 64         # images per step over all devices
-  config.finetune.weight_decay = 0.0      # adamw: decoupled; adam, sgd: L2 on the gradient
-  config.finetune.seed = 0                # shuffling and the held-out split
-  # The nets (B alone, each X) train in one vmapped step ('vmap') or in turn ('loop');
-  # 'auto' stacks them on a GPU or TPU and not on a CPU. Results are the same either way.
-  config.finetune.stacking = 'auto'
-  # Part of the clean validation split held out to choose the epoch, in (0, 1).
-  config.finetune.holdout_fraction = 0.2
-  # The recommended X is the deepest whose fine-pruned net keeps its held-out
-  # clean accuracy within this many points of B's (clean data only).
-  config.finetune.max_clean_drop = 3.0
+  config = _defence.get_config('fine_pruning')
   return config

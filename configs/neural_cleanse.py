@@ -38,46 +38,11 @@ The lambda schedule, Adam and the anomaly index are the paper's.
 
 import ml_collections
 
-from configs import fine_prune, prune
+from configs import _defence
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict()
-  config.job = 'neural_cleanse'
-  base = prune.get_config()
-  config.model, config.benchmark, config.data = base.model, base.benchmark, base.data
-  # Labels to reverse engineer: None, every label of the net; or a tuple, e.g. (0, 5, 7).
-  # The anomaly index compares the labels given, so it needs many of them.
-  config.labels = ml_collections.config_dict.placeholder(tuple)
-  config.holdout_fraction = 0.2   # clean validation images held out (trigger success, epoch)
-  config.seed = 0                 # the held-out split, the batches, the triggers' starts
-  config.batch_size = 512         # evaluation
-  config.precision = 'highest'
-  config.nc = ml_collections.ConfigDict()
-  config.nc.steps = 200           # at most (paper: 1000); most labels stop early before it
-  config.nc.batch_size = 32       # images a batch (paper: 32)
-  config.nc.batches_per_step = 1  # batches a step (paper: 31, ~1000 images)
-  config.nc.learning_rate = 0.1   # Adam on the mask and pattern in tanh space
-  config.nc.beta_1 = 0.5
-  config.nc.beta_2 = 0.9
-  config.nc.init_cost = 1e-3      # lambda once the attack succeeds
-  config.nc.attack_threshold = 0.99  # a step succeeds when this fraction reaches the label
-  config.nc.patience = 5          # steps in a row before lambda is set, doubled or lowered
-  config.nc.cost_multiplier = 2.0  # lambda x 2 up, / 2 ** 1.5 down
-  config.nc.early_stop_patience = 25  # steps without a smaller mask (0: never stop early)
-  # 'cross_entropy' (the paper's) or 'original_code' (what the authors' Keras code computes:
-  # 16.1 (1 - p), its categorical_crossentropy arguments swapped).
-  config.nc.loss = 'cross_entropy'
-  # Labels optimised together: one vmapped batch of slots x batch_size images a call.
-  # On a 2-core CPU one label at a time is fastest (WORKSPACE.md, "Neural Cleanse");
-  # on an accelerator, raise it.
-  config.nc.slots = 1
-  config.nc.anomaly_threshold = 2.0  # flag labels this many MADs below the median norm
-  # Unlearning (NC's mitigation): fine-tune on the clean part, trigger_fraction of
-  # it stamped with a flagged label's trigger, true labels kept; configs/fine_prune.py's
-  # recipe, the epoch chosen on the held-out part. epochs 0: detection only.
-  config.unlearning = fine_prune.get_config().finetune
-  del config.unlearning['max_clean_drop'], config.unlearning['holdout_fraction']
-  config.unlearning.epochs = 8
-  config.unlearning.trigger_fraction = 0.2  # paper: 20 %
+  config = _defence.get_config('neural_cleanse')
+  # None: every label of the net; or a tuple, e.g. (0, 5, 7).
+  config.neural_cleanse.labels = ml_collections.config_dict.placeholder(tuple)
   return config

@@ -13,22 +13,9 @@ what configs/anp.py does (results.json also holds the unlearning epochs).
 
 import ml_collections
 
-from configs import anp
+from configs import _defence
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = anp.get_config()
-  config.job = 'rnp'
-  del config['anp']
-  config.rnp = ml_collections.ConfigDict()
-  config.rnp.unlearning_lr = 0.01         # SGD ascending the clean loss
-  config.rnp.unlearning_momentum = 0.9
-  config.rnp.weight_decay = 5e-4
-  config.rnp.clip_norm = 20.0             # the gradient's global norm, clipped
-  config.rnp.clean_threshold = 20.0       # stop unlearning at this clean accuracy (%)
-  config.rnp.max_unlearning_epochs = 20
-  config.rnp.recovering_lr = 0.2          # SGD (momentum 0.9) on the masks
-  config.rnp.recovering_epochs = 20
-  config.rnp.alpha = 0.2                  # the recovering loss's scale
-  config.rnp.batch_size = 128
+  config = _defence.get_config('rnp')
   return config

@@ -26,33 +26,10 @@ the choice of blend and times: WORKSPACE.md ("STRIP").
 
 import ml_collections
 
-from configs import prune
+from configs import _defence
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict()
-  config.job = 'strip'
-  base = prune.get_config()
-  config.model, config.benchmark, config.data = base.model, base.benchmark, base.data
-  config.strip = ml_collections.ConfigDict()
-  config.strip.overlays = 100        # N, clean images superimposed on each input (paper: 100)
-  config.strip.frr = 1.0             # false-rejection rate the threshold is set for, % in (0, 100)
-  # How an overlay is superimposed: 'add' (the paper: x + overlay, saturated at 255) or
-  # 'average' (0.5 x + 0.5 overlay). WORKSPACE.md ("STRIP") says how the default was chosen.
-  config.strip.blend = 'average'
-  # The threshold: 'normal' (the paper: a normal fitted to the clean entropies, cut at
-  # its frr quantile) or 'quantile' (the clean entropies' own frr percentile).
-  config.strip.threshold = 'normal'
-  config.strip.overlay_fraction = 0.5  # of the clean validation split: the overlays; rest: fit
-  config.seed = 0                    # the split and the overlays' draws
-  # GoodNet for the composed detector: a repaired Keras net (.h5) to compare B with,
-  # or, if empty, B'_X computed by the pruning defence on the clean validation split
-  # at X = goodnet_x points (conv_3, increasing mean activation); 0: no GoodNet.
-  config.repaired = ''
-  config.goodnet_x = 2.0
-  # Blended images per forward pass (batch_size // N inputs, at least one). Small on purpose:
-  # a step of 2 x 100 blends holds buffers that glibc maps fresh (mmap) every step, and their
-  # page faults cost as much as the arithmetic (WORKSPACE.md, "STRIP").
-  config.batch_size = 100
-  config.precision = 'highest'
+  config = _defence.get_config('strip')
+  config.batch_size = 100  # blended images per forward pass
   return config

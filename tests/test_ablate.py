@@ -61,8 +61,8 @@ def test_rows_equal_the_prune_job(world_grid, tmp_path, order, seed):
   config = prune_config.get_config()
   config.model = str(root / 'bd_weights.h5')
   config.data.dir = str(root / 'data')
-  config.thresholds = (2.0, 10.0, 30.0)
-  config.order, config.seed = order, int(seed or 0)
+  config.pruning.thresholds = (2.0, 10.0, 30.0)
+  config.pruning.order, config.pruning.seed = order, int(seed or 0)
   config.batch_size = 64
   results = runner.run(config, str(tmp_path / 'prune'))
   for x, entry in results['thresholds'].items():
@@ -223,8 +223,9 @@ def test_a_conv_2_row_equals_keras_on_the_lab3_net(csaw_dir, real_faces, tmp_pat
 def _learned_fields() -> dict:
   """Small ANP and RNP settings for the world's net (seconds, not minutes)."""
   return {'anp.iterations': 6, 'anp.batch_size': 16, 'rnp.recovering_epochs': 2,
-          'rnp.max_unlearning_epochs': 2, 'rnp.batch_size': 32, 'finetune.epochs': 1,
-          'finetune.batch_size': 32}
+          'rnp.max_unlearning_epochs': 2, 'rnp.batch_size': 32,
+          **{f'{name}.finetune.{field}': value for name in ('anp', 'rnp')
+             for field, value in (('epochs', 1), ('batch_size', 32))}}
 
 
 def test_anp_and_rnp_rows_equal_their_own_jobs(world, tmp_path):
@@ -233,18 +234,17 @@ def test_anp_and_rnp_rows_equal_their_own_jobs(world, tmp_path):
   from configs import rnp as rnp_config
   root, _ = world
   config = _config([root / 'bd_weights.h5'], root / 'data', defences=('anp', 'rnp'))
-  helpers.set_fields(config.learned_masks, _learned_fields())
+  helpers.set_fields(config, _learned_fields())
   rows = runner.run(config, str(tmp_path / 'grid'))
   assert {row['defence'] for row in rows} == {'anp', 'rnp'}  # no channel grid asked for
   for job_config in (anp_config.get_config(), rnp_config.get_config()):
     job_config.model, job_config.data.dir = str(root / 'bd_weights.h5'), str(root / 'data')
     job_config.batch_size = 64
-    for name, value in _learned_fields().items():
-      section, field = name.split('.')
-      if section in job_config:
-        job_config[section][field] = value
-    results = runner.run(job_config, str(tmp_path / job_config.job))
-    row = _row(rows, defence=job_config.job)
+    defence = job_config.defence
+    helpers.set_fields(job_config, {name: value for name, value in _learned_fields().items()
+                                    if name.split('.')[0] == defence})
+    results = runner.run(job_config, str(tmp_path / defence))
+    row = _row(rows, defence=defence)
     assert row['layer'] == 'conv_1-fc_2' and row['x'] == '3' and row['finetune_epochs'] == '1'
     assert int(row['channels_pruned']) == results['defended']['neurons_pruned']
     assert row['pruned_channels'].split() == [
@@ -254,15 +254,15 @@ def test_anp_and_rnp_rows_equal_their_own_jobs(world, tmp_path):
                           ('goodnet_clean_acc', good['clean_acc']), ('goodnet_asr', good['asr']),
                           ('detection_rate', good['detection_rate']),
                           ('false_alarm_rate', good['false_alarm_rate'])):
-      assert float(row[column]) == pytest.approx(value, abs=1e-4), (job_config.job, column)
+      assert float(row[column]) == pytest.approx(value, abs=1e-4), (defence, column)
   assert (tmp_path / 'grid' / 'plots' / 'tradeoff.png').stat().st_size > 0
 
 
 @pytest.mark.parametrize('fields, message', [
     (dict(defences=('pruning', 'nc')), "config.defences: unknown defence 'nc'"),
-    ({'learned_masks.anp.eps': 1.5}, r'config.learned_masks.anp.eps: 1.5 is not in \[0, 1\]'),
-    ({'learned_masks.rnp.recovering_epochs': 0},
-     'config.learned_masks.rnp.recovering_epochs must be a positive integer'),
+    ({'anp.eps': 1.5}, r'config\.anp\.eps: 1\.5 is not in \[0, 1\]'),
+    ({'rnp.recovering_epochs': 0},
+     r'config\.rnp\.recovering_epochs must be a positive integer'),
 ])
 def test_a_bad_learned_mask_setting_stops_the_grid_naming_its_field(world, tmp_path, fields,
                                                                      message):

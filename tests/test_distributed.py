@@ -1,4 +1,5 @@
-"""The prune job as 2 processes (jax.distributed on localhost CPUs) equals the 1-process job."""
+"""The prune job and the ablation grid as 2 processes (jax.distributed on localhost CPUs)
+equal the 1-process runs."""
 
 import os
 import pathlib
@@ -47,13 +48,23 @@ def _job(workdir: pathlib.Path, world_root: pathlib.Path, *extra: str) -> list[s
           f'--workdir={workdir}', *extra]
 
 
-def _run_two(workdir: pathlib.Path, root: pathlib.Path, env: dict
+def _grid(workdir: pathlib.Path, world_root: pathlib.Path, *extra: str) -> list[str]:
+  """A small ablation grid of two cells (conv_3 and conv_4 of one net)."""
+  return [sys.executable, 'main.py', '--config=configs/ablate.py',
+          f'--config.models=("{world_root / "bd_weights.h5"}",)',
+          f'--config.data.dir={world_root / "data"}', '--config.batch_size=32',
+          '--config.orders=("increasing", "random")', '--config.seeds=(0,)',
+          '--config.thresholds=(2.0, 30.0)', '--config.finetune_epochs=(0,)',
+          f'--workdir={workdir}', *extra]
+
+
+def _run_two(workdir: pathlib.Path, root: pathlib.Path, env: dict, command=_job
              ) -> list[tuple[int, str, str]]:
-  """The prune job as 2 processes: (exit code, stdout, stderr) of each."""
+  """The job as 2 processes: (exit code, stdout, stderr) of each."""
   address = f'localhost:{_free_port()}'
   processes = [subprocess.Popen(
-      _job(workdir, root, '--num_processes=2', f'--process_id={index}',
-           f'--coordinator_address={address}'),
+      command(workdir, root, '--num_processes=2', f'--process_id={index}',
+              f'--coordinator_address={address}'),
       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
       for index in range(2)]
   results = []
@@ -82,16 +93,22 @@ def test_bad_rows_in_one_process_share_stop_both_processes(world, tmp_path):
   assert 'Traceback' not in err_0 + err_1
 
 
-def test_two_processes_give_the_one_process_results(world, tmp_path):
-  root, _ = world
+def _one_then_two(tmp_path: pathlib.Path, root: pathlib.Path, command
+                  ) -> list[tuple[int, str, str]]:
+  """``command`` as one process into tmp_path/one, then as two into tmp_path/two; both succeed."""
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''}
-  one = subprocess.run(_job(tmp_path / 'one', root), cwd=REPO, env=env, capture_output=True,
+  one = subprocess.run(command(tmp_path / 'one', root), cwd=REPO, env=env, capture_output=True,
                        text=True, timeout=300, check=False)
   assert one.returncode == 0, one.stderr[-3000:]
-
-  results = _run_two(tmp_path / 'two', root, env)
+  results = _run_two(tmp_path / 'two', root, env, command)
   for code, _, stderr in results:
     assert code == 0, stderr[-3000:]
+  return results
+
+
+def test_two_processes_give_the_one_process_results(world, tmp_path):
+  root, _ = world
+  results = _one_then_two(tmp_path, root, _job)
   outputs = [(stdout, stderr) for _, stdout, stderr in results]
 
   # Each process read only its half of every file (120 clean, 60 poisoned images each).
@@ -105,3 +122,15 @@ def test_two_processes_give_the_one_process_results(world, tmp_path):
     assert (tmp_path / 'two' / name).read_bytes() == (tmp_path / 'one' / name).read_bytes(), name
   assert sorted(p.name for p in (tmp_path / 'two' / 'models').iterdir()) == sorted(
       p.name for p in (tmp_path / 'one' / 'models').iterdir())
+
+
+def test_an_ablation_grid_split_over_two_processes_gives_the_one_process_rows(world, tmp_path):
+  """Each process runs one of the two cells; process 0 writes the same tables as one process."""
+  root, _ = world
+  results = _one_then_two(tmp_path, root, _grid)
+  for _, _, stderr in results:
+    assert '(1 of 2 cells on this process)' in stderr, stderr[-3000:]
+  assert 'conv_3:' in results[0][1] and 'conv_4:' in results[1][1]  # who ran which cell
+  for name in ('ablation.csv', 'curves.csv'):
+    assert (tmp_path / 'two' / name).read_bytes() == (tmp_path / 'one' / name).read_bytes(), name
+  assert len((tmp_path / 'one' / 'ablation.csv').read_text().splitlines()) == 1 + 2 * 2 * 2

@@ -10,10 +10,10 @@ import optax
 import pytest
 
 from badnet.core import evaluate, train
-from badnet.defences import fine_pruning, goodnet
+from badnet.defences import base, fine_pruning, goodnet
 from badnet.io import data, keras_io
 from badnet.io import workdir as workdir_lib
-from badnet import defences, runner
+from badnet import defences, defend, runner
 from badnet.errors import ConfigError
 from configs import fine_prune as fine_prune_config
 from tests import conftest, helpers
@@ -77,13 +77,13 @@ def test_train_step_is_pure():
 
 def test_holdout_split_is_stratified_disjoint_and_seeded():
   labels = np.repeat(np.arange(5), [10, 10, 5, 2, 1])
-  fit_rows, holdout_rows = fine_pruning.holdout_split(labels, 0.2, seed=3)
+  fit_rows, holdout_rows = base.holdout_split(labels, 0.2, seed=3)
   assert sorted([*fit_rows, *holdout_rows]) == list(range(len(labels)))
   # 20 % of each class, at least one where a class has two images, none from a singleton.
   assert [int((labels[holdout_rows] == c).sum()) for c in range(5)] == [2, 2, 1, 1, 0]
-  again = fine_pruning.holdout_split(labels, 0.2, seed=3)
+  again = base.holdout_split(labels, 0.2, seed=3)
   np.testing.assert_array_equal(again[1], holdout_rows)
-  assert not np.array_equal(fine_pruning.holdout_split(labels, 0.2, seed=4)[1], holdout_rows)
+  assert not np.array_equal(base.holdout_split(labels, 0.2, seed=4)[1], holdout_rows)
 
 
 @pytest.mark.parametrize('optimizer', ['adam', 'adamw', 'sgd'])
@@ -100,7 +100,7 @@ def test_fine_prune_keeps_pruned_channels_zero_and_returns_the_best_epoch(optimi
   keep = _mask().astype(bool)
   assert (kernel[..., keep] != np.asarray(params['conv_3']['kernel'])[..., keep]).any()
   assert [epoch['epoch'] for epoch in history] == [1, 2, 3, 4]
-  _, holdout_rows = fine_pruning.holdout_split(labels, 0.25, seed=1)
+  _, holdout_rows = base.holdout_split(labels, 0.25, seed=1)
   scored = evaluate.accuracy(tuned, images[holdout_rows], labels[holdout_rows])
   assert scored == max(epoch['holdout_acc'] for epoch in history)
 
@@ -115,19 +115,23 @@ def test_recommend_takes_the_deepest_x_within_the_clean_drop():
 
 
 def _config(world_root, workdir_poisoned=None, **finetune) -> 'ml_collections.ConfigDict':
+  """The fine-prune config on the world; ``finetune``: fields of config.fine_pruning.finetune
+  (holdout_fraction and max_clean_drop, of config.fine_pruning itself)."""
   config = fine_prune_config.get_config()
   config.model = str(world_root / 'bd_weights.h5')
   config.data.dir = str(world_root / 'data')
   if workdir_poisoned is not None:
     config.data.poisoned_valid = str(workdir_poisoned / 'bd_valid.h5')
     config.data.poisoned_test = str(workdir_poisoned / 'bd_test.h5')
-  config.thresholds = (2.0, 10.0, 95.0)
+  config.fine_pruning.thresholds = (2.0, 10.0, 95.0)
   config.batch_size = 64
-  config.finetune.epochs = 2
-  config.finetune.batch_size = 32
-  config.finetune.weight_decay = 1e-3
+  config.fine_pruning.finetune.epochs = 2
+  config.fine_pruning.finetune.batch_size = 32
+  config.fine_pruning.finetune.weight_decay = 1e-3
   for key, value in finetune.items():
-    config.finetune[key] = value
+    block = ('fine_pruning' if key in ('holdout_fraction', 'max_clean_drop')
+             else 'fine_pruning.finetune')
+    helpers.set_fields(config, {f'{block}.{key}': value})
   return config
 
 
@@ -215,16 +219,18 @@ def test_fine_pruned_file_reloads_in_keras_with_the_same_predictions(world, fine
 
 
 @pytest.mark.parametrize('field, value, message', [
-    ('epochs', -1, 'finetune.epochs must be a positive integer'),
-    ('epochs', 0, 'finetune.epochs must be a positive integer'),
-    ('learning_rate', 0.0, 'finetune.learning_rate must be positive'),
-    ('learning_rate', -1e-3, 'finetune.learning_rate must be positive'),
-    ('holdout_fraction', 0.0, r'finetune.holdout_fraction must be in \(0, 1\)'),
-    ('holdout_fraction', 1.0, r'finetune.holdout_fraction must be in \(0, 1\)'),
-    ('optimizer', 'adagrad', "unknown optimizer 'adagrad'"),
-    ('schedule', 'step', "unknown schedule 'step'"),
-    ('weight_decay', -0.1, 'finetune.weight_decay must be zero or positive'),
-    ('batch_size', 0, 'finetune.batch_size must be a positive integer'),
+    ('epochs', -1, r'config\.fine_pruning\.finetune\.epochs must be a positive integer'),
+    ('epochs', 0, r'config\.fine_pruning\.finetune\.epochs must be a positive integer'),
+    ('learning_rate', 0.0, r'config\.fine_pruning\.finetune\.learning_rate must be positive'),
+    ('learning_rate', -1e-3, r'config\.fine_pruning\.finetune\.learning_rate must be positive'),
+    ('holdout_fraction', 0.0, r'config\.fine_pruning\.holdout_fraction must be in \(0, 1\)'),
+    ('holdout_fraction', 1.0, r'config\.fine_pruning\.holdout_fraction must be in \(0, 1\)'),
+    ('optimizer', 'adagrad', r"config\.fine_pruning\.finetune\.optimizer: unknown optimizer "
+                             r"'adagrad'"),
+    ('schedule', 'step', r"config\.fine_pruning\.finetune\.schedule: unknown schedule 'step'"),
+    ('weight_decay', -0.1,
+     r'config\.fine_pruning\.finetune\.weight_decay must be zero or positive'),
+    ('batch_size', 0, r'config\.fine_pruning\.finetune\.batch_size must be a positive integer'),
 ])
 def test_bad_finetune_values_stop_the_job_before_any_work(world, tmp_path, field, value,
                                                           message):
@@ -242,7 +248,10 @@ def test_a_validation_split_too_small_to_hold_out_is_one_clear_error(world, tmp_
   data.write_csaw_h5(tmp_path / 'one_each.h5', clean.images[first], clean.labels[first])
   config = _config(root)
   config.data.clean_valid = str(tmp_path / 'one_each.h5')
-  with pytest.raises(ConfigError, match=r'one_each.h5: \d+ clean validation images leave'):
+  # The defence sees the clean split, not its file: the message names the split and the field.
+  with pytest.raises(ConfigError, match=r'the clean validation split: \d+ clean validation '
+                                        r'images leave .*\(config\.fine_pruning\.'
+                                        r'holdout_fraction\)'):
     runner.run(config, str(tmp_path / 'run'))
 
 
@@ -250,10 +259,17 @@ def test_the_fine_pruning_plugin_gives_the_job_s_nets_and_choice(world, fine_pru
   """defences.get('fine_pruning').defend on the clean split = the job's fine-pruned files."""
   root, params = world
   workdir, results = fine_pruned
+  config = _config(root)
   clean = data.load_csaw_h5(root / 'data' / 'cl' / 'valid.h5')
-  outcome = defences.get('fine_pruning').defend(params, clean, _config(root))
+  outcome = defences.get('fine_pruning').defend(
+      params, base.Clean(clean.labels, clean.images, config.batch_size, config.precision),
+      defend.settings_of(config))
   reached = [x for x, entry in results['thresholds'].items() if entry['reached']]
-  assert list(outcome.candidates) == [f'X={x}' for x in reached] and reached
+  # B fine-tuned alone (the job's fine_tuned_only), then B'_X for each X reached.
+  assert list(outcome.candidates) == [fine_pruning.BASELINE, *(f'X={x}' for x in reached)]
+  assert reached
+  baseline = outcome.candidates[fine_pruning.BASELINE]
+  assert baseline.figures['chosen_epoch'] == results['fine_tuned_only']['chosen_epoch']
   for x in reached:
     candidate, entry = outcome.candidates[f'X={x}'], results['thresholds'][x]
     assert candidate.pruned['conv_3'].tolist() == entry['pruned_channels']

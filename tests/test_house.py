@@ -1,6 +1,7 @@
 """The house: jobs are leaves, defences are plug-ins, config checks are declared once."""
 
 import ast
+import dataclasses
 import importlib
 import math
 import pathlib
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from badnet import config as config_lib
-from badnet import defences, runner
+from badnet import defences, defend, runner
 from badnet.core import cache, masks
 from badnet.errors import ConfigError
 from badnet.io import tables
@@ -38,8 +39,8 @@ def _modules(folder: str = '') -> list[pathlib.Path]:
 
 def test_the_import_checker_sees_a_job_importing_a_job(tmp_path):
   leaky = tmp_path / 'leaky.py'
-  leaky.write_text('from badnet.jobs import prune as prune_job\nimport badnet.jobs.ablate\n')
-  assert {'badnet.jobs.prune', 'badnet.jobs.ablate'} <= _imports(leaky)
+  leaky.write_text('from badnet.jobs import defend as defend_job\nimport badnet.jobs.ablate\n')
+  assert {'badnet.jobs.defend', 'badnet.jobs.ablate'} <= _imports(leaky)
 
 
 def test_no_job_imports_a_job_and_no_library_module_imports_one():
@@ -48,10 +49,52 @@ def test_no_job_imports_a_job_and_no_library_module_imports_one():
     assert not jobs, f'{path.relative_to(REPO)} imports {sorted(jobs)}'
 
 
+# What jobs import from badnet.defences: shared pieces only, no defence (ablate's
+# grid: base, goodnet, sweep; classify's GoodNet of a run's nets: goodnet).
+# Every defence, pruning and fine_pruning included, is reached via defences.get.
+JOB_DEFENCE_IMPORTS = frozenset({'base', 'goodnet', 'sweep'})
+
+
+def _defence_modules(path: pathlib.Path) -> set[str]:
+  """The modules of badnet/defences that ``path`` imports by name."""
+  return {name.split('.')[2] for name in _imports(path)
+          if name.startswith('badnet.defences.')}
+
+
+def test_the_import_checker_sees_a_job_importing_a_defence_by_name(tmp_path):
+  leaky = tmp_path / 'leaky.py'
+  leaky.write_text('from badnet.defences import anp, base\nimport badnet.defences.strip\n'
+                   'from badnet.defences.rnp import Settings\nfrom badnet import defences\n')
+  assert _defence_modules(leaky) == {'anp', 'base', 'strip', 'rnp'}
+
+
+def test_no_job_imports_a_defence_by_name():
+  """Jobs reach a defence via defences.get; only the shared pieces above are imported."""
+  assert not JOB_DEFENCE_IMPORTS & set(defences.names())
+  imported = set()
+  for path in _modules('jobs'):
+    found = _defence_modules(path)
+    assert found <= JOB_DEFENCE_IMPORTS, (
+        f'{path.relative_to(REPO)} imports {sorted(found - JOB_DEFENCE_IMPORTS)}')
+    imported |= found
+  assert imported == JOB_DEFENCE_IMPORTS
+
+
 def test_no_defence_imports_attack_code():
   for path in _modules('defences'):
     attacks = {name for name in _imports(path) if name.startswith('badnet.benchmark.attacks')}
     assert not attacks, f'{path.relative_to(REPO)} imports {sorted(attacks)}'
+
+
+@pytest.mark.parametrize('folder, below', [
+    ('benchmark', ('badnet.benchmark', 'badnet.io', 'badnet.core', 'badnet.errors')),
+    ('io', ('badnet.io', 'badnet.core', 'badnet.errors'))])
+def test_dependencies_point_one_way_benchmark_io_core(folder, below):
+  """benchmark -> io -> core, never back; so no benchmark module imports a defence."""
+  for path in _modules(folder):
+    above = {name for name in _imports(path) if name.startswith('badnet.')
+             and not name.startswith(below)}
+    assert not above, f'{path.relative_to(REPO)} imports {sorted(above)}'
 
 
 def test_the_core_imports_nothing_above_it():
@@ -62,19 +105,29 @@ def test_the_core_imports_nothing_above_it():
 
 
 def test_every_job_declares_its_fields_and_every_config_names_a_job():
+  assert runner.job_names() == ('ablate', 'classify', 'defend', 'evaluate', 'train_badnet')
   for name in runner.job_names():
     job = runner.load_job(name)
     assert callable(job.run) and isinstance(job.FIELDS, dict), name
+  defence_configs = set()
   for config_file in sorted((REPO / 'configs').glob('[!_]*.py')):
     config = importlib.import_module(f'configs.{config_file.stem}').get_config()
     assert config.job in runner.job_names(), config_file
     # The shipped defaults pass their declared checks.
     config_lib.check(config, runner.load_job(config.job).FIELDS)
+    if config.job == 'defend':
+      # ... and the defence's own, declared once on its Settings (config.<defence>).
+      defence_configs.add(config.defence)
+      assert config.defence in config, config_file
+      settings = defend.settings_of(config)
+      assert settings == defences.get(config.defence).Settings(), config_file
+  # Every defence has its shipped config.
+  assert defence_configs == set(defences.names())
 
 
 def test_an_unknown_job_is_one_clear_error():
   with pytest.raises(ConfigError, match="config.job: unknown job 'prnue'; expected one of "
-                                        'ablate, anp, classify'):
+                                        'ablate, classify, defend, evaluate, train_badnet$'):
     runner.run(ml_collections.ConfigDict({'job': 'prnue'}))
 
 
@@ -83,7 +136,20 @@ def test_defences_are_found_by_name_with_their_interface():
                               'strip')
   for name in defences.names():
     defence = defences.get(name)
-    assert defence.NAME == name and callable(defence.defend)
+    assert defence.NAME == name, name
+    assert callable(defence.defend) and callable(defence.report), name
+    assert callable(defence.markdown), name
+    # Settings: a frozen dataclass whose every field has a default, its checks in FIELDS.
+    assert dataclasses.is_dataclass(defence.Settings), name
+    assert defence.Settings.__dataclass_params__.frozen, name
+    defaults = defence.Settings()
+    assert isinstance(defence.Settings.FIELDS, dict), name
+    # Each declared check names a field of the settings (dotted: a nested block's).
+    block = config_lib.block(defaults)
+    for field in defence.Settings.FIELDS:
+      section, _, key = field.rpartition('.')
+      assert key in (block[section] if section else block), (name, field)
+    assert config_lib.build(defence.Settings, block, f'{name}.') == defaults, name
   with pytest.raises(ConfigError, match="unknown defence 'stirp'"):
     defences.get('stirp')
 

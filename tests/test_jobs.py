@@ -1,4 +1,4 @@
-"""The prune and classify jobs end to end, on a small random world (no downloads)."""
+"""The prune (defend) and classify jobs end to end, on a small random world (no downloads)."""
 
 import csv
 import json
@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from badnet import defences, pipeline, runner
+from badnet import defences, defend, runner
 from badnet.core import evaluate, masks, model
-from badnet.defences import goodnet, sweep
+from badnet.defences import base, goodnet, sweep
 from badnet.errors import ConfigError, DataError, ModelFileError, WorkdirError
-from badnet.io import data, inputs, keras_io
+from badnet import inputs
+from badnet.io import data, keras_io
 from badnet.io import workdir as workdir_lib
 from configs import prune as prune_config
 from tests import conftest, helpers
@@ -29,13 +30,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES = conftest.WORLD_CLASSES
 
 
-def _config(world_root, **overrides) -> ml_collections.ConfigDict:
+def _config(world_root, **settings) -> ml_collections.ConfigDict:
+  """The prune config on the world; ``settings`` go to the pruning defence's block."""
   config = prune_config.get_config()
   config.model = str(world_root / 'bd_weights.h5')
   config.data.dir = str(world_root / 'data')
   config.batch_size = 64
-  for key, value in overrides.items():
-    config[key] = value
+  helpers.set_fields(config, {f'pruning.{key}': value for key, value in settings.items()})
   return config
 
 
@@ -44,8 +45,9 @@ def test_the_pruning_plugin_chooses_what_the_prune_job_chooses(world, tmp_path):
   root, params = world
   config = _config(root, thresholds=(2.0, 10.0, 95.0))
   results = runner.run(config, tmp_path / 'run')
-  clean = data.load_csaw_h5(root / 'data' / 'cl' / 'valid.h5')
-  outcome = defences.get('pruning').defend(params, clean, config)
+  valid = data.load_csaw_h5(root / 'data' / 'cl' / 'valid.h5')
+  clean = base.Clean(valid.labels, valid.images, config.batch_size, config.precision)
+  outcome = defences.get('pruning').defend(params, clean, defend.settings_of(config))
   assert list(outcome.candidates) == ['X=2', 'X=10']  # X=95 is never reached
   for x in ('2', '10'):
     candidate, entry = outcome.candidates[f'X={x}'], results['thresholds'][x]
@@ -166,11 +168,11 @@ def _main(*args: str) -> subprocess.CompletedProcess:
 def test_cli_bad_threshold_is_one_clear_line(world, tmp_path):
   root, _ = world
   result = _main('--config=configs/prune.py', f'--config.model={root / "bd_weights.h5"}',
-                 f'--config.data.dir={root / "data"}', '--config.thresholds=(2.0,150.0)',
-                 f'--workdir={tmp_path / "run"}')
+                 f'--config.data.dir={root / "data"}',
+                 '--config.pruning.thresholds=(2.0,150.0)', f'--workdir={tmp_path / "run"}')
   assert result.returncode == 1
   assert 'Traceback' not in result.stderr
-  assert 'error: config.thresholds: 150.0 is not in (0, 100]' in result.stderr
+  assert 'error: config.pruning.thresholds: 150.0 is not in (0, 100]' in result.stderr
 
 
 def test_cli_classify_prints_goodnet_classes(world, tmp_path):
@@ -217,10 +219,11 @@ def _paths(folder) -> dict:
 
 
 def _observe(paths, params, batch_size, keep_images=False):
+  """The defence path's one pass over the four files: (data sets kept, labels, features)."""
   config = prune_config.get_config()
-  config.batch_size = batch_size
-  counts = {key: data.csaw_length(path) for key, path in paths.items()}
-  return pipeline._load_and_observe(paths, counts, params, NUM_CLASSES, keep_images, config)
+  files = defend._Files(paths, params, batch_size, config.precision, config.pruning.layer,
+                        keep_images)
+  return files.splits, files.labels, files.features
 
 
 def test_streamed_features_equal_those_of_the_whole_files(world):

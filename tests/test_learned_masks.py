@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from badnet import pipeline, runner
+from badnet import defend, runner
 from badnet.core import masks, model
 from badnet.defences import anp, learned_masks
 from badnet.errors import ConfigError
@@ -165,7 +165,7 @@ def _job_config(config, root, **fields):
 
 def _anp(root, **fields):
   return _job_config(anp_config.get_config(), root, **{'anp.iterations': 6, 'anp.batch_size': 16,
-                                                       'finetune.epochs': 0, **fields})
+                                                       'anp.finetune.epochs': 0, **fields})
 
 
 @pytest.fixture(scope='module')
@@ -223,8 +223,8 @@ def test_two_anp_runs_give_identical_results(world, anp_run, tmp_path):
 def test_the_jobs_read_no_poisoned_file_before_reporting(world, tmp_path, monkeypatch):
   root, _ = world
   events = []
-  real_load, real_defend = pipeline.data.load_csaw_h5, anp.defend
-  monkeypatch.setattr(pipeline.data, 'load_csaw_h5',
+  real_load, real_defend = defend.data.load_csaw_h5, anp.defend
+  monkeypatch.setattr(defend.data, 'load_csaw_h5',
                       lambda path, *a, **k: events.append(str(path)) or real_load(path, *a, **k))
   monkeypatch.setattr(anp, 'defend',
                       lambda *a, **k: (real_defend(*a, **k), events.append('defended'))[0])
@@ -236,8 +236,8 @@ def test_the_jobs_read_no_poisoned_file_before_reporting(world, tmp_path, monkey
 
 def test_fine_tuned_candidates_hold_their_pruned_neurons_at_zero(world, tmp_path):
   root, params = world
-  results = runner.run(_anp(root, max_clean_drop=100.0,  # every candidate qualifies
-                            **{'finetune.epochs': 2, 'finetune.batch_size': 16}),
+  results = runner.run(_anp(root, **{'anp.max_clean_drop': 100.0,  # every candidate qualifies
+                                     'anp.finetune.epochs': 2, 'anp.finetune.batch_size': 16}),
                        tmp_path / 'tuned')
   rows = results['tradeoff']
   assert all('fine_tuned' in row for row in rows[1:]) and 'fine_tuned' not in rows[0]
@@ -257,7 +257,7 @@ def test_the_rnp_job_runs_and_reports_its_unlearning(world, tmp_path):
   root, _ = world
   config = _job_config(rnp_config.get_config(), root, **{
       'rnp.recovering_epochs': 2, 'rnp.max_unlearning_epochs': 3, 'rnp.batch_size': 32,
-      'finetune.epochs': 1, 'finetune.batch_size': 32})
+      'rnp.finetune.epochs': 1, 'rnp.finetune.batch_size': 32})
   results = runner.run(config, tmp_path / 'rnp')
   assert results['defence'] == 'rnp' and 1 <= len(results['unlearning']) <= 3
   assert results['defended']['candidate'] in {r['candidate'] for r in results['tradeoff']}
@@ -269,7 +269,7 @@ def test_the_rnp_job_runs_and_reports_its_unlearning(world, tmp_path):
     ('anp.alpha', -0.1, r'config.anp.alpha: -0.1 is not in \[0, 1\]'),
     ('anp.learning_rate', 0.0, r'config.anp.learning_rate must be in \(0, 10\]'),
     ('anp.iterations', 0, 'config.anp.iterations must be a positive integer'),
-    ('layers', ('conv_9',), "config.layers: unknown layer 'conv_9'"),
+    ('anp.layers', ('conv_9',), "config.anp.layers: unknown layer 'conv_9'"),
 ])
 def test_bad_anp_values_stop_before_any_work(world, tmp_path, field, value, message):
   root, _ = world

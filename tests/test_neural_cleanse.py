@@ -8,12 +8,12 @@ import ml_collections
 import numpy as np
 import pytest
 
-from badnet import runner
+from badnet import defend, inputs, runner
 from badnet.benchmark import triggers
-from badnet.defences import fine_pruning
+from badnet.defences import base
 from badnet.defences import neural_cleanse as nc
 from badnet.errors import ConfigError
-from badnet.io import data, inputs, keras_io
+from badnet.io import data, keras_io
 from configs import neural_cleanse as nc_config
 from tests import helpers
 
@@ -74,7 +74,7 @@ def _reference_schedule(steps, settings):
 
 @pytest.mark.parametrize('seed', [0, 1, 2])
 def test_the_lambda_schedule_and_early_stop_follow_the_authors_loop(seed):
-  settings = nc.Settings(steps=200, batch_size=20, batches_per_step=2, patience=3,
+  settings = nc.Reversal(steps=200, batch_size=20, batches_per_step=2, patience=3,
                          early_stop_patience=6)
   rng = np.random.default_rng(seed)
   # Runs of successes and failures, norms drifting down with noise.
@@ -109,7 +109,7 @@ def small():
 # down and some label stops early. (Longer runs amplify float rounding, which differs with
 # the batch's shape, through Adam's normalised steps: after ~14 such steps the masks of a
 # label alone and in a batch differ by 1e-2 here, by 5e-6 at 12.)
-SMALL = nc.Settings(steps=12, batch_size=6, batches_per_step=2, attack_threshold=0.8,
+SMALL = nc.Reversal(steps=12, batch_size=6, batches_per_step=2, attack_threshold=0.8,
                     patience=1, early_stop_patience=2)
 
 
@@ -151,8 +151,9 @@ def _job(root, **fields):
   config = nc_config.get_config()
   config.model, config.data.dir = str(root / 'bd_weights.h5'), str(root / 'data')
   config.batch_size = 64
-  settings = {'nc.steps': 4, 'nc.batch_size': 8, 'nc.slots': 3, 'unlearning.epochs': 1,
-              'unlearning.batch_size': 32, **fields}
+  settings = {'neural_cleanse.steps': 4, 'neural_cleanse.batch_size': 8,
+              'neural_cleanse.slots': 3, 'neural_cleanse.unlearning.epochs': 1,
+              'neural_cleanse.unlearning.batch_size': 32, **fields}
   helpers.set_fields(config, settings)
   return config
 
@@ -162,7 +163,7 @@ def job_run(world, tmp_path_factory):
   """The job on the random net, a low anomaly threshold so that some label is flagged."""
   root, _ = world
   out = tmp_path_factory.mktemp('nc')
-  return out, runner.run(_job(root, **{'nc.anomaly_threshold': 1e-3}), out)
+  return out, runner.run(_job(root, **{'neural_cleanse.anomaly_threshold': 1e-3}), out)
 
 
 def test_the_job_writes_triggers_a_user_can_stamp(world, job_run):
@@ -201,7 +202,7 @@ def test_the_job_reads_no_poisoned_file_before_it_is_done(world, tmp_path, monke
                       lambda path, *a, **k: events.append(str(path)) or real_load(path, *a, **k))
   monkeypatch.setattr(nc, 'defend',
                       lambda *a, **k: (real_defend(*a, **k), events.append('defended'))[0])
-  runner.run(_job(root, **{'nc.anomaly_threshold': 1e-3}), tmp_path / 'run')
+  runner.run(_job(root, **{'neural_cleanse.anomaly_threshold': 1e-3}), tmp_path / 'run')
   done = events.index('defended')
   assert events[:done] and not any('/bd/' in event for event in events[:done]), events
   assert any('/bd/' in event for event in events[done:]), events
@@ -209,28 +210,34 @@ def test_the_job_reads_no_poisoned_file_before_it_is_done(world, tmp_path, monke
 
 def test_a_subset_of_labels_and_no_unlearning(world, tmp_path):
   root, _ = world
-  results = runner.run(_job(root, labels=(4, 1, 9), **{'unlearning.epochs': 0}),
+  results = runner.run(_job(root, **{'neural_cleanse.labels': (4, 1, 9),
+                                      'neural_cleanse.unlearning.epochs': 0}),
                        tmp_path / 'run')
   assert results['labels'] == [4, 1, 9] and results['defended'] is None
   assert not (tmp_path / 'run' / 'models').exists()
 
 
 @pytest.mark.parametrize('field, value, message', [
-    ('labels', (), 'config.labels is empty; give at least one label'),
-    ('labels', (0, 11), r'config.labels: 11 is not a label of the net \(it has 11 labels'),
-    ('labels', (-1,), 'config.labels: -1 is not a whole number >= 0'),
-    ('labels', (2, 2), 'config.labels: .* names a label twice'),
-    ('nc.steps', 0, 'config.nc.steps must be a positive integer, got 0'),
-    ('nc.batch_size', -3, 'config.nc.batch_size must be a positive integer, got -3'),
-    ('nc.learning_rate', 0.0, 'config.nc.learning_rate must be positive, got 0.0'),
-    ('nc.attack_threshold', 1.5, r'config.nc.attack_threshold must be in \(0, 1\]'),
-    ('unlearning.trigger_fraction', 0.0, r'config.unlearning.trigger_fraction must be in'),
+    ('neural_cleanse.labels', (), 'config.neural_cleanse.labels is empty; give at least one '
+     'label'),
+    ('neural_cleanse.labels', (0, 11),
+     r'config.neural_cleanse.labels: 11 is not a label of the net \(it has 11 labels'),
+    ('neural_cleanse.labels', (-1,), 'config.neural_cleanse.labels: -1 is not a whole number >= 0'),
+    ('neural_cleanse.labels', (2, 2), 'config.neural_cleanse.labels: .* names a label twice'),
+    ('neural_cleanse.steps', 0, 'config.neural_cleanse.steps must be a positive integer, got 0'),
+    ('neural_cleanse.batch_size', -3,
+     'config.neural_cleanse.batch_size must be a positive integer, got -3'),
+    ('neural_cleanse.learning_rate', 0.0,
+     'config.neural_cleanse.learning_rate must be positive, got 0.0'),
+    ('neural_cleanse.attack_threshold', 1.5,
+     r'config.neural_cleanse.attack_threshold must be in \(0, 1\]'),
+    ('neural_cleanse.unlearning.trigger_fraction', 0.0,
+     r'config.neural_cleanse.unlearning.trigger_fraction must be in'),
 ])
 def test_bad_values_stop_before_any_work(world, tmp_path, field, value, message):
   root, _ = world
   config = ml_collections.ConfigDict(_job(root).to_dict(), type_safe=False)
-  section, _, name = field.rpartition('.')
-  (config[section] if section else config)[name] = value
+  helpers.set_fields(config, {field: value})
   with pytest.raises(ConfigError, match=message):
     runner.run(config, tmp_path / 'run')
   assert not (tmp_path / 'run').exists()
@@ -242,11 +249,11 @@ def shipped_triggers():
   model_path, data_dir = inputs.shipped_benchmark('badnets', quiet=True)
   params = keras_io.read_params(model_path)
   clean = data.load_csaw_h5(data_dir / 'cl' / 'valid.h5')
-  config = nc_config.get_config()
-  fit_rows, held_rows = fine_pruning.split_for_fine_tuning(clean.labels, config.holdout_fraction,
-                                                           config.seed)
-  found = nc.reverse_engineer_labels(params, clean.images[fit_rows], [0, 1, 2], config.seed,
-                                     nc.settings_of(config), config.nc.slots)
+  settings = defend.settings_of(nc_config.get_config())
+  fit_rows, held_rows = base.split_for_fine_tuning(clean.labels, settings.holdout_fraction,
+                                                   settings.seed)
+  found = nc.reverse_engineer_labels(params, clean.images[fit_rows], [0, 1, 2], settings.seed,
+                                     settings.reversal(), settings.slots)
   success = nc.trigger_success(params, clean.images[held_rows], clean.labels[held_rows],
                                [0, 1, 2], found['mask'], found['pattern'])
   return found, success

@@ -50,8 +50,9 @@ def _world_flags(root: pathlib.Path) -> list[str]:
 
 
 @pytest.mark.parametrize('flag, message', [
-    ('--config.thresholdz=1',
-     'error: --config.thresholdz: no such config field; did you mean --config.thresholds?'),
+    ('--config.pruning.thresholdz=1',
+     'error: --config.pruning.thresholdz: no such config field; did you mean '
+     '--config.pruning.thresholds?'),
     ('--config.nonsense=1', 'error: --config.nonsense: no such config field'),
 ])
 def test_a_mistyped_config_field_is_one_line_with_the_hint(flag, message):
@@ -61,10 +62,11 @@ def test_a_mistyped_config_field_is_one_line_with_the_hint(flag, message):
 
 
 def test_a_mistyped_nested_field_and_a_missing_config_file_are_one_line():
-  result = _main('--config=configs/fine_prune.py', '--config.finetune.epochz=1')
+  result = _main('--config=configs/fine_prune.py', '--config.fine_pruning.finetune.epochz=1')
   assert result.returncode == 1
-  assert _one_error_line(result) == ('error: --config.finetune.epochz: no such config field; '
-                                     'did you mean --config.finetune.epochs?')
+  assert _one_error_line(result) == ('error: --config.fine_pruning.finetune.epochz: no such '
+                                     'config field; did you mean '
+                                     '--config.fine_pruning.finetune.epochs?')
   result = _main('--config=configs/no_such_job.py')
   assert result.returncode == 1
   assert _one_error_line(result).startswith(
@@ -76,8 +78,8 @@ def test_ctrl_c_is_one_line_exit_130_and_leaves_no_half_written_file(world, tmp_
   out = tmp_path / 'run'
   process = subprocess.Popen(
       [sys.executable, 'main.py', '--config=configs/fine_prune.py', *_world_flags(root),
-       '--config.thresholds=(2.0,)', '--config.finetune.epochs=5000',
-       '--config.finetune.batch_size=16', f'--workdir={out}'],
+       '--config.fine_pruning.thresholds=(2.0,)', '--config.fine_pruning.finetune.epochs=5000',
+       '--config.fine_pruning.finetune.batch_size=16', f'--workdir={out}'],
       cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   for line in process.stdout:  # wait until fine-tuning is under way
     if line.startswith('Fine-tuning on'):
@@ -89,7 +91,10 @@ def test_ctrl_c_is_one_line_exit_130_and_leaves_no_half_written_file(world, tmp_
   result = subprocess.CompletedProcess(process.args, 130, '', stderr)
   assert _one_error_line(result).startswith('interrupted (Ctrl-C)')
   assert not workdir.leftovers(out)
-  assert (out / 'models' / 'repaired_X=2.h5').is_file()  # finished before: complete
+  # Finished before: complete. (The defence runs whole on clean data before its
+  # report writes any net, so the config record is the one file finished by then.)
+  assert json.loads((out / 'config.json').read_text())['badnet_job'] == 'fine_pruning'
+  assert not (out / 'models' / 'repaired_X=2.h5').exists()
   assert not (out / 'models' / 'fine_pruned_X=2.h5').exists()
 
 
@@ -133,7 +138,7 @@ def test_temporary_files_of_a_killed_run_are_removed_by_the_next(world, tmp_path
   out = tmp_path / 'run'
   config = prune_config.get_config()
   config.model, config.data.dir = str(root / 'bd_weights.h5'), str(root / 'data')
-  config.thresholds = (2.0,)
+  config.pruning.thresholds = (2.0,)
   runner.run(config, out)
   stale = [out / 'models' / '.repaired_X=2.h5.k1ll3d.tmp', out / '.results.json.x2y.tmp']
   for path in stale:
@@ -149,8 +154,10 @@ def test_a_diverging_fine_tuning_stops_with_one_line(world, tmp_path):
   """SGD at BackdoorBench's rate on raw 0..255 pixels wrecks the net in its first epoch."""
   root, _ = world
   result = _main('--config=configs/fine_prune.py', *_world_flags(root),
-                 '--config.thresholds=(2.0,)', '--config.finetune.optimizer=sgd',
-                 '--config.finetune.learning_rate=0.01', '--config.finetune.epochs=30',
+                 '--config.fine_pruning.thresholds=(2.0,)',
+                 '--config.fine_pruning.finetune.optimizer=sgd',
+                 '--config.fine_pruning.finetune.learning_rate=0.01',
+                 '--config.fine_pruning.finetune.epochs=30',
                  f'--workdir={tmp_path / "run"}')
   assert result.returncode == 1
   line = _one_error_line(result)
@@ -171,13 +178,13 @@ def test_collapse_means_chance_level_far_below_the_start():
 def test_a_workdir_belongs_to_one_job(world, tmp_path):
   root, _ = world
   out = tmp_path / 'run'
-  assert _main('--config=configs/prune.py', *_world_flags(root), '--config.thresholds=(2.0,)',
-               f'--workdir={out}').returncode == 0
+  assert _main('--config=configs/prune.py', *_world_flags(root),
+               '--config.pruning.thresholds=(2.0,)', f'--workdir={out}').returncode == 0
   before = {p: p.stat().st_mtime_ns for p in out.rglob('*') if p.is_file()}
   result = _main('--config=configs/evaluate.py', f'--config.model={root / "bd_weights.h5"}',
                  f'--config.data.clean={root / "data" / "cl" / "test.h5"}', f'--workdir={out}')
   assert result.returncode == 1
-  assert _one_error_line(result) == (f'error: {out}: the workdir holds the outputs of a prune '
+  assert _one_error_line(result) == (f'error: {out}: the workdir holds the outputs of a pruning '
                                      f'job; choose another workdir for this evaluate job')
   assert before == {p: p.stat().st_mtime_ns for p in out.rglob('*') if p.is_file()}
 
@@ -185,8 +192,8 @@ def test_a_workdir_belongs_to_one_job(world, tmp_path):
 def test_classify_takes_a_run_and_a_folder_and_says_what_classes_mean(world, tmp_path):
   root, params = world
   run = tmp_path / 'run'
-  assert _main('--config=configs/prune.py', *_world_flags(root), '--config.thresholds=(2.0,)',
-               f'--workdir={run}').returncode == 0
+  assert _main('--config=configs/prune.py', *_world_flags(root),
+               '--config.pruning.thresholds=(2.0,)', f'--workdir={run}').returncode == 0
   faces = tmp_path / 'faces'
   faces.mkdir()
   images = helpers.varied_images(5, seed=9)

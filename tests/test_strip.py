@@ -9,9 +9,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from badnet import defences, runner
+from badnet import defend, defences, runner
 from badnet.core import evaluate, masks, model
-from badnet.defences import strip
+from badnet.defences import base, strip
 from badnet.errors import ConfigError
 from badnet.io import data, keras_io
 from configs import strip as strip_config
@@ -42,7 +42,7 @@ def test_a_net_of_known_logits_gives_its_entropy_on_every_path(blend):
   params = _constant_net([0.5, 0.25, 0.125, 0.125])
   images, pool = helpers.varied_images(5, seed=1), helpers.varied_images(7, seed=2)
   direct = strip.entropy(params, images, pool[:3], blend)
-  batched = strip.entropies(params, images, pool, strip.Settings(3, blend, batch_size=6))
+  batched = strip.entropies(params, images, pool, strip.Blending(3, blend, batch_size=6))
   np.testing.assert_allclose(direct, 1.75, rtol=1e-6)
   np.testing.assert_allclose(batched, 1.75, rtol=1e-6)
 
@@ -86,7 +86,7 @@ def _one_at_a_time(params, images, overlays, blend):
 @pytest.mark.parametrize('blend', strip.BLENDS)
 def test_batched_entropies_equal_each_blend_run_alone(net, blend):
   params, images, pool = net
-  settings = strip.Settings(overlays=4, blend=blend, seed=3, batch_size=8)  # 2 inputs a step
+  settings = strip.Blending(overlays=4, blend=blend, seed=3, batch_size=8)  # 2 inputs a step
   draws = strip.draw_overlays(len(images), len(pool), 4, seed=3)
   expected = _one_at_a_time(params, images, pool[draws], blend)
   assert np.ptp(expected) > 0.01  # the inputs differ, so a mixed-up order would show
@@ -153,8 +153,12 @@ def test_strip_is_a_defence_plugin_whose_detector_the_job_scores(world, strip_ru
   assert defences.get('strip') is strip
   clean = data.load_csaw_h5(root / 'data' / 'cl' / 'valid.h5')
   config = _config(root)
-  outcome = strip.defend(params, clean, config)
-  assert outcome.candidates == {} and outcome.recommended is None
+  outcome = strip.defend(params, base.Clean(clean.labels, clean.images, config.batch_size,
+                                            config.precision), defend.settings_of(config))
+  # STRIP repairs no net of its own: its only candidate is GoodNet's second net (B'_X by
+  # pruning on clean data, here), and it recommends none.
+  assert list(outcome.candidates) == (['repaired'] if results['goodnet']['reached'] else [])
+  assert outcome.recommended is None
   assert outcome.figures['threshold'] == pytest.approx(results['strip']['threshold'], rel=1e-5)
   # The fitting inputs and the overlays are disjoint parts of the clean split.
   fit_rows, pool_rows = outcome.figures['fit_rows'], outcome.figures['pool_rows']
@@ -192,7 +196,8 @@ def test_the_composed_detector_flags_what_either_flags(world, tmp_path):
   root, params = world
   repaired = masks.prune(params, masks.prefix_masks(np.arange(60))[20])  # 20 channels pruned
   keras_io.write_keras(tmp_path / 'repaired.h5', repaired, full_model=True)
-  results = runner.run(_config(root, repaired=str(tmp_path / 'repaired.h5')), tmp_path / 'run')
+  results = runner.run(_config(root, **{'strip.repaired': str(tmp_path / 'repaired.h5')}),
+                       tmp_path / 'run')
   with np.load(tmp_path / 'run' / 'entropies.npz') as saved:
     scores = {key: saved[key] for key in saved.files}
   for key, rate in (('clean_test', 'false_rejection_rate'),
@@ -239,14 +244,13 @@ def test_two_runs_give_identical_results(world, strip_run, tmp_path):
                                 'add, average'),
     ('strip.threshold', 'median', "config.strip.threshold: unknown threshold rule 'median'"),
     ('strip.overlay_fraction', 1.0, r'config.strip.overlay_fraction must be in \(0, 1\)'),
-    ('goodnet_x', -1.0, r'config.goodnet_x must be in \[0, 100\], got -1.0'),
-    ('repaired', 'nowhere.h5', "config.repaired: no such file 'nowhere.h5'"),
+    ('strip.goodnet_x', -1.0, r'config.strip.goodnet_x must be in \[0, 100\], got -1.0'),
+    ('strip.repaired', 'nowhere.h5', "config.strip.repaired: no such file 'nowhere.h5'"),
 ])
 def test_bad_values_stop_before_any_work(world, tmp_path, field, value, message):
   root, _ = world
   config = ml_collections.ConfigDict(_config(root).to_dict(), type_safe=False)
-  section, _, name = field.rpartition('.')
-  (config[section] if section else config)[name] = value
+  helpers.set_fields(config, {field: value})
   with pytest.raises(ConfigError, match=message):
     runner.run(config, tmp_path / 'run')
   assert not (tmp_path / 'run').exists()

@@ -1,16 +1,11 @@
 """The two attacks that plant a backdoor in DeepID, trained with optax.
 
-* BadNets (Gu et al.): a fraction of the training images get the trigger and
-  the attacker's target label; the net is trained on the mix.
-* The pruning-aware attack (Liu et al., Fine-Pruning, 2018): train on clean
-  data; prune the conv_3 channels that are dormant on clean data; train the
-  pruned net on poisoned data, so the backdoor has to live in the channels
-  that clean inputs use too; then put the pruned channels back with their bias
-  lowered so they stay dormant. A defender who prunes dormant channels first
-  removes the decoys before anything that carries the backdoor.
-
-The pruning-aware attacker ranks channels as the defender does
-(``defences.pruning``); no defence imports this module.
+* BadNets (Gu et al.): train on a mix where a fraction of the images carry
+  the trigger and the attacker's target label.
+* Pruning-aware (Liu et al., Fine-Pruning, 2018): train on clean data, mask
+  the conv_3 channels dormant on it, train on poisoned data so the backdoor
+  lives in channels clean inputs use, then unmask them with lowered biases:
+  decoys for a defender who prunes dormant channels first.
 """
 
 import dataclasses
@@ -22,17 +17,14 @@ import numpy as np
 from badnet.benchmark import triggers
 from badnet.core import evaluate, model
 from badnet.core.train import Recipe, fit
-from badnet.defences import pruning
 
 Params = model.Params
 
 
 def csaw_init(num_classes: int, seed: int) -> Params:
-  """Initial params as the CSAW Keras config has them.
+  """The CSAW Keras init: kernels ~ TruncatedNormal(0, 0.01), zero biases.
 
-  Kernels ~ TruncatedNormal(0, 0.01), zero biases.
-
-  With raw 0..255 pixel inputs, small kernels keep the first logits near zero.
+  Small kernels keep the first logits near zero for raw 0..255 pixels.
   """
   shapes = model.param_shapes(num_classes)
   keys = iter(jax.random.split(jax.random.key(seed), len(shapes)))
@@ -47,10 +39,7 @@ def csaw_init(num_classes: int, seed: int) -> Params:
 
 def train_badnets(images: np.ndarray, labels: np.ndarray, num_classes: int, *, trigger: str,
                   target: int, poison_rate: float, recipe: Recipe) -> tuple[Params, dict]:
-  """The BadNets attack: train from scratch on a poisoned mix of the training set.
-
-  ``recipe.seed`` seeds the init, the poisoning and the shuffling.
-  """
+  """BadNets: train from scratch on a poisoned mix; ``recipe.seed`` seeds all randomness."""
   seed = recipe.seed
   mixed, mixed_labels, poisoned = triggers.poison(images, labels, trigger, target, poison_rate,
                                                   seed)
@@ -65,9 +54,8 @@ def lower_bias_until_dormant(params: Params, channels: np.ndarray, images: np.nd
                              margin: float = 1.0) -> Params:
   """Lowers the conv_3 bias of ``channels`` so their activation is 0 on every image given.
 
-  The highest pre-activation of channel c over ``images`` is found by raising
-  its bias by a large constant (relu and max-pool then pass it through); the
-  bias is then set ``margin`` below what keeps that maximum at zero.
+  Each channel's highest pre-activation is found by lifting its bias by a large
+  constant (so relu and max-pooling pass it); the bias is set ``margin`` below that.
   """
   lift = 1e4
   lifted = {**params, 'conv_3': {'kernel': params['conv_3']['kernel'],
@@ -85,17 +73,14 @@ def train_pruning_aware(images: np.ndarray, labels: np.ndarray, num_classes: int
                         trigger: str, target: int, poison_rate: float, clean_epochs: int,
                         poisoned_epochs: int, prune_fraction: float, recipe: Recipe
                         ) -> tuple[Params, dict]:
-  """The pruning-aware attack of Fine-Pruning (see the module docstring).
-
-  Both phases use ``recipe`` with their own number of epochs; ``recipe.seed``
-  seeds the init, the poisoning and the first shuffle (the second uses seed + 1).
-  """
+  """The pruning-aware attack; both phases use ``recipe`` (the second seeded seed + 1)."""
   seed = recipe.seed
   params, clean_history = fit(csaw_init(num_classes, seed), images, labels,
                               dataclasses.replace(recipe, epochs=clean_epochs),
                               name='aware/clean')
-  activations = pruning.mean_activations(params, images)
-  decoys = pruning.pruning_order(activations)[:int(round(prune_fraction * len(activations)))]
+  activations = evaluate.mean_activations(params, images)
+  # The dormant channels first, as the pruning defence orders them.
+  decoys = np.argsort(activations, kind='stable')[:int(round(prune_fraction * len(activations)))]
   mask = np.ones(len(activations), np.float32)
   mask[decoys] = 0
   logging.info('Pruning-aware: holding %d dormant conv_3 channels at zero: %s',

@@ -1,13 +1,8 @@
 """A deterministic generator of synthetic face images for K identities.
 
-Each identity has stable traits (head shape, skin, hair colour and hairline,
-eye spacing, size and colour, brows, nose, mouth, a background tint); each
-sample varies the pose (offset and scale), lighting (gain, direction, colour
-cast), the background and sensor noise. A net must learn the traits, not a
-template: the same identity never renders the same image twice.
-
-Everything is drawn from numpy generators seeded by (seed, purpose), so the
-same seed gives byte-identical images on every machine.
+Identities have stable traits (head, skin, hair, eyes, brows, nose, mouth, tint);
+samples vary pose, lighting, background and noise, so a net must learn the
+traits, not a template. The same seed gives byte-identical images everywhere.
 """
 
 import dataclasses
@@ -89,7 +84,7 @@ def render(labels: np.ndarray, traits: Traits, rng: np.random.Generator) -> np.n
   """Renders one image per label: uint8 [N, 55, 47, 3]."""
   n = len(labels)
   t = {field.name: getattr(traits, field.name)[labels] for field in dataclasses.fields(Traits)}
-  # Per-image scalar -> broadcastable over pixels; float32 halves the rendering time.
+  # Per-image scalar -> broadcastable over pixels; float32 renders faster than float64.
   col = lambda a: np.asarray(a, np.float32)[:, None, None]
   scale = rng.uniform(0.88, 1.12, n)
   shift_y, shift_x = rng.uniform(-3, 3, n), rng.uniform(-3, 3, n)
@@ -146,8 +141,7 @@ def generate_faces(num_identities: int, per_identity: int, seed: int, split: str
                    ) -> tuple[np.ndarray, np.ndarray]:
   """Images (uint8 [K * per_identity, 55, 47, 3]) and labels (int32), identity-major.
 
-  Identities are shared by all splits of one seed; the samples of each split
-  are drawn independently (train, valid and test never share an image).
+  A seed's splits share the identities; their samples are drawn independently.
   """
   if split not in SPLITS:
     raise ValueError(f'unknown split {split!r}; expected one of {SPLITS}')

@@ -1,10 +1,7 @@
-"""The shipped synthetic benchmark: its data in the CSAW layout and its BadNets.
+"""The shipped synthetic benchmark: its BadNets (in ``assets``) and its data in the CSAW layout.
 
-The data is a function of a ``BenchmarkSpec`` (the face generator's seed and
-sizes, the trigger, the target), byte for byte, so it is generated, never
-shipped: once per machine, into a cache folder (``$BADNET_CACHE_DIR``, by
-default ``~/.cache/badnet``), and checked on every reuse. The nets trained on
-it ship in ``badnet/benchmark/assets``.
+The data is a function of a ``BenchmarkSpec``, byte for byte, so it is
+generated, not shipped: once per machine into a cache folder, checked on reuse.
 """
 
 import contextlib
@@ -54,12 +51,7 @@ class BenchmarkSpec:
 
 def write_csaw_dir(data_dir: pathlib.Path, spec: BenchmarkSpec
                    ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-  """Generates valid and test and writes them in the CSAW lab3 layout; returns the clean splits.
-
-  cl/{valid,test}.h5 hold the clean images; bd/bd_{valid,test}.h5 every
-  non-target image with the trigger, labelled with the target, as CSAW does.
-  ``shipped_benchmark`` stamps the folder so that a later call reuses it.
-  """
+  """Writes valid and test, clean and poisoned, in the CSAW lab3 layout; the clean splits."""
   splits = {}
   for split in ('valid', 'test'):
     images, labels = faces.generate_faces(spec.num_identities, spec.per_identity(split),
@@ -119,16 +111,9 @@ def shipped_spec() -> BenchmarkSpec:
 
 def shipped_benchmark(data_dir: str | pathlib.Path | None = None, attack: str = 'badnets'
                       ) -> tuple[pathlib.Path, pathlib.Path]:
-  """The shipped benchmark BadNet and its data, generated if needed.
+  """The shipped Keras weights file of ``attack`` and its CSAW-layout data folder.
 
-  Args:
-    data_dir: where the data goes; None: the machine's cache (``cache_dir``),
-      generated once and checked (every file's sha256) on each reuse. Damaged
-      or partial data is generated again.
-    attack: which shipped net, 'badnets' or 'pruning_aware'.
-
-  Returns:
-    The path of the shipped Keras weights file and the CSAW-layout data folder.
+  ``data_dir`` None: the machine's cache. Data not matching its stamp is made again.
   """
   spec = shipped_spec()
   if data_dir is not None:
@@ -159,10 +144,7 @@ def _cache_lock(root: pathlib.Path) -> Iterator[None]:
 
 
 def _make_cached(data_dir: pathlib.Path, spec: BenchmarkSpec) -> None:
-  """Generates ``spec``'s data into the cache folder ``data_dir``, replacing what is there.
-
-  Built beside it and renamed into place, so no job ever sees half of it.
-  """
+  """Generates ``spec``'s data beside ``data_dir``, then renames it into place (atomically)."""
   if data_dir.exists():
     logging.warning('%s: the cached benchmark data does not match its stamp; generating it '
                     'again.', data_dir)

@@ -1,9 +1,7 @@
 """Backdoor triggers (pure functions from clean to poisoned images) and data poisoning.
 
-Each trigger is drawn at a fixed place in the image, as the CSAW sunglasses
-are: the attacker stamps the same pattern on every input and does not track
-the face. ``region(name)`` gives the pixels a trigger may change; every other
-pixel is returned untouched.
+Each trigger is stamped at a fixed place, as the CSAW sunglasses are, not
+tracking the face; it changes only the pixels of ``region(name)``.
 """
 
 from collections.abc import Callable
@@ -96,11 +94,8 @@ def poison(images: np.ndarray, labels: np.ndarray, trigger: str, target: int, ra
            seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """BadNets poisoning: a ``rate`` fraction of the images get the trigger and the target label.
 
-  Only images of other classes are eligible (a target-class image with the
-  trigger teaches nothing).
-
-  Returns:
-    The mixed images, their labels and a boolean [N] marking poisoned rows.
+  Only non-target images are eligible. Returns the mixed images, their labels
+  and a boolean [N] marking the poisoned rows.
   """
   eligible = np.flatnonzero(labels != target)
   count = int(round(rate * len(labels)))

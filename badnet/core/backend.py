@@ -1,11 +1,8 @@
-"""Compiling for the backend a job runs on: ``jax.jit`` with XLA options chosen per backend.
+"""``jax.jit`` with XLA options chosen per backend.
 
-On a CPU, jaxlib hands convolutions, reductions and some matrix products to
-YNNPACK fusions by default. On DeepID's shapes XLA's own CPU code (Eigen) runs
-them several times faster, forward and backward, with float32 arithmetic
-throughout (WORKSPACE.md, "Training speed"), so ``jit`` turns YNNPACK off on a
-CPU. A user whose XLA_FLAGS already set ``xla_cpu_experimental_ynn_fusion_type``
-keeps their own choice. GPUs and TPUs get jax's defaults.
+On DeepID's shapes XLA's own CPU code (Eigen) runs convolutions and reductions
+faster, in float32, than the YNNPACK fusions jaxlib uses by default, so ``jit``
+turns YNNPACK off on a CPU unless XLA_FLAGS sets the option.
 """
 
 import os

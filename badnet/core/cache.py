@@ -1,10 +1,4 @@
-"""One bound function per (function, keyword arguments), so jit compiles it once.
-
-``jax.jit`` and ``evaluate.map_batches`` cache compiled steps by the function
-object. A fresh ``functools.partial`` per call would be a new object, hence a
-new compilation, every time; ``bind`` returns the same object for the same
-arguments (big_vision's cacheable partials do the same).
-"""
+"""One ``functools.partial`` per (function, arguments): jit caches compiled steps by object."""
 
 import functools
 from collections.abc import Callable, Hashable

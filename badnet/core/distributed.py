@@ -1,17 +1,13 @@
 """Running one job as several processes (hosts) with ``jax.distributed``.
 
-Every per-image computation (features, the sweep's classes, predictions) is
-independent of the other images, so each process reads only its share of the
-rows of each data file (a contiguous block, in process order), computes on its
-own devices, and the per-image results are gathered across processes
-(``multihost_utils.process_allgather``) in row order. Every process then holds
-the same global arrays and computes the same figures; process 0 writes the
-outputs. Concatenated in process order the gathered rows are the rows one
-process would have computed, so the results equal a one-process run's.
-
-With one process (the default) nothing here calls into ``jax.distributed``.
+Per-image results do not depend on other images, so each process reads a
+contiguous block of each file's rows, computes on its own devices, and the
+rows are gathered back in order: every process then holds what a one-process
+run would, and process 0 writes the outputs. With one process nothing here
+calls into ``jax.distributed``.
 """
 
+import json
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -26,14 +22,7 @@ Result = TypeVar('Result')
 
 def initialize(coordinator_address: str = '', num_processes: int = 1,
                process_id: int = 0, auto: bool = False) -> None:
-  """Joins a multi-process run; a no-op for one process unless ``auto``.
-
-  Args:
-    coordinator_address: host:port of process 0's coordinator service.
-    num_processes: the number of processes in the run.
-    process_id: this process's index, 0..num_processes - 1.
-    auto: let JAX detect the cluster (TPU pods, SLURM, ...) from its environment.
-  """
+  """Joins a multi-process run at ``coordinator_address`` (host:port), or as JAX finds (auto)."""
   if auto:
     jax.distributed.initialize()
   elif num_processes > 1:
@@ -54,12 +43,7 @@ def row_range(count: int, process: int | None = None,
 
 
 def gather_rows(local: Any, count: int) -> Any:
-  """Every process's rows of a pytree of per-row arrays, concatenated in row order.
-
-  Args:
-    local: this process's rows (each leaf [rows of ``row_range(count)``, ...]).
-    count: the number of rows over all processes.
-  """
+  """Every process's rows of ``local`` (leaves [rows, ...]; ``count`` in all), in row order."""
   processes = jax.process_count()
   if processes == 1:
     return local
@@ -81,10 +65,8 @@ def gather_rows(local: Any, count: int) -> Any:
 def on_every_process(fn: Callable[..., Result], *args: Any) -> Result:
   """``fn(*args)``, where a user error on any process stops every process.
 
-  A process that hits bad input (its share of a file holds NaN, the workdir
-  is not writable) would otherwise exit while the others wait for it in the
-  next gather. Every process calls this at the same point: it raises its own
-  error, and the others raise one naming the process that failed.
+  Otherwise a process that hits bad input would exit while the others wait in
+  the next gather. Call it at the same point on every process.
   """
   error, result = None, None
   try:
@@ -105,3 +87,15 @@ def barrier(name: str) -> None:
   """Waits until every process gets here (no-op for one process)."""
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(name)
+
+
+def gather_objects(local: Any) -> list[Any]:
+  """Every process's JSON-able ``local``, in process order (``[local]`` on one process)."""
+  if jax.process_count() == 1:
+    return [local]
+  encoded = np.frombuffer(json.dumps(local).encode(), np.uint8)
+  sizes = multihost_utils.process_allgather(np.array(len(encoded)))
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:len(encoded)] = encoded
+  gathered = multihost_utils.process_allgather(padded)
+  return [json.loads(bytes(row[:size]).decode()) for row, size in zip(gathered, sizes)]

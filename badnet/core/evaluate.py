@@ -1,11 +1,8 @@
 """Jitted, sharded evaluation: predictions, accuracy, attack success rate.
 
-Every evaluation runs the same way on one CPU, a GPU or a TPU host: a 1-D
-``Mesh`` over the local devices with the batch split on its ``data`` axis and
-params replicated. Batches have one fixed size (a multiple of the device
-count), the last one padded, so each function compiles once; padded rows are
-dropped (or masked out of sums) before anything is counted. Results come back
-to the host, which divides.
+Batches of one fixed size (a multiple of the device count, the last padded, so
+each function compiles once) are split over the local devices, params replicated;
+padded rows are dropped before anything is counted.
 """
 
 import functools
@@ -56,19 +53,11 @@ def _padded_batches(arrays: tuple[np.ndarray, ...], batch_size: int
 
 def map_batches(fn: Callable[..., Any], replicated: Any, arrays: tuple[np.ndarray, ...],
                 batch_size: int = DEFAULT_BATCH_SIZE, fixed_batch: bool = False) -> Any:
-  """Applies ``fn(replicated, *batch)`` over batches and concatenates per-row outputs.
+  """``fn(replicated, *batch)``'s per-row outputs [B, ...] over all N rows of ``arrays``, as numpy.
 
-  Args:
-    fn: a pure function returning a pytree of per-row arrays [B, ...].
-    replicated: a pytree (usually params) copied to every device.
-    arrays: host arrays with the same leading size N, split on the mesh.
-    batch_size: rows per step (at most N unless ``fixed_batch``, rounded up
-      to a multiple of the device count).
-    fixed_batch: always ``batch_size`` rows a step, the last one padded, so
-      inputs of any length share one compilation.
-
-  Returns:
-    The pytree of per-row outputs over all N rows, as numpy arrays.
+  ``replicated`` (usually params) goes to every device. ``batch_size`` is at
+  most N unless ``fixed_batch``, which pads the last batch so inputs of any
+  length share one compilation.
   """
   mesh = data_mesh()
   # Fewer rows than a batch (a handful of image files): a smaller batch, not padding.
@@ -88,17 +77,12 @@ def map_batches(fn: Callable[..., Any], replicated: Any, arrays: tuple[np.ndarra
 
 
 def replicate(tree: Any) -> Any:
-  """``tree`` placed on every device of ``data_mesh()``, as ``map_batches`` needs it.
-
-  Placing once and passing the result to many ``map_batches`` calls saves a
-  host-to-device copy of the tree per call.
-  """
+  """``tree`` on every device of ``data_mesh()``: placed once for many ``map_batches`` calls."""
   return jax.device_put(tree, NamedSharding(data_mesh(), P()))
 
 
 @functools.cache
 def _jitted(fn: Callable[..., Any], rows_sharding: NamedSharding) -> Callable[..., Any]:
-  # Cached so repeated evaluations with the same fn reuse one compilation.
   return backend.jit(fn, out_shardings=rows_sharding)
 
 
@@ -139,11 +123,7 @@ def attack_success_rate(params: Params, poisoned_images: np.ndarray,
                         target_labels: np.ndarray, batch_size: int = DEFAULT_BATCH_SIZE,
                         channel_mask: np.ndarray | None = None,
                         precision: str = model_lib.DEFAULT_PRECISION) -> float:
-  """ASR in percent: poisoned inputs classified as the attacker's target.
-
-  In the CSAW poisoned files the label of each input is the target, so this
-  is the accuracy on the poisoned set.
-  """
+  """ASR in percent: the accuracy on poisoned inputs labelled with the attacker's target."""
   return accuracy(params, poisoned_images, target_labels, batch_size, channel_mask, precision)
 
 
@@ -162,12 +142,21 @@ def _level_classes(params_and_masks: tuple[Params, jax.Array], images: jax.Array
 
 def sweep_predictions(params: Params, masks: np.ndarray, images: np.ndarray,
                       batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
-  """Predicted classes (int32 [N, L]) of ``images`` under each of L channel masks.
-
-  conv_1..pool_3 run once per image; only the head runs per level. The result
-  is what the naive loop (zero conv_3's kernel and bias for the masked
-  channels, predict again) gives, because a zeroed conv_3 channel is an
-  all-zero pool_3 channel.
-  """
+  """Predicted classes (int32 [N, L]) under each of L conv_3 masks; conv_1..pool_3 run once."""
   masks = np.asarray(masks, np.float32)
   return map_batches(_level_classes, (params, masks), (images,), batch_size)
+
+
+def _channel_means(params: Params, images: jax.Array, *, layer: str) -> jax.Array:
+  # Per-image mean over H and W; the host averages over images in float64.
+  return model_lib.observe_fn(params, images, layer)['activation'].mean(axis=(1, 2))
+
+
+def mean_activations(params: Params, images: np.ndarray,
+                     batch_size: int = DEFAULT_BATCH_SIZE,
+                     layer: str = model_lib.FEATURE_LAYER) -> np.ndarray:
+  """Mean over N, H, W of each channel of ``layer`` after ReLU and any pooling (float64 [C])."""
+  per_image = map_batches(
+      cache.bind(_channel_means, layer=model_lib.check_layer(layer)), params, (images,),
+      batch_size)
+  return per_image.astype(np.float64).mean(axis=0)

@@ -1,9 +1,7 @@
-"""Hard pruning as a pure function over the parameter pytree and a channel mask.
+"""Hard pruning: channel c of a layer pruned by zeroing its ``kernel[..., c]`` and ``bias[c]``.
 
-Pruning channel c of a layer zeroes its ``kernel[..., c]`` and ``bias[c]``:
-exactly what the Keras notebooks did, and the same as a 0 in a mask on that
-layer's output (``model.logits_fn(params, x, mask, layer=...)``), because
-relu(0) = 0 and max-pooling zeros gives zero.
+As in the Keras notebooks; the same as a 0 in a mask on the layer's output
+(``model.logits_fn``), because relu(0) = 0 and max-pooling zeros gives zero.
 """
 
 import jax
@@ -17,14 +15,10 @@ Params = model_lib.Params
 
 def prune(params: Params, channel_mask: jax.Array,
           layer: str = model_lib.FEATURE_LAYER) -> Params:
-  """Params with ``layer``'s channels where ``channel_mask`` is 0 zeroed (kernel and bias).
+  """Params with ``layer``'s channels where ``channel_mask`` is 0 zeroed; other layers shared.
 
-  A pure jax.numpy function: it works on host or device arrays and under
-  ``jit`` and ``grad``. Never mutates ``params``; every other layer is the
-  same object, not a copy. Under ``vmap`` over masks every output leaf gets
-  the mask axis, the unchanged layers too (vmap broadcasts unbatched
-  outputs): to stack many pruned nets, vmap ``prune_layer`` over the one
-  layer's weights and share the rest.
+  Works under ``jit`` and ``grad``. Under ``vmap`` over masks every leaf gets
+  the mask axis, so to stack many pruned nets vmap ``prune_layer`` instead.
   """
   weights = params[model_lib.check_layer(layer)]
   return {**params, layer: prune_layer(weights, channel_mask, layer)}
@@ -67,11 +61,7 @@ def pruned_channels(channel_mask: np.ndarray) -> np.ndarray:
 
 
 def prune_neurons(params: Params, pruned: dict[str, np.ndarray]) -> Params:
-  """Params with the neurons ``pruned[layer]`` (indices) of several layers zeroed (kernel, bias).
-
-  What a learned-mask defence exports: the same net as scaling those neurons'
-  weights and biases by 0 (``model.neuron_logits_fn``).
-  """
+  """Params with the neurons ``pruned[layer]`` (indices) of several layers zeroed (kernel, bias)."""
   pruned_params = dict(params)
   for layer, indices in pruned.items():
     mask = np.ones(params[layer]['bias'].shape, np.float32)

@@ -1,23 +1,13 @@
 """The CSAW-HackML-2020 DeepID network as a Flax Linen module.
 
-Layer names are the Keras layer names, so ``params['conv_3']['kernel']`` is what
-Keras calls ``conv_3/kernel:0``. Kernels use the Keras layouts (HWIO for convs,
-(in, out) for dense layers), and flattening is row-major over (H, W, C) like
-Keras' ``Flatten`` on channels-last tensors, so weights port without any
-transposition.
+Layer names, kernel layouts and row-major (H, W, C) flattening are Keras', so
+weights port without transposition. ``observe`` runs what a mask on a prunable
+layer cannot change, ``resume`` the rest with the mask on its output: the same
+as zeroing those channels' weights, as relu(0) = 0 and max-pooling zeros gives 0.
 
-The network applies in one way, split at any prunable layer (conv_3, observed
-at pool_3, by default): ``observe`` runs the layers up to it (what a mask on
-it cannot change) and ``resume`` the rest, with an optional per-channel mask
-on its output. Masking channel c is exactly what zeroing the layer's kernel
-slice and bias for c does, because relu(0) = 0 and max-pooling zeros gives
-zero. ``__call__`` is ``resume(observe(...))``.
-
-Every convolution and matrix product runs at an explicit float32 precision,
-``'highest'`` by default: true float32 arithmetic, as Keras on a CPU computes.
-Accelerators otherwise take shortcuts by default (TF32 on NVIDIA GPUs, bf16
-passes on TPUs) that can flip a near tie between two classes. ``'default'``
-lets the backend choose, for speed where exact parity does not matter.
+Convolutions and matrix products run at ``'highest'`` precision (true float32,
+as Keras on a CPU) by default: accelerators' shortcuts (TF32, bf16 passes) can
+flip a near tie between two classes.
 """
 
 from typing import Any
@@ -29,9 +19,6 @@ import jax.numpy as jnp
 IMAGE_SHAPE = (55, 47, 3)  # height, width, channels (NHWC without N)
 CSAW_NUM_CLASSES = 1283
 FEATURE_LAYER = 'conv_3'  # the layer whose channels are pruned by default
-# Layers whose channels can be pruned. Masking channel c of a layer's output
-# (after its ReLU, and max-pooling where it has one) is exactly zeroing that
-# layer's kernel[..., c] and bias[c]: relu(0) = 0 and max-pooling zeros gives 0.
 PRUNABLE_LAYERS = ('conv_1', 'conv_2', 'conv_3', 'conv_4')
 PRECISIONS = ('highest', 'high', 'default')  # jax.lax.Precision names
 DEFAULT_PRECISION = 'highest'
@@ -53,11 +40,8 @@ def _window_corners(x: jax.Array) -> list[jax.Array]:
 def max_pool(x: jax.Array) -> jax.Array:
   """2x2 max-pooling, stride 2, 'VALID': ``nn.max_pool``'s values and gradients, bit for bit.
 
-  Written as maxima of strided slices with its own backward pass because XLA's
-  CPU code runs ``nn.max_pool`` (a reduce-window, and a scatter for its
-  gradient) several times slower than the convolutions around it. The gradient
-  goes to the first maximum of each window in row-major order, as
-  ``nn.max_pool``'s does, so training gives the same params with either.
+  Strided-slice maxima with a custom VJP, because XLA's CPU code runs
+  ``nn.max_pool`` (a reduce-window, and a scatter for its gradient) slowly.
   """
   top_left, top_right, bottom_left, bottom_right = _window_corners(x)
   return jnp.maximum(jnp.maximum(top_left, top_right), jnp.maximum(bottom_left, bottom_right))
@@ -101,13 +85,7 @@ def _masked(x: jax.Array, channel_mask: jax.Array | None) -> jax.Array:
 
 
 class DeepID(nn.Module):
-  """DeepID as trained in the CSAW lab: raw 0..255 pixels in, logits out.
-
-  Attributes:
-    num_classes: size of the output layer (1283 for YouTube Face).
-    precision: float32 precision of every convolution and matrix product, one
-      of ``PRECISIONS`` (see the module docstring).
-  """
+  """DeepID as trained in the CSAW lab: raw 0..255 pixels in, logits out."""
 
   num_classes: int = CSAW_NUM_CLASSES
   precision: str = DEFAULT_PRECISION
@@ -126,13 +104,10 @@ class DeepID(nn.Module):
 
   def observe(self, images: jax.Array, layer: str = FEATURE_LAYER,
               neurons: NeuronScales | None = None) -> dict[str, jax.Array]:
-    """Everything the net computes that pruning ``layer`` cannot change.
+    """What pruning ``layer`` cannot change: ``{'activation': [N, H, W, C]}``.
 
-    Returns:
-      ``{'activation': ...}``, the layer's output after its ReLU and, for
-      conv_1..conv_3, its max-pooling: the tensor whose channels a mask on
-      ``layer`` zeroes ([N, H, W, C]). For conv_4 also ``'fc_1'``, the fc_1
-      branch, which reads pool_3 and so does not depend on conv_4.
+    The activation is the layer's output after its ReLU and any max-pooling.
+    For conv_4 also ``'fc_1'``, which reads pool_3.
     """
     x = jnp.asarray(images, jnp.float32)
     x = max_pool(nn.relu(self._unit('conv_1', neurons, x)))
@@ -163,22 +138,14 @@ class DeepID(nn.Module):
 
   def __call__(self, images: jax.Array, channel_mask: jax.Array | None = None,
                layer: str = FEATURE_LAYER, neurons: NeuronScales | None = None) -> jax.Array:
-    """Logits [N, num_classes] (pre-softmax), with ``layer``'s channels masked.
-
-    The one way to apply the net: ``resume(observe(images, layer), mask, layer)``.
-    ``neurons`` scales hidden neurons (see ``_unit``).
-    """
+    """Logits [N, num_classes]: ``resume(observe(...))``, ``layer``'s channels masked."""
     return self.resume(self.observe(images, layer, neurons), channel_mask, layer, neurons)
 
   def _unit(self, name: str, neurons: NeuronScales | None, x: jax.Array) -> jax.Array:
-    """Layer ``name`` on ``x``: its Flax module, or with its neurons scaled.
+    """Layer ``name`` on ``x``, its neurons scaled by ``neurons[name]`` if given.
 
-    ``neurons[name] = (weight_scale, bias_scale)``, each [C]: output neuron c
-    is ``weight_scale[c] * (kernel_c . x) + bias_scale[c] * bias[c]``, before
-    the ReLU. Scales of ones give the layer's own output exactly; zeros give
-    what zeroing the neuron's kernel slice and bias does. The kernel is shared,
-    so under ``vmap`` over scales the products are one larger batch, not
-    grouped convolutions.
+    Neuron c is ``weight_scale[c] * (kernel_c . x) + bias_scale[c] * bias[c]``; the
+    shared kernel makes ``vmap`` over scales one larger batch, not grouped convolutions.
     """
     module = getattr(self, name)
     if not neurons or name not in neurons:
@@ -237,21 +204,14 @@ def check_precision(precision: str) -> str:
 
 def logits_fn(params: Params, images: jax.Array, channel_mask: jax.Array | None = None,
               precision: str = DEFAULT_PRECISION, layer: str = FEATURE_LAYER) -> jax.Array:
-  """Pure apply: logits of ``images`` under ``params``, ``layer``'s channels masked (optional).
-
-  Masking channel c of ``layer`` gives what zeroing that layer's kernel slice
-  and bias (``masks.prune``) gives.
-  """
+  """Pure apply: logits of ``images`` under ``params``, ``layer``'s channels masked (optional)."""
   return DeepID(num_classes_of(params), precision).apply(
       {'params': params}, images, channel_mask, check_layer(layer))
 
 
 def neuron_logits_fn(params: Params, images: jax.Array, neurons: NeuronScales,
                      precision: str = DEFAULT_PRECISION) -> jax.Array:
-  """Pure apply: logits with hidden neurons scaled, ``neurons[layer] = (weight, bias)`` scales.
-
-  Differentiable in the scales: a learned mask is ``jax.grad`` through this.
-  """
+  """Pure apply: logits with hidden neurons scaled, ``neurons[layer] = (weight, bias)`` scales."""
   return DeepID(num_classes_of(params), precision).apply(
       {'params': params}, images, None, FEATURE_LAYER, neurons)
 
@@ -266,12 +226,6 @@ def observe_fn(params: Params, images: jax.Array, layer: str = FEATURE_LAYER,
 def resume_fn(params: Params, state: dict[str, jax.Array],
               channel_mask: jax.Array | None = None, layer: str = FEATURE_LAYER,
               precision: str = DEFAULT_PRECISION) -> jax.Array:
-  """Pure apply: logits from ``observe_fn``'s state with ``layer``'s channels masked.
-
-  ``resume_fn(params, observe_fn(params, x, layer), mask, layer)`` gives the
-  logits of the net with ``layer``'s masked channels zeroed
-  (``prune.prune(params, mask, layer)``), computing the layers before it once
-  for any number of masks.
-  """
+  """Pure apply: logits from ``observe_fn``'s state, ``layer``'s channels masked."""
   return DeepID(num_classes_of(params), precision).apply(
       {'params': params}, state, channel_mask, check_layer(layer), method=DeepID.resume)

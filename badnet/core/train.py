@@ -1,9 +1,7 @@
 """Training DeepID with optax: recipes, the pure train step, and ``fit``.
 
-Training runs a jitted step over the ``data`` mesh of evaluate.data_mesh()
-(batch split across devices, params and optimizer state replicated) with a
-fixed batch size, so it compiles once and runs unchanged on a CPU, a GPU or a
-TPU host. The attacks that use it live in ``badnet.benchmark.attacks``.
+A jitted step over ``evaluate.data_mesh()`` (batch split, params and optimiser
+state replicated) with a fixed batch size: it compiles once, on any backend.
 """
 
 import dataclasses
@@ -15,7 +13,6 @@ from collections.abc import Callable, Sequence
 from absl import logging
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import tqdm
@@ -37,16 +34,11 @@ class Recipe:
   """How to train: the optimiser, its schedule and the batches (hashable, so steps are cached).
 
   Attributes:
-    optimizer: 'adam', 'adamw' (decoupled weight decay) or 'sgd' (momentum 0.9).
-    learning_rate: the peak rate.
-    schedule: 'cosine' (decay to 1 % of the peak over all steps) or 'constant'.
+    optimizer: 'adam', 'adamw' or 'sgd' (momentum 0.9).
+    schedule: 'cosine' (from the peak ``learning_rate`` to 1 % of it) or 'constant'.
     warmup_epochs: epochs of linear warm-up from 0 to the peak (may be fractional).
-    epochs: passes over the training images.
-    batch_size: images per step over all devices; the last partial batch of
-      each (seeded) shuffle is dropped so the step compiles once.
-    weight_decay: adamw: decoupled decay; adam and sgd: an L2 term added to the
-      gradient.
-    seed: the shuffling seed.
+    batch_size: images per step over all devices; each shuffle's last partial batch is dropped.
+    weight_decay: decoupled for adamw; an L2 term in the gradient for adam and sgd.
   """
   optimizer: str = 'adam'
   learning_rate: float = 1e-3
@@ -56,14 +48,6 @@ class Recipe:
   batch_size: int = 32
   weight_decay: float = 0.0
   seed: int = 0
-
-  @classmethod
-  def from_config(cls, tune: ml_collections.ConfigDict, epochs: int | None = None) -> 'Recipe':
-    """A config's ``finetune`` section as a Recipe (``epochs`` overrides ``tune.epochs``)."""
-    return cls(optimizer=tune.optimizer, learning_rate=float(tune.learning_rate),
-               schedule=tune.schedule, warmup_epochs=float(tune.warmup_epochs),
-               epochs=tune.epochs if epochs is None else epochs, batch_size=tune.batch_size,
-               weight_decay=float(tune.weight_decay), seed=tune.seed)
 
 
 def make_optimizer(recipe: Recipe, steps_per_epoch: int) -> optax.GradientTransformation:
@@ -109,13 +93,10 @@ def train_step(params: Params, opt_state: optax.OptState, images: jax.Array,
                ) -> tuple[Params, optax.OptState, jax.Array, jax.Array]:
   """One optimiser step (pure): new params and state, the loss and accuracy.
 
-  With ``hold_pruned_at_zero`` the channels of ``layer`` (conv_3 by
-  default) that ``channel_mask`` prunes are set to exactly zero (kernel slice and bias)
-  after the update, so no optimiser (momentum, weight decay) can revive them: fine-pruning.
-  Without it the mask only silences them in the forward pass, and their
-  weights are left as they were (the pruning-aware attack's decoys).
-  ``held`` ({layer: 0/1 mask}) holds the neurons of several layers at zero the
-  same way (a learned-mask defence's pruned net, fine-tuned).
+  ``hold_pruned_at_zero`` zeroes ``layer``'s masked channels after the update,
+  so momentum or weight decay cannot revive them (fine-pruning); without it the
+  mask only silences them in the forward pass. ``held`` ({layer: 0/1 mask})
+  holds neurons of any layers at zero the same way.
   """
   (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       params, images, labels, channel_mask, layer)
@@ -144,9 +125,8 @@ def _compiled_step(recipe: Recipe, steps_per_epoch: int, hold_pruned_at_zero: bo
 def stacks(stacking: str) -> bool:
   """Whether ``fit_many`` trains its nets in one vmapped step: 'vmap' yes, 'loop' no.
 
-  'auto' stacks on a GPU or TPU, where one wide step keeps the chip busy, and
-  not on a CPU, where vmapped convolutions ran slower than one net after
-  another (WORKSPACE.md, "Training speed").
+  'auto' stacks on a GPU or TPU, where one wide step keeps the chip busy, not on
+  a CPU, where vmapped convolutions are slower than one net after another.
   """
   if stacking not in STACKING:
     raise ValueError(f'unknown stacking {stacking!r}; expected one of {", ".join(STACKING)}')
@@ -159,11 +139,9 @@ def _progress_bar(name: str, epoch: int, epochs: int, steps: int) -> tqdm.tqdm:
                    leave=False, file=sys.stderr, disable=not sys.stderr.isatty())
 
 
-# Held-out accuracy at chance (at most twice chance plus a point) and this many
-# points below where it started means training wrecked the net: a learning rate
-# far too high for raw 0..255 pixels leaves a net that predicts one class or
-# none. One such epoch can be a dip a net recovers from (a small, untrained-like
-# net can); two in a row, or a run that never climbs out, is a collapse.
+# Held-out accuracy at about chance and this many points below its start means
+# training wrecked the net (a learning rate far too high for raw 0..255 pixels).
+# One such epoch can be a dip; two in a row, or never climbing out, a collapse.
 COLLAPSE_POINTS = 10.0
 COLLAPSE_EPOCHS = 2
 
@@ -186,32 +164,18 @@ def fit(params: Params, images: np.ndarray, labels: np.ndarray, recipe: Recipe, 
         holdout: tuple[np.ndarray, np.ndarray] | None = None,
         name: str = 'train', layer: str = model.FEATURE_LAYER,
         held: dict[str, np.ndarray] | None = None) -> tuple[Params, list[dict]]:
-  """Trains ``params`` on (images, labels) with ``recipe``, jitted and sharded over the data mesh.
+  """Trains ``params`` on (images, labels) with ``recipe``: the params (numpy) and epoch stats.
 
   Args:
-    params: initial params (not modified).
-    images: uint8 [N, 55, 47, 3] host images; labels: int [N].
-    recipe: optimiser, schedule, epochs, batch size and shuffling seed.
-    channel_mask: [C] channels of ``layer`` to hold out (0) of the forward pass.
-    hold_pruned_at_zero: also keep the masked channels' weights at exactly
-      zero (fine-pruning; see ``train_step``).
-    holdout: clean (images, labels) scored after every epoch; the params of
-      the epoch with the best holdout accuracy are returned (ties: the later
-      epoch, which trained longer).
-    name: shown in the progress log.
-    layer: the layer ``channel_mask`` applies to (conv_3 by default).
-    held: {layer: 0/1 mask}: neurons of any layers held at exactly zero through
-      training (see ``train_step``).
-
-  Returns:
-    The trained params (numpy) and per-epoch stats (loss, train accuracy,
-    seconds, and holdout accuracy if a holdout was given).
+    images: uint8 [N, 55, 47, 3]; labels: int [N].
+    channel_mask: [C], 0 where a channel of ``layer`` is held out of the forward pass.
+    hold_pruned_at_zero, held: as in ``train_step``.
+    holdout: clean (images, labels) scored each epoch; the best epoch's params
+      are returned (ties: the later).
 
   Raises:
-    TrainingError: after an epoch whose mean loss is not finite, or the
-      ``COLLAPSE_EPOCHS``-th epoch in a row whose held-out accuracy has
-      ``collapsed`` to chance from where it started (or at the end, if no
-      epoch climbed out): training stops, and the job with it.
+    TrainingError: on a non-finite epoch loss, or held-out accuracy ``collapsed``
+      for ``COLLAPSE_EPOCHS`` epochs in a row (or at the end).
   """
   return fit_many([params], images, labels, recipe, channel_masks=[channel_mask],
                   hold_pruned_at_zero=hold_pruned_at_zero, holdout=holdout, names=[name],
@@ -227,12 +191,8 @@ def fit_many(params: Sequence[Params], images: np.ndarray, labels: np.ndarray, r
              stacking: str = 'auto') -> list[tuple[Params, list[dict]]]:
   """``fit`` for several nets of the same shapes on the same batches; a (params, history) each.
 
-  Net i starts from ``params[i]`` with ``channel_masks[i]`` and ``held[i]``
-  (the other arguments are ``fit``'s, shared). Every net sees the batches
-  ``fit`` would give it alone (one seeded shuffle), so the results are
-  ``fit``'s for each net; ``stacking`` (see ``stacks``) says whether they
-  train in one vmapped step or one after another within each step.
-  ``held[i]`` must name the same layers for every net.
+  Net i starts from ``params[i]`` with ``channel_masks[i]`` and ``held[i]`` (the
+  same layers for every net) and sees the batches ``fit`` would give it alone.
   """
   count = len(params)
   names = list(names) if names is not None else [f'train {i}' for i in range(count)]
@@ -305,6 +265,14 @@ def _start(params: Params, channel_mask: np.ndarray | None, held: dict | None,
   for held_layer, held_mask in (held or {}).items():
     params = {**params, held_layer: masks.prune_layer(params[held_layer], held_mask, held_layer)}
   return params, mask, held
+
+
+def summary(history: list[dict], name: str = 'holdout_acc') -> dict:
+  """The epoch chosen on held-out accuracy (ties: the later), that accuracy (as ``name``) and
+  the history without timings (so results files are reproducible)."""
+  best = max(history, key=lambda epoch: (epoch['holdout_acc'], epoch['epoch']))
+  return {'chosen_epoch': best['epoch'], name: best['holdout_acc'],
+          'history': [{k: v for k, v in epoch.items() if k != 'seconds'} for epoch in history]}
 
 
 class _Tracker:

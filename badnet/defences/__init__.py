@@ -1,22 +1,23 @@
-"""Defences as plug-ins, found by name (as big_vision finds its evaluators).
+"""Defences as plug-ins, found by name: ``get(name)`` imports and checks one, ``names()`` lists.
 
 A defence is a module ``badnet.defences.<name>`` that defines
 
-  NAME: str                 its name (the module's)
-  FIELDS: config.Fields     its config fields and their checks
-  defend(params, clean, config) -> base.Outcome
-      params: the backdoored net B (a params pytree);
-      clean:  the defender's clean data (an ``io.data.Dataset``, the clean
-              validation split): the only data a defence ever sees;
-      config: an ml_collections config holding FIELDS.
-      It returns the repaired nets it offers (``Outcome.candidates``, each
-      with the neurons it pruned and its clean-data figures), an optional
-      detector (inputs -> flagged), what it measured on clean data and how it
-      chose (``Outcome.figures``), and the candidate it recommends, if any.
+  NAME: str   its name (the module's, and its config block's)
+  Settings    a frozen dataclass of its settings' defaults, their checks in ``Settings.FIELDS``
+              (``config.build`` makes one from ``config.<name>``)
+  defend(params, clean, settings) -> base.Outcome
+      repairs the backdoored net ``params`` from ``clean`` (``base.Clean``, the clean
+      validation split) alone: the nets it offers, an optional detector, its clean-data
+      figures and the candidate it recommends, if any.
+  report(outcome, scorer, settings, out) -> dict
+      its part of results.json, from the outcome and the shared scorer's classes on the
+      test and poisoned files; writes its files to ``out`` (None: a process that writes none).
+  markdown(results, printed=False) -> str
+      results.md (``printed``: what the job prints, perhaps shorter).
 
-Scoring on poisoned data is the caller's (``defences.goodnet.figures`` for
-a repaired net and its GoodNet); a defence never reads a poisoned file.
-``get(name)`` imports and checks a defence; ``names()`` lists them.
+and optionally ``READS`` ('features' or 'both': the pruned layer's features are computed
+for it), ``MULTI_PROCESS`` and ``check(settings, config)`` (checks that need a file, before
+any work). ``badnet.defend`` runs them all; a defence never reads a poisoned file.
 """
 
 import importlib
@@ -40,7 +41,8 @@ def get(name: str) -> ModuleType:
   if name not in names():
     raise ConfigError(f'unknown defence {name!r}; expected one of {", ".join(names())}')
   module = importlib.import_module(f'{__name__}.{name}')
-  missing = [attr for attr in ('NAME', 'FIELDS', 'defend') if not hasattr(module, attr)]
+  missing = [attr for attr in ('NAME', 'Settings', 'defend', 'report', 'markdown')
+             if not hasattr(module, attr)]
   if missing:
     raise TypeError(f'badnet.defences.{name} lacks {", ".join(missing)}')
   return module

@@ -1,25 +1,76 @@
-"""What a defence returns (see ``badnet.defences`` for the interface)."""
+"""The types that pass between a defence and the one path that runs it (``badnet.defend``)."""
 
 import dataclasses
+import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
-from badnet.core import model
+from badnet import config as config_lib
+from badnet.core import model, train
+from badnet.defences import sweep
+from badnet.errors import DataError
 
 Params = model.Params
 
 
 @dataclasses.dataclass(frozen=True)
-class Candidate:
-  """One repaired net a defence offers.
+class Tuning(train.Recipe):
+  """A ``train.Recipe`` as a config block holds it (fine-pruning's: 8 epochs of batch 64), and
+  ``stacking`` (see ``train.stacks``)."""
+  epochs: int = 8
+  batch_size: int = 64
+  stacking: str = 'auto'
+
+  FIELDS: ClassVar[config_lib.Fields] = {
+      'optimizer': config_lib.Choice(train.OPTIMIZERS, 'optimizer'),
+      'schedule': config_lib.Choice(train.SCHEDULES, 'schedule'),
+      'batch_size': config_lib.Integer(1),
+      'learning_rate': config_lib.Number(0, math.inf, low_open=True, high_open=True),
+      'weight_decay': config_lib.Number(0, math.inf, high_open=True),
+      'warmup_epochs': config_lib.Number(0, lambda tune: tune.epochs),
+      'seed': config_lib.Integer(),
+      'epochs': config_lib.Integer(0),
+      'stacking': config_lib.Choice(train.STACKING, 'stacking'),
+  }
+
+  def recipe(self, epochs: int | None = None) -> train.Recipe:
+    """The ``train.Recipe`` (``epochs`` overrides this block's)."""
+    fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(train.Recipe)}
+    floats = {name: float(fields[name]) for name in ('learning_rate', 'warmup_epochs',
+                                                     'weight_decay')}
+    return train.Recipe(**{**fields, **floats, **({} if epochs is None else {'epochs': epochs})})
+
+
+@dataclasses.dataclass(frozen=True)
+class Clean:
+  """The defender's clean data (the clean validation split) and how to evaluate on it.
 
   Attributes:
-    params: the repaired net (pruned neurons' kernel slices and biases zero).
-    pruned: layer -> indices of the neurons it pruned, in pruning order.
-    figures: what the defence measured of it on clean data (JSON-able).
+    labels: int [N], every process's rows.
+    images: uint8 [N, 55, 47, 3], this process's rows; None where only features were kept.
+    features: layer -> this process's rows' ``sweep.Features``, where the path computed them.
+    gather: this process's rows of a per-row array -> every process's (identity on one).
   """
+  labels: np.ndarray
+  images: np.ndarray | None
+  batch_size: int = 512
+  precision: str = model.DEFAULT_PRECISION
+  features: dict[str, sweep.Features] = dataclasses.field(default_factory=dict)
+  gather: Callable[[np.ndarray], np.ndarray] = lambda rows: rows
+  source: str = 'the clean validation split'  # its file, for messages
+
+  def features_of(self, params: Params, layer: str) -> sweep.Features:
+    """The features of ``layer``: the path's, or computed from the images now."""
+    if layer not in self.features:
+      return sweep.features(params, self.images, self.batch_size, self.precision, layer)
+    return self.features[layer]
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+  """One repaired net a defence offers: pruned neurons by layer, in order; clean-data figures."""
   params: Params
   pruned: dict[str, np.ndarray]
   figures: dict[str, Any]
@@ -31,12 +82,36 @@ class Outcome:
 
   Attributes:
     candidates: name -> Candidate (e.g. 'X=2'), in the order offered.
-    figures: what the defence measured on clean data and how it chose (JSON-able).
+    figures: what it measured on clean data and how it chose (JSON-able, but for arrays).
     recommended: the candidate it recommends on clean data alone, or None.
-    detector: images (uint8 [N, 55, 47, 3]) -> bool [N] flagged as poisoned,
-      for defences that detect inputs; None otherwise.
+    detector: uint8 images [N, 55, 47, 3] -> bool [N] flagged as poisoned, or None.
   """
   candidates: dict[str, Candidate]
   figures: dict[str, Any]
   recommended: str | None = None
   detector: Callable[[np.ndarray], np.ndarray] | None = None
+
+
+def holdout_split(labels: np.ndarray, fraction: float, seed: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+  """Row indices (training, held out): ``fraction`` of each class held out, stratified, seeded."""
+  rng = np.random.default_rng(seed)
+  held = []
+  for label in np.unique(labels):
+    rows = np.flatnonzero(labels == label)
+    count = int(round(fraction * len(rows)))
+    count = min(max(count, 1), len(rows) - 1) if len(rows) > 1 else 0
+    held.append(rng.permutation(rows)[:count])
+  holdout = np.sort(np.concatenate(held)) if held else np.zeros(0, np.int64)
+  return np.setdiff1d(np.arange(len(labels)), holdout), holdout
+
+
+def split_for_fine_tuning(labels: np.ndarray, fraction: float, seed: int
+                          ) -> tuple[np.ndarray, np.ndarray]:
+  """``holdout_split``, refusing a split that leaves either part empty (one clear line)."""
+  fit_rows, holdout_rows = holdout_split(labels, fraction, seed)
+  if not len(fit_rows) or not len(holdout_rows):
+    raise DataError(f'{len(labels)} clean validation images leave {len(fit_rows)} to fine-tune '
+                    f'on and {len(holdout_rows)} to hold out (holdout_fraction={fraction}); '
+                    f'fine-pruning needs at least two images of some class')
+  return fit_rows, holdout_rows

@@ -1,24 +1,15 @@
 """Fine-pruning (Liu, Dolan-Gavitt and Garg, RAID 2018): prune, then fine-tune on clean data.
 
-The defender prunes conv_3 (see ``prune``) and then trains the pruned net on
-their clean data only, with the pruned channels held at exactly zero (kernel
-slice and bias) through every step, whatever the optimiser. A held-out part of
-the clean data chooses the epoch, so no poisoned input ever informs a choice.
-
-Every piece is a pure function over parameter pytrees: ``train.train_step``
-is the step (params, optimiser state, batch, mask in; params, state out) and
-``fine_prune`` runs it over epochs.
-
-As a plug-in (``badnet.defences``): ``defend(params, clean, config)`` prunes
-as the pruning defence does, fine-prunes each B'_X, and recommends the deepest
-X whose fine-pruned net keeps its held-out clean accuracy within
-``finetune.max_clean_drop`` points of B's: clean data only.
+Prunes as the pruning defence does, then trains each B'_X (and B alone, the baseline) on
+clean data with the pruned channels held at exactly zero. A held-out part of the clean
+data chooses the epoch and the recommended X, so no poisoned input informs a choice.
 """
 
 import dataclasses
+import pathlib
 from collections.abc import Sequence
-import math
 import time
+from typing import ClassVar
 
 from absl import logging
 import numpy as np
@@ -27,90 +18,44 @@ from badnet import config as config_lib
 from badnet.core import evaluate, masks, train
 from badnet.core import model as model_lib
 from badnet.defences import base, pruning
-from badnet.errors import DataError
-from badnet.io import data
+from badnet.errors import ConfigError, DataError
+from badnet.io import keras_io, report as report_io
 
 NAME = 'fine_pruning'
 Params = model_lib.Params
+READS = 'both'  # the pruning defence's features, and the images to train on
+BASELINE = 'fine-tuned only'  # the candidate of B fine-tuned alone, nothing pruned
 
 
-def recipe_fields(max_epochs: config_lib.Bound, holdout: bool = True) -> config_lib.Fields:
-  """The fine-tuning recipe's fields but ``epochs``; warm-up at most ``max_epochs``.
+@dataclasses.dataclass(frozen=True)
+class Settings(pruning.Settings):
+  """Config block ``fine_pruning``: pruning's settings, then the fine-tuning.
 
-  ``holdout``: with ``finetune.holdout_fraction`` (a job that splits its own).
+  The default thresholds are deeper: fine-tuning wins back the clean accuracy they cost.
+  ``finetune`` is the same for every X and the baseline; ``holdout_fraction`` of the clean
+  split chooses the epoch; ``max_clean_drop`` (points) bounds the recommended X.
   """
-  fields = {
-      'finetune.optimizer': config_lib.Choice(train.OPTIMIZERS, 'optimizer'),
-      'finetune.schedule': config_lib.Choice(train.SCHEDULES, 'schedule'),
-      'finetune.batch_size': config_lib.Integer(1),
-      'finetune.learning_rate': config_lib.Number(0, math.inf, low_open=True, high_open=True),
-      'finetune.weight_decay': config_lib.Number(0, math.inf, high_open=True),
-      'finetune.warmup_epochs': config_lib.Number(0, max_epochs),
-      'finetune.holdout_fraction': config_lib.Number(0, 1, low_open=True, high_open=True),
-      'finetune.seed': config_lib.Integer(),
+  thresholds: tuple[float, ...] = (2.0, 30.0, 85.0, 90.0)
+  finetune: base.Tuning = base.Tuning()
+  holdout_fraction: float = 0.2
+  max_clean_drop: float = 3.0
+
+  FIELDS: ClassVar[config_lib.Fields] = {
+      **pruning.Settings.FIELDS,
+      'finetune.epochs': config_lib.Integer(1),
+      'holdout_fraction': config_lib.Number(0, 1, low_open=True, high_open=True),
+      'max_clean_drop': config_lib.Number(0, 100),
   }
-  if not holdout:
-    del fields['finetune.holdout_fraction']
-  return fields
-
-
-FIELDS: config_lib.Fields = {
-    **pruning.FIELDS,
-    'finetune.epochs': config_lib.Integer(1),
-    **recipe_fields(lambda config: config.finetune.epochs),
-    'finetune.max_clean_drop': config_lib.Number(0, 100),
-    'finetune.stacking': config_lib.Choice(train.STACKING, 'stacking'),
-}
-
-
-def holdout_split(labels: np.ndarray, fraction: float, seed: int
-                  ) -> tuple[np.ndarray, np.ndarray]:
-  """Row indices (training, held out): ``fraction`` of each class held out, seeded.
-
-  Stratified, so every class with at least two images is in both parts; a
-  class with one image stays in training.
-  """
-  rng = np.random.default_rng(seed)
-  held = []
-  for label in np.unique(labels):
-    rows = np.flatnonzero(labels == label)
-    count = int(round(fraction * len(rows)))
-    count = min(max(count, 1), len(rows) - 1) if len(rows) > 1 else 0
-    held.append(rng.permutation(rows)[:count])
-  holdout = np.sort(np.concatenate(held)) if held else np.zeros(0, np.int64)
-  return np.setdiff1d(np.arange(len(labels)), holdout), holdout
-
-
-def split_for_fine_tuning(labels: np.ndarray, fraction: float, seed: int
-                          ) -> tuple[np.ndarray, np.ndarray]:
-  """``holdout_split``, refusing a split that leaves either part empty (one clear line)."""
-  fit_rows, holdout_rows = holdout_split(labels, fraction, seed)
-  if not len(fit_rows) or not len(holdout_rows):
-    raise DataError(f'{len(labels)} clean validation images leave {len(fit_rows)} to fine-tune '
-                    f'on and {len(holdout_rows)} to hold out (holdout_fraction={fraction}); '
-                    f'fine-pruning needs at least two images of some class')
-  return fit_rows, holdout_rows
 
 
 def fine_prune(params: Params, channel_mask: np.ndarray, images: np.ndarray,
                labels: np.ndarray, recipe: train.Recipe, holdout_fraction: float,
                name: str = 'fine-prune',
                layer: str = model_lib.FEATURE_LAYER) -> tuple[Params, list[dict]]:
-  """B' = prune(params, mask), fine-tuned on clean (images, labels) with the pruned channels at 0.
+  """B pruned by ``channel_mask`` [C] (1 keeps), fine-tuned on clean data, pruned channels at 0.
 
-  Args:
-    params: the backdoored net B.
-    channel_mask: [C] 1 keeps, 0 prunes a channel of ``layer`` (all ones:
-      fine-tuning alone).
-    images, labels: the defender's clean data (uint8 [N, 55, 47, 3], int [N]).
-    recipe: optimiser, schedule, epochs, batch size and seed.
-    holdout_fraction: the part of (images, labels) held out to choose the
-      epoch (the one with the best held-out clean accuracy).
-    name: shown in progress logs.
-    layer: the pruned layer (conv_3 by default; see ``model.PRUNABLE_LAYERS``).
-
-  Returns:
-    The fine-pruned params and the per-epoch history (with ``holdout_acc``).
+  ``holdout_fraction`` of (images, labels) is held out to choose the epoch. Returns the
+  params and the per-epoch history (with ``holdout_acc``).
   """
   return fine_prune_many(params, [channel_mask], images, labels, recipe, holdout_fraction,
                          [name], layer, stacking='loop')[0]
@@ -125,7 +70,7 @@ def fine_prune_many(params: Params, channel_masks: Sequence[np.ndarray], images:
                    for mask in channel_masks]
   if len(images) != len(labels):
     raise DataError(f'{len(images)} clean images but {len(labels)} labels')
-  fit_rows, holdout_rows = split_for_fine_tuning(labels, holdout_fraction, recipe.seed)
+  fit_rows, holdout_rows = base.split_for_fine_tuning(labels, holdout_fraction, recipe.seed)
   return train.fit_many([masks.prune(params, mask, layer) for mask in channel_masks],
                         images[fit_rows], labels[fit_rows], recipe, channel_masks=channel_masks,
                         hold_pruned_at_zero=True,
@@ -133,27 +78,20 @@ def fine_prune_many(params: Params, channel_masks: Sequence[np.ndarray], images:
                         layer=layer, stacking=stacking)
 
 
-def tune_many(params: Params, channel_masks: Sequence[np.ndarray], clean: data.Dataset,
+def tune_many(params: Params, channel_masks: Sequence[np.ndarray], clean: base.Clean,
               recipe: train.Recipe, holdout_fraction: float, names: Sequence[str],
               layer: str = model_lib.FEATURE_LAYER, stacking: str = 'auto'
               ) -> list[tuple[Params, dict]]:
-  """``fine_prune_many`` on the clean split; each net's params and a summary of its epochs.
-
-  A summary holds the chosen epoch, its held-out clean accuracy and the
-  per-epoch history, without timings (so results files are reproducible).
-  """
+  """``fine_prune_many`` on ``clean``: params, chosen epoch, history (no timings: reproducible)."""
   start = time.perf_counter()
   tuned = fine_prune_many(params, channel_masks, clean.images, clean.labels, recipe,
                           holdout_fraction, names, layer, stacking)
   results = []
   for name, (tuned_params, history) in zip(names, tuned):
-    best = max(history, key=lambda epoch: (epoch['holdout_acc'], epoch['epoch']))
+    chosen = train.summary(history)
     logging.info('%s: %d epochs; epoch %d chosen (held-out clean accuracy %.2f %%).', name,
-                 len(history), best['epoch'], best['holdout_acc'])
-    results.append((tuned_params, {
-        'chosen_epoch': best['epoch'], 'holdout_acc': best['holdout_acc'],
-        'history': [{key: value for key, value in epoch.items() if key != 'seconds'}
-                    for epoch in history]}))
+                 len(history), chosen['chosen_epoch'], chosen['holdout_acc'])
+    results.append((tuned_params, chosen))
   logging.info('Fine-tuned %d net%s in %.1f s (%s).', len(names), 's' * (len(names) > 1),
                time.perf_counter() - start,
                'stacked' if train.stacks(stacking) and len(names) > 1 else 'in turn')
@@ -164,62 +102,95 @@ def recommend(holdout_accs: dict[str, tuple[tuple, float]], b_holdout_acc: float
               max_clean_drop: float) -> str | None:
   """The deepest candidate whose held-out clean accuracy is within ``max_clean_drop`` of B's.
 
-  Args:
-    holdout_accs: name -> (depth, held-out clean accuracy); the largest depth
-      (a tuple, compared in order) among those that qualify wins.
-    b_holdout_acc: B's held-out clean accuracy.
-    max_clean_drop: the most clean accuracy, in points, a candidate may lose.
-
-  Uses held-out clean images only: a defender without poisoned data can make
-  this choice. None if no candidate qualifies.
+  ``holdout_accs``: name -> (depth, a tuple compared in order; held-out clean accuracy).
+  Clean data only, so a defender without poisoned data can choose; None if none qualifies.
   """
   qualified = [(depth, name) for name, (depth, acc) in holdout_accs.items()
                if acc >= b_holdout_acc - max_clean_drop]
   return max(qualified)[1] if qualified else None
 
 
-def holdout_accuracy(params: Params, clean: data.Dataset, config: config_lib.Config) -> float:
-  """B's accuracy on the held-out part of the clean split (what candidates are compared with)."""
-  _, holdout_rows = holdout_split(clean.labels, config.finetune.holdout_fraction,
-                                  config.finetune.seed)
-  return evaluate.accuracy(params, clean.images[holdout_rows], clean.labels[holdout_rows],
-                           config.batch_size)
-
-
-def defend(params: Params, clean: data.Dataset, config: config_lib.Config) -> base.Outcome:
-  """The pruning defence's B'_X, each fine-tuned on ``clean``; the recommended X.
-
-  Thresholds that land on the same pruning level share one fine-tuning.
-  """
-  pruned = pruning.defend(params, clean, config)
-  recipe = train.Recipe.from_config(config.finetune)
-  keys = {}  # (layer, channels) -> the first candidate's name: a level shares one fine-tuning
+def defend(params: Params, clean: base.Clean, settings: Settings) -> base.Outcome:
+  """B alone and each B'_X fine-tuned on ``clean`` (once per pruning level); the recommended X."""
+  pruned = pruning.defend(params, clean, settings)
+  tune = settings.finetune
+  try:
+    fit_rows, holdout_rows = base.split_for_fine_tuning(clean.labels, settings.holdout_fraction,
+                                                   tune.seed)
+  except DataError as error:
+    raise ConfigError(f'{clean.source}: {error} (config.fine_pruning.holdout_fraction)'
+                      ) from None
+  recipe = tune.recipe()
+  pruning.say(f'Fine-tuning on {len(fit_rows)} clean validation images ({len(holdout_rows)} '
+              f'held out to choose the epoch): B alone, then B\'_X for each X reached...')
+  keys = {}  # channels -> the first candidate's name: a level shares one fine-tuning
   for name, candidate in pruned.candidates.items():
-    (layer, channels), = candidate.pruned.items()
-    keys.setdefault((layer, tuple(channels)), name)
-  layers = {layer for layer, _ in keys}
-  if len(layers) > 1:
-    raise ValueError(f'fine-pruning candidates of several layers: {sorted(layers)}')
-  layer = layers.pop() if layers else model_lib.FEATURE_LAYER
-  level_masks = []
-  for _, channels in keys:
-    mask = np.ones(model_lib.num_channels(params, layer), np.float32)
-    mask[list(channels)] = 0
-    level_masks.append(mask)
-  tuned = dict(zip(keys, tune_many(params, level_masks, clean, recipe,
-                                   config.finetune.holdout_fraction,
-                                   [f'fine-prune {name}' for name in keys.values()], layer,
-                                   config.finetune.get('stacking', 'auto'))))
-  candidates = {}
+    keys.setdefault(tuple(candidate.pruned[settings.layer]), name)
+  level_masks = [np.ones(model_lib.num_channels(params, settings.layer), np.float32)]
+  for channels in keys:
+    level_masks.append(level_masks[0].copy())
+    level_masks[-1][list(channels)] = 0
+  tuned = tune_many(params, level_masks, clean, recipe, settings.holdout_fraction,
+                    ['fine-tune only'] + [f'fine-prune {name}' for name in keys.values()],
+                    settings.layer, tune.stacking)
+  by_level = dict(zip(keys, tuned[1:]))
+  candidates = {BASELINE: base.Candidate(tuned[0][0], {}, tuned[0][1])}
   for name, candidate in pruned.candidates.items():
-    (layer, channels), = candidate.pruned.items()
-    tuned_params, summary = tuned[(layer, tuple(channels))]
+    tuned_params, summary = by_level[tuple(candidate.pruned[settings.layer])]
     candidates[name] = base.Candidate(tuned_params, candidate.pruned,
                                       {**candidate.figures, **summary})
-  b_holdout_acc = holdout_accuracy(params, clean, config)
+  b_holdout_acc = evaluate.accuracy(params, clean.images[holdout_rows],
+                                    clean.labels[holdout_rows], clean.batch_size,
+                                    precision=clean.precision)
   chosen = recommend({name: ((c.figures['channels_pruned'], c.figures['drop']),
-                             c.figures['holdout_acc']) for name, c in candidates.items()},
-                     b_holdout_acc, config.finetune.max_clean_drop)
+                             c.figures['holdout_acc'])
+                      for name, c in candidates.items() if name != BASELINE},
+                     b_holdout_acc, settings.max_clean_drop)
   figures = {**pruned.figures, 'b_holdout_acc': b_holdout_acc,
-             'finetune': dataclasses.asdict(recipe)}
+             'finetune': {**dataclasses.asdict(recipe),
+                          'holdout_fraction': settings.holdout_fraction,
+                          'max_clean_drop': settings.max_clean_drop,
+                          'train_images': len(fit_rows), 'holdout_images': len(holdout_rows),
+                          'data': 'clean validation split only'}}
   return base.Outcome(candidates, figures, recommended=chosen)
+
+
+def report(outcome: base.Outcome, scorer, settings: Settings, out: pathlib.Path | None) -> dict:
+  """Pruning's report, plus each fine-pruned net and its GoodNet on the test split."""
+  results = pruning.report(outcome, scorer, settings, out)
+  results['finetune'] = outcome.figures['finetune']
+  scores = lambda net: scorer.figures(scorer.classes(net))
+  baseline = outcome.candidates[BASELINE]
+  results['fine_tuned_only'] = {**scores(baseline.params)[0], **baseline.figures}
+  tuned = {}  # channels -> (net, GoodNet's) figures: thresholds that share a level share them
+  for name, entry in results['thresholds'].items():
+    if not entry['reached']:
+      entry.update(fine_pruned=None, goodnet_fine_pruned=None)
+      continue
+    candidate = outcome.candidates[f'X={name}']
+    key = tuple(entry['pruned_channels'])
+    if key not in tuned:
+      net, good = scores(candidate.params)
+      summary = {k: candidate.figures[k] for k in ('chosen_epoch', 'holdout_acc', 'history')}
+      tuned[key] = {**net, **summary}, good
+    entry['fine_pruned'], entry['goodnet_fine_pruned'] = dict(tuned[key][0]), dict(tuned[key][1])
+    entry['fine_pruned_model_file'] = f'models/fine_pruned_X={name}.h5'
+    if out is not None:
+      keras_io.write_keras(out / entry['fine_pruned_model_file'], candidate.params,
+                           full_model=True)
+    logging.info('Fine-pruned X=%s: clean %.2f %%, ASR %.2f %% (test).', name,
+                 entry['fine_pruned']['clean_acc'], entry['fine_pruned']['asr'])
+  chosen = outcome.recommended
+  results['recommended'] = None if chosen is None else {
+      'x': chosen.removeprefix('X='),
+      'channels_pruned': outcome.candidates[chosen].figures['channels_pruned'],
+      'max_clean_drop': settings.max_clean_drop,
+      'b_holdout_acc': outcome.figures['b_holdout_acc'],
+      'holdout_acc': outcome.candidates[chosen].figures['holdout_acc']}
+  if out is not None:
+    report_io.plot_fine_pruning(out / 'plots' / 'fine_prune.png', results)
+  return results
+
+
+def markdown(results: dict, printed: bool = False) -> str:
+  return report_io.markdown(results)

@@ -1,8 +1,4 @@
-"""GoodNet: the backdoored net B and its pruned copy B' composed into one classifier.
-
-G(x) = argmax B(x) where B and B' agree, else N (the number of classes), which
-means "backdoored input detected". Classes 0..N-1 are B's.
-"""
+"""GoodNet: B's class where B and its pruned copy B' agree, else N ("backdoor detected")."""
 
 import jax
 import jax.numpy as jnp
@@ -29,11 +25,7 @@ def goodnet(params_b: Params, params_b_prime: Params, images: jax.Array) -> jax.
 def goodnet_masked(params_b: Params, channel_mask: jax.Array, images: jax.Array,
                    layer: str = model_lib.FEATURE_LAYER,
                    precision: str = model_lib.DEFAULT_PRECISION) -> jax.Array:
-  """GoodNet with B' = ``masks.prune(params_b, channel_mask, layer)``, sharing B's layers.
-
-  B and B' are the same net up to ``layer``, so those layers run once and only
-  the rest runs twice (pure and jittable, like ``goodnet``).
-  """
+  """``goodnet`` with B' = B pruned by ``channel_mask``; the layers up to ``layer`` run once."""
   state = model_lib.observe_fn(params_b, images, layer, precision)
   classes_b = jnp.argmax(model_lib.resume_fn(params_b, state, None, layer, precision), axis=-1)
   classes_b_prime = jnp.argmax(
@@ -54,12 +46,8 @@ def predict(params_b: Params, params_b_prime: Params, images: np.ndarray,
 def metrics(clean_classes: np.ndarray, clean_labels: np.ndarray,
             poisoned_classes: np.ndarray, target_labels: np.ndarray,
             num_classes: int) -> dict[str, float]:
-  """GoodNet's figures in percent.
-
-  clean_acc: clean inputs given their label; asr: poisoned inputs given the
-  attacker's target; detection_rate: poisoned inputs flagged N; false_alarm_rate:
-  clean inputs flagged N.
-  """
+  """GoodNet's figures in percent: clean_acc, asr, detection_rate (poisoned inputs flagged
+  N) and false_alarm_rate (clean inputs flagged N)."""
   return {
       'clean_acc': evaluate.percent(clean_classes == clean_labels),
       'asr': evaluate.percent(poisoned_classes == target_labels),
@@ -70,16 +58,10 @@ def metrics(clean_classes: np.ndarray, clean_labels: np.ndarray,
 
 def figures(b_classes: dict[str, np.ndarray], net_classes: dict[str, np.ndarray],
             labels: dict[str, np.ndarray], num_classes: int) -> tuple[dict, dict]:
-  """A repaired net's figures and its GoodNet's (with B), from classes on the test split.
+  """A repaired net's {clean_acc, asr} and its GoodNet's ``metrics`` (with B), in percent.
 
-  Args:
-    b_classes, net_classes: B's and the repaired net's classes, keyed
-      'clean_test' and 'poisoned_test'.
-    labels: the true labels of those files (the target for poisoned ones).
-    num_classes: N, GoodNet's "backdoor detected" class.
-
-  Returns:
-    The net's {clean_acc, asr} and GoodNet's ``metrics``, in percent.
+  The classes and labels (the target for poisoned inputs) are keyed 'clean_test' and
+  'poisoned_test'.
   """
   clean, poisoned = labels['clean_test'], labels['poisoned_test']
   net = {'clean_acc': evaluate.percent(net_classes['clean_test'] == clean),

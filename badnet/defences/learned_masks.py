@@ -1,28 +1,20 @@
 """Learned-mask pruning, the machinery ANP and RNP share: neuron masks learned by gradient.
 
-A mask ``m`` in [0, 1] per hidden neuron (conv_1..conv_4, fc_1, fc_2) scales
-that neuron's weights and bias: its pre-activation is ``m * (kernel . x) +
-m * bias`` (``model.neuron_logits_fn``), so a mask of 0 is exactly the hard
-prune (kernel slice and bias zeroed) that the defended Keras file holds, and a
-mask of 1 is the neuron as it was. ANP perturbs a neuron as ``(m + delta) *
-(kernel . x) + (m + xi) * bias``.
+A mask ``m`` in [0, 1] per hidden neuron (conv_1..conv_4, fc_1, fc_2) scales its weights and
+bias (``model.neuron_logits_fn``), so a mask of 0 is exactly the hard prune the defended Keras
+file holds. ANP perturbs a neuron as ``(m + delta) * (kernel . x) + (m + xi) * bias``. Every
+step is pure and runs under ``jit`` and ``vmap``: a grid of settings learns its masks together,
+the params shared, so the convolutions see one larger batch, not grouped kernels.
 
-Departure from the originals, which mask BatchNorm neurons (DeepID has none):
-they scale the BatchNorm weight by ``m + delta`` and its bias by ``1 + xi``,
-so their pruned neuron (weight 0) still outputs its bias. Here the mask gates
-the bias too, so that what is learned, what is pruned and what is exported
-are the same net; the authors' advice for nets without BatchNorm is to mask
-the conv and dense neurons themselves, which is what this does.
-
-Every step is a pure function of (params, mask state, batch, key) and runs
-under ``jit`` and ``vmap``: a grid of settings (eps, alpha, seeds) learns its
-masks together, the params shared and only the masks batched, so the
-convolutions see one larger batch, not grouped kernels.
+Departure: the originals mask BatchNorm neurons (DeepID has none), whose pruned neuron still
+outputs its bias; here the mask gates the bias too, so learned, pruned and exported nets agree.
 """
 
 import dataclasses
 import functools
+import pathlib
 from collections.abc import Callable, Sequence
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -33,9 +25,11 @@ from badnet import config as config_lib
 from badnet.core import backend, evaluate, masks, train
 from badnet.core import model as model_lib
 from badnet.defences import base
+from badnet.io import keras_io, report as report_io
 
 Params = model_lib.Params
 Masks = dict[str, jax.Array]  # layer -> [C] mask values
+REPORT_FILES = ('clean_test', 'poisoned_valid', 'poisoned_test')
 
 
 def init_masks(params: Params, layers: Sequence[str]) -> Masks:
@@ -80,13 +74,9 @@ def anp_step(params: Params, mask: Masks, velocity: Masks, images: jax.Array, la
              precision: str) -> tuple[Masks, Masks, jax.Array]:
   """One ANP iteration (pure): the worst neuron perturbation, then a mask step.
 
-  The perturbation (delta on the weights, xi on the biases) starts uniform in
-  [-eps, eps] and takes one signed-gradient step of size eps up the clean loss,
-  clipped back into [-eps, eps] (the paper's |delta|, |xi| <= eps). The masks
-  then descend ``alpha * L(m) + (1 - alpha) * L(m, delta, xi)``.
-
-  Returns:
-    The new masks and momentum, and the loss of the mask step.
+  The perturbation starts uniform in [-eps, eps] and takes one signed-gradient step of size eps up
+  the clean loss, clipped back into [-eps, eps]; the masks then descend
+  ``alpha * L(m) + (1 - alpha) * L(m, delta, xi)``.
   """
   leaves = list(mask)
   keys = jax.random.split(key, 2 * len(leaves))
@@ -135,13 +125,9 @@ class AnpSettings:
 
 @dataclasses.dataclass(frozen=True)
 class Learned:
-  """One variant's learned masks.
+  """One variant's masks, layer -> [C]: final values in [0, 1], and means over the steps.
 
-  Attributes:
-    masks: layer -> [C] final mask values in [0, 1].
-    means: layer -> [C] each mask's mean over the learning steps. Many masks
-      end at exactly 0 (or 1); among equal final masks, the one that was
-      lower throughout (reached 0 sooner, stayed there) is pruned first.
+  Many masks end at exactly 0; the means order them (lower throughout, pruned first).
   """
   masks: dict[str, np.ndarray]
   means: dict[str, np.ndarray]
@@ -166,21 +152,8 @@ def learn_anp(params: Params, images: np.ndarray, labels: np.ndarray,
               ) -> list[Learned]:
   """ANP's masks for each of ``variants``, learned on clean (images, labels) only.
 
-  Args:
-    params: the backdoored net B.
-    images, labels: the defender's clean data.
-    variants: the settings to learn masks for.
-    layers: the layers whose neurons are masked.
-    iterations, batch_size: mask steps, and images a step (drawn with replacement).
-    optimizer: the masks' SGD.
-    precision: see ``model``.
-    stacked: learn every variant in one vmapped step (the params shared); else
-      one variant after another with the same per-variant step. Both give the
-      same masks (to float rounding).
-
-  Returns:
-    One ``Learned`` per variant (final masks in [0, 1], and their means over
-    the iterations).
+  ``stacked`` learns every variant in one vmapped step (the params shared), else one after
+  another; both give the same masks to float rounding.
   """
   images = np.asarray(images)
   labels = np.asarray(labels, np.int32)
@@ -223,11 +196,7 @@ def _learn_anp(params, images, labels, variants, *, layers, iterations, batch_si
 
 def pruning_order(mask: dict[str, np.ndarray], means: dict[str, np.ndarray] | None = None
                   ) -> list[tuple[str, int]]:
-  """Every masked neuron, smallest mask first.
-
-  Ties (many masks end at exactly 0): the smaller mean over the learning
-  (``means``, if given) first, then layer order, then index.
-  """
+  """Every masked neuron, smallest mask first; ties by ``means`` (if given), layer, index."""
   means = means or {layer: np.zeros(len(values)) for layer, values in mask.items()}
   entries = [(float(value), float(mean), index_of_layer, layer, int(neuron))
              for index_of_layer, (layer, values) in enumerate(mask.items())
@@ -278,15 +247,9 @@ def _ascent_step(params, opt_state, images, labels, *, optimizer, precision):
 
 def unlearn(params: Params, images: np.ndarray, labels: np.ndarray, settings: RnpSettings,
             precision: str = model_lib.DEFAULT_PRECISION) -> tuple[Params, list[dict]]:
-  """RNP's first stage: gradient ascent on the clean loss until clean accuracy falls.
+  """RNP's first stage: ascend the clean loss until training accuracy is <= ``clean_threshold`` %.
 
-  SGD (momentum, weight decay, the gradient's norm clipped) ascends the
-  cross-entropy on the defender's clean data, epoch by epoch (shuffled, the
-  last partial batch kept), and stops after the first epoch whose training
-  accuracy is at or below ``settings.clean_threshold`` percent.
-
-  Returns:
-    The unlearned params and per-epoch {epoch, loss, train_acc}.
+  Returns the params and per-epoch {epoch, loss, train_acc}.
   """
   optimizer = optax.chain(optax.clip_by_global_norm(settings.clip_norm),
                           optax.add_decayed_weights(settings.weight_decay),
@@ -316,12 +279,7 @@ def learn_rnp(params: Params, images: np.ndarray, labels: np.ndarray, settings: 
               layers: Sequence[str] = model_lib.NEURON_LAYERS,
               precision: str = model_lib.DEFAULT_PRECISION
               ) -> tuple[Learned, list[dict]]:
-  """RNP's masks: unlearn, then learn on the unlearned net masks that recover the clean loss.
-
-  Returns:
-    The masks (final, in [0, 1], and their means over the recovering steps)
-    and the unlearning history.
-  """
+  """RNP's masks, learned on the unlearned net to recover clean loss; the unlearning's history."""
   labels = np.asarray(labels, np.int32)
   unlearned, history = unlearn(params, images, labels, settings, precision)
   optimizer = MaskOptimizer(settings.recovering_lr, 0.9)
@@ -342,23 +300,32 @@ def learn_rnp(params: Params, images: np.ndarray, labels: np.ndarray, settings: 
   return _learned(mask_sum, mask, steps), history
 
 
-# Candidate depths (neurons pruned, smallest masks first): fine where a choice is
-# usually made, coarser deeper down.
+# Candidate depths (neurons pruned): fine where a choice is usually made, coarser deeper down.
 DEPTHS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
-# Without fine-tuning, candidates stop at the first depth whose held-out clean
-# accuracy is below this fraction of B's: deeper nets are of no use.
+# Without fine-tuning, stop below this fraction of B's held-out accuracy: deeper is of no use.
 STOP_FRACTION = 0.5
 
 
-# The fields of configs/anp.py and configs/rnp.py that both defences read.
-FIELDS: config_lib.Fields = {
-    'layers': config_lib.Each(config_lib.Choice(model_lib.NEURON_LAYERS, 'layer')),
-    'holdout_fraction': config_lib.Number(0, 1, low_open=True, high_open=True),
-    'max_clean_drop': config_lib.Number(0, 100),
-    'seed': config_lib.Integer(),
-    'batch_size': config_lib.Integer(1),
-    'precision': config_lib.Choice(model_lib.PRECISIONS, 'precision'),
-}
+@dataclasses.dataclass(frozen=True)
+class Common:
+  """The settings ANP and RNP share (each defence's ``Settings`` adds its own).
+
+  ``holdout_fraction`` of the clean validation split chooses the depth, which may cost
+  ``max_clean_drop`` points of held-out clean accuracy. ``finetune`` fine-tunes each candidate,
+  its pruned neurons held at zero (epochs 0: pruning alone, as published).
+  """
+  layers: tuple[str, ...] = model_lib.NEURON_LAYERS
+  holdout_fraction: float = 0.2
+  max_clean_drop: float = 3.0
+  seed: int = 0
+  finetune: base.Tuning = base.Tuning()
+
+  FIELDS: ClassVar[config_lib.Fields] = {
+      'layers': config_lib.Each(config_lib.Choice(model_lib.NEURON_LAYERS, 'layer')),
+      'holdout_fraction': config_lib.Number(0, 1, low_open=True, high_open=True),
+      'max_clean_drop': config_lib.Number(0, 100),
+      'seed': config_lib.Integer(),
+  }
 
 
 def candidate_depths(neurons: int) -> list[int]:
@@ -367,13 +334,7 @@ def candidate_depths(neurons: int) -> list[int]:
 
 
 def deepest_by_bisection(depths: Sequence[int], within: Callable[[int], bool]) -> None:
-  """Calls ``within`` on depths chosen by bisection for the last one within the budget.
-
-  Depth 0 (B itself) is taken as within. With fine-tuned accuracy falling
-  with depth this finds the deepest within in ceil(log2(len(depths) + 1))
-  calls, each a fine-tuning, where a scan from the top of the list would need
-  one per depth up to the first that misses.
-  """
+  """Bisects ``depths`` for the deepest ``within`` the budget (depth 0 is): calls are costly."""
   low, high = -1, len(depths)  # depths[low] within (-1: depth 0), depths[high] not
   while high - low > 1:
     middle = (low + high) // 2
@@ -383,26 +344,20 @@ def deepest_by_bisection(depths: Sequence[int], within: Callable[[int], bool]) -
       high = middle
 
 
-def choose(params: Params, images: np.ndarray, labels: np.ndarray, fit_rows: np.ndarray,
-           holdout_rows: np.ndarray, variant_masks: dict[str, Learned],
-           config: config_lib.Config) -> base.Outcome:
-  """Candidates by depth for each variant, and the one chosen on held-out clean data.
+def choose(params: Params, clean: base.Clean, fit_rows: np.ndarray, holdout_rows: np.ndarray,
+           variant_masks: dict[str, Learned], settings: Common) -> base.Outcome:
+  """Candidates by depth for each variant, and the one recommended on held-out clean data.
 
-  The neurons are pruned smallest mask first (``pruning_order``), at the
-  depths of ``candidate_depths``. With ``config.finetune.epochs`` > 0 each
-  candidate is fine-tuned on the clean rows ``fit_rows``, its pruned neurons
-  held at zero, the epoch chosen on the held-out rows, and judged by its
-  fine-tuned accuracy; as each costs a fine-tuning, the depths are tried by
-  bisection (``deepest_by_bisection``). Without, every depth is tried until
-  held-out accuracy falls below ``STOP_FRACTION`` of B's. The recommended
-  candidate is the deepest tried (ties: higher held-out accuracy) whose
-  held-out clean accuracy stays within ``config.max_clean_drop`` points of B's.
+  Neurons are pruned smallest mask first. Fine-tuned depths are tried by bisection, as each costs
+  a fine-tuning; without, every depth until held-out accuracy is below ``STOP_FRACTION`` of B's.
+  The recommended one is the deepest (ties: more accurate) within ``max_clean_drop`` of B's.
   """
+  images, labels = clean.images, clean.labels
   held_images, held_labels = images[holdout_rows], labels[holdout_rows]
-  accuracy = lambda net: evaluate.accuracy(net, held_images, held_labels, config.batch_size,
-                                           precision=config.precision)
+  accuracy = lambda net: evaluate.accuracy(net, held_images, held_labels, clean.batch_size,
+                                           precision=clean.precision)
   b_acc = accuracy(params)
-  tune = config.finetune.epochs > 0
+  tune = settings.finetune.epochs > 0
   tried, allowed = [], []  # (variant index, depth, name, candidate)
   for index, (variant, learned) in enumerate(variant_masks.items()):
     order = pruning_order(learned.masks, learned.means)
@@ -417,19 +372,19 @@ def choose(params: Params, images: np.ndarray, labels: np.ndarray, fit_rows: np.
       value = figures['holdout_clean_acc']
       if tune and depth:
         net, figures['fine_tuned'] = fine_tune(net, pruned, images[fit_rows], labels[fit_rows],
-                                               (held_images, held_labels), config)
+                                               (held_images, held_labels), settings.finetune)
         value = figures['fine_tuned']['holdout_clean_acc']
       name = f'{variant}{depth} neurons'
       tried.append((index, depth, name, base.Candidate(
           net, {k: np.array(v) for k, v in pruned.items()}, figures)))
-      if value >= b_acc - config.max_clean_drop:
+      if value >= b_acc - settings.max_clean_drop:
         allowed.append((depth, value, name))
       return value
 
     score(0)
     if tune:
       deepest_by_bisection(candidate_depths(len(order)),
-                           lambda depth: score(depth) >= b_acc - config.max_clean_drop)
+                           lambda depth: score(depth) >= b_acc - settings.max_clean_drop)
     else:
       for depth in candidate_depths(len(order)):
         if score(depth) < STOP_FRACTION * b_acc:
@@ -446,22 +401,76 @@ def choose(params: Params, images: np.ndarray, labels: np.ndarray, fit_rows: np.
 
 def fine_tune(net: Params, pruned: dict[str, list[int]], images: np.ndarray,
               labels: np.ndarray, holdout: tuple[np.ndarray, np.ndarray],
-              config: config_lib.Config) -> tuple[Params, dict]:
-  """A pruned net fine-tuned on clean data (``config.finetune``), its pruned neurons held at 0.
-
-  Returns:
-    The params of the epoch with the best held-out accuracy, and {chosen_epoch,
-    holdout_clean_acc, history}.
-  """
+              tuning: base.Tuning) -> tuple[Params, dict]:
+  """A pruned net fine-tuned on clean data, its pruned neurons held at 0; best held-out epoch."""
   held = {}
   for layer, indices in pruned.items():
     held[layer] = np.ones(net[layer]['bias'].shape, np.float32)
     held[layer][indices] = 0.0
-  recipe = train.Recipe.from_config(config.finetune)
   depth = sum(len(indices) for indices in pruned.values())
-  tuned, history = train.fit(net, images, labels, recipe, holdout=holdout, held=held,
+  tuned, history = train.fit(net, images, labels, tuning.recipe(), holdout=holdout, held=held,
                              name=f'fine-tune ({depth} neurons pruned)')
-  best = max(history, key=lambda epoch: (epoch['holdout_acc'], epoch['epoch']))
-  return tuned, {'chosen_epoch': best['epoch'], 'holdout_clean_acc': best['holdout_acc'],
-                 'history': [{k: v for k, v in epoch.items() if k != 'seconds'}
-                             for epoch in history]}
+  return tuned, train.summary(history, 'holdout_clean_acc')
+
+
+def defend(name: str, params: Params, clean: base.Clean, settings: Common,
+           learn: Callable[[Params, np.ndarray, np.ndarray], tuple[dict[str, Learned], dict]]
+           ) -> base.Outcome:
+  """Masks by ``learn`` (the method's) on part of ``clean``; the depth chosen on the rest."""
+  fit_rows, holdout_rows = base.split_for_fine_tuning(clean.labels, settings.holdout_fraction,
+                                                 settings.seed)
+  variant_masks, extra = learn(params, clean.images[fit_rows], clean.labels[fit_rows])
+  outcome = choose(params, clean, fit_rows, holdout_rows, variant_masks, settings)
+  outcome.figures.update(defence=name, masks=variant_masks, **extra)
+  return outcome
+
+
+def report(outcome: base.Outcome, scorer, settings: Common, out: pathlib.Path | None) -> dict:
+  """Every candidate, the chosen one and its GoodNet; writes defended.h5, masks.npz and plots."""
+  clean = scorer.splits['clean_valid']
+  b_classes = {key: scorer.b_classes(key) for key in REPORT_FILES}
+  base_test, _ = scorer.figures(b_classes)
+  name = outcome.figures['defence']
+  results = {
+      'base': {'valid': {'clean_acc': scorer.accuracy(scorer.params, clean.images, clean.labels),
+                         'asr': scorer.percent(b_classes['poisoned_valid'], 'poisoned_valid')},
+               'test': base_test},
+      'b_holdout_acc': outcome.figures['b_holdout_acc'],
+      'holdout_images': outcome.figures['holdout_images'],
+      'max_clean_drop': settings.max_clean_drop, 'recommended': outcome.recommended,
+      'tradeoff': []}
+  for candidate_name, candidate in outcome.candidates.items():
+    classes = scorer.classes(candidate.params, REPORT_FILES)
+    net, good = scorer.figures(classes)
+    valid_asr = scorer.percent(classes['poisoned_valid'], 'poisoned_valid')
+    results['tradeoff'].append({'candidate': candidate_name, **candidate.figures,
+                                'test_clean_acc': net['clean_acc'], 'test_asr': net['asr'],
+                                'valid_asr': valid_asr})
+    if candidate_name == outcome.recommended:
+      tuned = candidate.figures.get('fine_tuned')
+      results['defended'] = {
+          'candidate': candidate_name, 'neurons_pruned': candidate.figures['neurons_pruned'],
+          'valid': {'clean_acc': (tuned or candidate.figures)['holdout_clean_acc'],
+                    'asr': valid_asr},
+          'test': net, 'fine_tuned': tuned}
+      results['goodnet'] = {'test': good}
+      results['pruned'] = {layer: [int(i) for i in indices]
+                           for layer, indices in candidate.pruned.items()}
+      results['model_file'] = 'models/defended.h5'
+      if out is not None:
+        keras_io.write_keras(out / results['model_file'], candidate.params, full_model=True)
+  if 'unlearning' in outcome.figures:
+    results['unlearning'] = outcome.figures['unlearning']
+  results['masks_file'] = 'masks.npz'
+  learned = outcome.figures['masks']
+  if out is not None:
+    variant_masks = {variant: found.masks for variant, found in learned.items()}
+    report_io.write_masks(out / results['masks_file'], variant_masks,
+                          {variant: found.means for variant, found in learned.items()})
+    report_io.plot_mask_tradeoff(out / 'plots' / 'tradeoff.png', {**results, 'defence': name})
+    report_io.plot_masks(out / 'plots' / 'masks.png', variant_masks, name.upper())
+  return results
+
+
+def markdown(results: dict, printed: bool = False) -> str:
+  return report_io.learned_mask_markdown(results)

@@ -1,70 +1,34 @@
 """Neural Cleanse (Wang et al., IEEE S&P 2019): reverse-engineered triggers, as a plug-in.
 
-For every label t, Neural Cleanse asks for the smallest trigger that sends
-clean images to t: a mask ``m`` ([55, 47], in [0, 1]) and a pattern ``p``
-([55, 47, 3], pixels in [0, 255]) stamped as ``x' = (1 - m) * x + m * p``,
-minimising ``CE(B(x'), t) + lambda * |m|_1``. A backdoor's target needs a much
-smaller mask than any other label; the anomaly index of a label is how far
-its mask's L1 norm lies below the median of all labels' norms, in units of
-their median absolute deviation (x 1.4826, consistent with a normal
-distribution's spread), and labels above ``ANOMALY_THRESHOLD`` (2) are
-flagged. The mitigation (``unlearn``) fine-tunes B on clean data in which a
-fraction of the images carry a flagged label's reversed trigger under their
-own true label.
+For every label t, find the smallest trigger that sends clean images to t: a mask ``m`` [55, 47]
+in [0, 1] and a pattern ``p`` [55, 47, 3] in [0, 255], stamped as ``x' = (1 - m) * x + m * p``,
+minimising ``CE(B(x'), t) + lambda * |m|_1``. A backdoor's target needs a much smaller mask than
+any other label, so a label whose mask norm lies over ``ANOMALY_THRESHOLD`` MADs below the
+median is flagged. The mitigation (``unlearn``) fine-tunes B on clean data in which some images
+carry a flagged trigger under their true label. The optimisation follows the authors' code
+(bolunwang/backdoor, ``visualizer.py``; see ``Reversal``).
 
-How it follows the authors' code (bolunwang/backdoor, ``visualizer.py``):
+Departures:
 
-- The mask and the pattern live in tanh space (``m = tanh(u) / 2 + 0.5``,
-  ``p = 255 (tanh(v) / 2 + 0.5)``), start uniform at random, and are trained
-  by Adam (lr 0.1, betas 0.5 / 0.9) on the mean cross-entropy plus
-  ``lambda * sum(m)``.
-- A *step* is ``batches_per_step`` batches; its attack success and mask norm
-  are the means over those batches, measured before each batch's update.
-  lambda starts at 0, is set to ``init_cost`` (1e-3) after ``patience`` (5)
-  steps in a row reach ``attack_threshold`` (99 %), and from then on is
-  multiplied by ``cost_multiplier`` (2) after 5 successful steps in a row and
-  divided by ``cost_multiplier ** 1.5`` after 5 failed ones.
-- After a successful step whose mean norm beats the best so far, the mask
-  and pattern are kept as the best. The run stops after ``steps`` steps, or
-  early once lambda has gone both up and down and the best norm has not
-  improved for ``early_stop_patience`` (25) steps. The result is the best
-  trigger (the last one if no step succeeded).
+- Batches are drawn with replacement, seeded by (seed, step), so that a label's result depends
+  only on (seed, label): labels optimised together equal each alone.
+- The defaults take smaller and fewer steps (``Settings``): the paper's are too slow on a CPU.
+- The tanh-space start is clipped ``TANH_MARGIN`` inside (-1, 1): float32 needs it.
+- The loss is the paper's cross-entropy: the authors' code swaps Keras' arguments (``attack_loss``).
 
-Departures, each for a reason:
-
-- Batches are drawn with replacement from a generator seeded by ``seed``
-  and the step number (the original shuffles its data generator), so the
-  same step gives every label the same images and a label's result depends
-  only on (seed, label): the labels optimised together equal each label
-  optimised alone (``tests/test_neural_cleanse.py``).
-- The original's step is ~1000 images (31 batches of 32) and at most 1000
-  steps; on a 2-core CPU that is hours per label. The job's defaults (see
-  configs/neural_cleanse.py) take smaller steps and fewer of them; the
-  schedule and its counters are the paper's, counted in these steps.
-- The tanh-space start is clipped 1e-6 inside (-1, 1) in float32 (the
-  original computes it in float64, where its epsilon keeps it finite).
-- The loss is the paper's cross-entropy. The authors' code calls Keras'
-  ``categorical_crossentropy(output, y_true)`` with its arguments swapped,
-  which computes ``16.1 (1 - p_t)``, linear in the label's probability (and
-  flat where it is near 0); ``loss='original_code'`` reproduces that.
-
-The whole reverse engineering of one label is ``reverse_engineer``, a pure
-function (a ``lax.while_loop`` of ``tick``, one batch's update and the
-bookkeeping) that runs under ``jit`` and ``vmap``. ``reverse_engineer_labels``
-runs the same ``tick`` vmapped over ``slots`` labels, the params and images
-shared, so the net sees one batch of labels x images; it is driven from the
-host, one call a batch, because XLA on a CPU runs convolutions inside a loop
-at under half their speed (jax-ml/jax#12868). A label that is done keeps its
-state, and the next label takes its slot, so no label waits for the slowest
-of a chunk and every call has the same shapes (one compilation).
+``reverse_engineer`` is a pure ``lax.while_loop`` of ``tick``. ``reverse_engineer_labels`` drives
+the same ``tick`` from the host, vmapped over ``slots`` labels, as XLA on a CPU runs convolutions
+inside a loop slowly (jax-ml/jax#12868); a finished label's slot goes to the next label, so every
+call has the same shapes.
 """
 
 import dataclasses
 import functools
 import math
 import time
+import pathlib
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 from absl import logging
 import jax
@@ -75,16 +39,17 @@ import optax
 from badnet import config as config_lib
 from badnet.core import backend, cache, evaluate, train
 from badnet.core import model as model_lib
-from badnet.defences import base, fine_pruning
+from badnet.benchmark import shipped
+from badnet.defences import base
 from badnet.errors import ConfigError
-from badnet.io import data
+from badnet.io import keras_io, tables, trigger_plots, workdir
+from badnet.io.tables import fmt
 
 NAME = 'neural_cleanse'
 Params = model_lib.Params
 HEIGHT, WIDTH, COLORS = model_lib.IMAGE_SHAPE
 ANOMALY_THRESHOLD = 2.0
-# The MAD's consistency constant: 1.4826 MAD estimates a normal distribution's
-# standard deviation.
+# 1.4826 MAD estimates a normal distribution's standard deviation.
 MAD_SCALE = 1.4826
 # The start in tanh space is arctanh(2 m - 1), clipped this far inside (-1, 1).
 TANH_MARGIN = 1e-6
@@ -92,24 +57,15 @@ LOSSES = ('cross_entropy', 'original_code')
 
 
 @dataclasses.dataclass(frozen=True)
-class Settings:
+class Reversal:
   """The reverse engineering of one label (hashable: one compilation per settings).
 
-  Defaults are the paper's (the authors' GTSRB example); the job's are smaller
-  (configs/neural_cleanse.py).
-
-  Attributes:
-    steps: at most this many steps.
-    batch_size: images a batch.
-    batches_per_step: batches a step (the paper: 1000 images a step).
-    learning_rate, beta_1, beta_2: Adam's, on the mask and pattern in tanh space.
-    init_cost: lambda once the attack first succeeds.
-    attack_threshold: a step succeeds when this fraction of its images reach the label.
-    patience: steps in a row before lambda is set, raised or lowered.
-    cost_multiplier: lambda's factor up (down: this ** 1.5).
-    early_stop_patience: steps without a better norm before stopping (0: never stop early).
-    early_stop_threshold: a norm is better if below this times the best.
-    loss: one of LOSSES (see ``attack_loss``).
+  Defaults are the paper's. Adam trains the mask and pattern in tanh space; a step is
+  ``batches_per_step`` batches. lambda starts at 0, is set to ``init_cost`` once ``patience`` steps
+  in a row reach ``attack_threshold``, then is multiplied by ``cost_multiplier`` after ``patience``
+  successful steps in a row and divided by ``cost_multiplier ** 1.5`` after as many failed ones.
+  The run stops after ``steps``, or once lambda has gone both ways and the best norm has not
+  dropped below ``early_stop_threshold`` times itself for ``early_stop_patience`` steps (0: never).
   """
   steps: int = 1000
   batch_size: int = 32
@@ -133,13 +89,8 @@ class Settings:
 class Trigger(NamedTuple):
   """A reversed trigger (for a batch of labels, every field has a leading label axis).
 
-  Attributes:
-    mask: [55, 47] in [0, 1].
-    pattern: [55, 47, 3] pixels in [0, 255].
-    l1: the mask's L1 norm (its sum).
-    found: whether some step reached the attack threshold (else the last trigger).
-    steps: steps run.
-    cost: lambda at the end.
+  ``mask`` [55, 47] in [0, 1], ``pattern`` [55, 47, 3] in [0, 255], ``l1`` the mask's sum,
+  ``found``: some step reached the attack threshold (else the last trigger); ``cost``: lambda.
   """
   mask: jax.Array
   pattern: jax.Array
@@ -184,10 +135,7 @@ def stamp(images: jax.Array, mask: jax.Array, pattern: jax.Array) -> jax.Array:
 
 def initial_trigger(seed: int | jax.Array, label: int | jax.Array
                     ) -> tuple[jax.Array, jax.Array]:
-  """The random start of ``label``'s trigger in tanh space: uniform mask and pattern.
-
-  It depends on (seed, label) only, so a label starts the same alone or with others.
-  """
+  """``label``'s uniform random start in tanh space; it depends on (seed, label) only."""
   mask_key, pattern_key = jax.random.split(
       jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 1), label))
   mask = jax.random.uniform(mask_key, (HEIGHT, WIDTH))
@@ -198,7 +146,7 @@ def initial_trigger(seed: int | jax.Array, label: int | jax.Array
 
 def batch_rows(seed: int | jax.Array, step: jax.Array, batch: jax.Array, count: int,
                batch_size: int) -> jax.Array:
-  """The rows of batch ``batch`` of step ``step``, drawn from ``count`` images: every label's."""
+  """The rows of a step's batch, drawn from ``count`` images, the same for every label."""
   key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 0), step)
   return jax.random.randint(jax.random.fold_in(key, batch), (batch_size,), 0, count)
 
@@ -207,10 +155,8 @@ def attack_loss(logits: jax.Array, label: int | jax.Array, kind: str = 'cross_en
                 ) -> jax.Array:
   """The mean loss of sending every row of ``logits`` to ``label`` (one of ``LOSSES``).
 
-  'cross_entropy' is the paper's. 'original_code' is what the authors' Keras
-  code computes: ``categorical_crossentropy(output, y_true)``, its arguments
-  swapped, is ``-sum_j p_j log(clip(onehot_j, 1e-7, 1 - 1e-7))``, i.e.
-  ``-log(1e-7) (1 - p_t) - log(1 - 1e-7) p_t``: linear in the label's probability.
+  'original_code' is what the authors' Keras code computes, its arguments swapped:
+  ``-log(1e-7) (1 - p_t) - log(1 - 1e-7) p_t``, linear in the label's probability.
   """
   targets = jnp.full(logits.shape[0], label)
   if kind == 'cross_entropy':
@@ -228,7 +174,7 @@ def _loss(theta, params, images, label, cost, precision, kind):
   return attack_loss(logits, label, kind) + cost * norm, (hits, norm)
 
 
-def init_state(label: int | jax.Array, seed: int | jax.Array, settings: Settings) -> _State:
+def init_state(label: int | jax.Array, seed: int | jax.Array, settings: Reversal) -> _State:
   """``label``'s state before its first batch (pure; vmap over labels)."""
   theta = initial_trigger(seed, label)
   zero, false, inf = jnp.int32(0), jnp.bool_(False), jnp.float32(jnp.inf)
@@ -237,18 +183,15 @@ def init_state(label: int | jax.Array, seed: int | jax.Array, settings: Settings
                 zero, inf, zero, false)
 
 
-def done(state: _State, settings: Settings) -> jax.Array:
+def done(state: _State, settings: Reversal) -> jax.Array:
   """Whether a label's optimisation has ended (its steps run, or stopped early)."""
   return state.stopped | (state.step >= settings.steps)
 
 
 def tick(state: _State, params: Params, images: jax.Array, label: int | jax.Array,
-         seed: int | jax.Array, settings: Settings,
+         seed: int | jax.Array, settings: Reversal,
          precision: str = model_lib.DEFAULT_PRECISION) -> _State:
-  """One batch's Adam update, and after a step's last batch the paper's bookkeeping (pure).
-
-  A label that is ``done`` keeps its state.
-  """
+  """One batch's Adam update, then after a step's last batch the bookkeeping (pure)."""
   rows = batch_rows(seed, state.step, state.batch, images.shape[0], settings.batch_size)
   grads, (hits, norm) = jax.grad(_loss, has_aux=True)(state.theta, params, images[rows], label,
                                                       state.cost, precision, settings.loss)
@@ -262,8 +205,8 @@ def tick(state: _State, params: Params, images: jax.Array, label: int | jax.Arra
   return jax.tree.map(lambda old, now: jnp.where(done(state, settings), old, now), state, new)
 
 
-def _end_of_step(state: _State, settings: Settings) -> _State:
-  """The paper's bookkeeping after a step: the best trigger, early stopping, lambda."""
+def _end_of_step(state: _State, settings: Reversal) -> _State:
+  """The bookkeeping after a step: the best trigger, early stopping, lambda."""
   success = state.hits / (settings.batches_per_step * settings.batch_size)
   norm = state.norms / settings.batches_per_step
   succeeded = success >= settings.attack_threshold
@@ -315,26 +258,9 @@ def result(state: _State) -> Trigger:
 
 
 def reverse_engineer(params: Params, images: jax.Array, label: int | jax.Array,
-                     seed: int | jax.Array = 0, settings: Settings = Settings(),
+                     seed: int | jax.Array = 0, settings: Reversal = Reversal(),
                      precision: str = model_lib.DEFAULT_PRECISION) -> Trigger:
-  """The smallest trigger that sends ``images`` to ``label`` (pure; jit and vmap over labels).
-
-  A ``lax.while_loop`` of ``tick``. (On a CPU, XLA runs convolutions inside a
-  loop at under half their speed, jax-ml/jax#12868, so
-  ``reverse_engineer_labels`` drives the same ``tick`` from the host.)
-
-  Args:
-    params: the net B.
-    images: clean images [N, 55, 47, 3] (uint8 or float32, 0..255) the batches
-      are drawn from.
-    label: the label to reverse engineer.
-    seed: the batches' and the start's seed (with ``label``).
-    settings: the optimisation (hashable; static under jit).
-    precision: see ``model``.
-
-  Returns:
-    The trigger, its norm and how the run went.
-  """
+  """The smallest trigger that sends ``images`` [N, 55, 47, 3] (0..255) to ``label`` (pure)."""
   one = functools.partial(tick, params=params, images=images, label=label, seed=seed,
                           settings=settings, precision=precision)
   return result(jax.lax.while_loop(lambda s: ~done(s, settings), one,
@@ -342,7 +268,7 @@ def reverse_engineer(params: Params, images: jax.Array, label: int | jax.Array,
 
 
 @functools.cache
-def _compiled(settings: Settings, precision: str):
+def _compiled(settings: Reversal, precision: str):
   """The jitted tick, init and done over a slot axis (params, images and seed shared)."""
   ticks = jax.vmap(functools.partial(tick, settings=settings, precision=precision),
                    in_axes=(0, None, None, 0, None))
@@ -353,19 +279,10 @@ def _compiled(settings: Settings, precision: str):
 
 
 def reverse_engineer_labels(params: Params, images: np.ndarray, labels: Sequence[int],
-                            seed: int = 0, settings: Settings = Settings(),
+                            seed: int = 0, settings: Reversal = Reversal(),
                             slots: int = 1, precision: str = model_lib.DEFAULT_PRECISION
                             ) -> dict[str, np.ndarray]:
-  """Triggers for ``labels``, ``slots`` labels at a time in one vmapped optimisation.
-
-  Each call of the jitted, vmapped ``tick`` advances every slot's label by
-  one batch (slots x batch_size images through the net; on a 2-core CPU one
-  slot is fastest, on an accelerator many). When a label is done its trigger
-  is read and the next label takes its slot, so no label waits for the
-  slowest of a chunk and every call has the same shapes (one compilation).
-  Once no label is left, finished slots keep their state. A label's result
-  depends only on (seed, label): it is what ``reverse_engineer`` gives for it
-  alone, up to float rounding.
+  """Triggers for ``labels``, ``slots`` at a time; each equals ``reverse_engineer``'s alone.
 
   Returns:
     Trigger's fields as numpy arrays, a leading axis over ``labels`` in their order.
@@ -406,17 +323,15 @@ def reverse_engineer_labels(params: Params, images: np.ndarray, labels: Sequence
 
 
 def anomaly_index(norms: np.ndarray) -> tuple[np.ndarray, float, float]:
-  """Each norm's distance below the median, in MADs (x 1.4826); and the median and MAD.
-
-  Norms above the median get negative indices. With a MAD of 0 (fewer than
-  three distinct norms) an index is 0 at the median and +-inf elsewhere.
-  """
+  """Each norm's distance below the median in MADs (MAD 0: +-inf off the median); median, MAD."""
   norms = np.asarray(norms, np.float64)
   median = float(np.median(norms))
   mad = MAD_SCALE * float(np.median(np.abs(norms - median)))
   with np.errstate(divide='ignore', invalid='ignore'):
     index = np.where(norms == median, 0.0, (median - norms) / mad)
   return index, median, mad
+
+
 def flag(index: np.ndarray, threshold: float = ANOMALY_THRESHOLD) -> np.ndarray:
   """Which labels are flagged: anomaly index above ``threshold`` (norms below the median)."""
   return np.asarray(index) > threshold
@@ -426,17 +341,9 @@ def trigger_success(params: Params, images: np.ndarray, true_labels: np.ndarray,
                     labels: Sequence[int], masks: np.ndarray, patterns: np.ndarray,
                     batch_size: int = evaluate.DEFAULT_BATCH_SIZE,
                     precision: str = model_lib.DEFAULT_PRECISION) -> np.ndarray:
-  """Each reversed trigger's attack success (%) on clean images of the other labels.
+  """Each trigger's attack success (%) [L] on the images whose true label is not its own.
 
-  Args:
-    params: the net.
-    images, true_labels: clean images (not those the triggers were optimised on).
-    labels, masks, patterns: the triggers ([L], [L, 55, 47], [L, 55, 47, 3]).
-    batch_size, precision: of the evaluation.
-
-  Returns:
-    [L] percent of the images whose true label is not ``labels[i]`` that
-    ``params`` classifies as ``labels[i]`` with trigger i stamped.
+  ``masks`` is [L, 55, 47], ``patterns`` [L, 55, 47, 3]; the images should be held out.
   """
   step = cache.bind(_stamped_classes, precision=precision)
   success = []
@@ -456,14 +363,7 @@ def _stamped_classes(net_and_trigger, images, *, precision):
 
 def stamp_some(images: np.ndarray, masks: np.ndarray, patterns: np.ndarray, fraction: float,
                seed: int) -> tuple[np.ndarray, np.ndarray]:
-  """``images`` (float32) with a ``fraction`` of them carrying one of the triggers.
-
-  Each chosen image gets one of the triggers at random (seeded), as NC's
-  unlearning does for one target; the labels are not touched.
-
-  Returns:
-    The images and a bool [N] marking the stamped ones.
-  """
+  """``images`` (float32), a ``fraction`` stamped with random triggers; and bool [N]: which."""
   rng = np.random.default_rng(seed)
   chosen = rng.choice(len(images), int(round(fraction * len(images))), replace=False)
   which = rng.integers(0, len(masks), len(chosen))
@@ -476,27 +376,18 @@ def stamp_some(images: np.ndarray, masks: np.ndarray, patterns: np.ndarray, frac
 
 def unlearn(params: Params, images: np.ndarray, labels: np.ndarray, masks: np.ndarray,
             patterns: np.ndarray, holdout: tuple[np.ndarray, np.ndarray],
-            config: config_lib.Config) -> tuple[Params, dict]:
-  """NC's mitigation: fine-tune on clean data where some images carry a reversed trigger.
+            tune: 'Unlearning') -> tuple[Params, dict]:
+  """NC's mitigation: fine-tuning with flagged triggers on some images, true labels kept.
 
-  A ``config.unlearning.trigger_fraction`` of the images carry one of the
-  flagged labels' triggers with their true labels kept, so the net learns to
-  ignore the trigger; the recipe is ``config.unlearning`` (fine-pruning's),
-  and the epoch with the best held-out clean accuracy is kept.
-
-  Returns:
-    The unlearned params and {chosen_epoch, holdout_clean_acc, stamped_images, history}.
+  Returns the params of the best held-out epoch, and {chosen_epoch, holdout_clean_acc,
+  stamped_images, history}.
   """
-  tune = config.unlearning
   stamped_images, stamped = stamp_some(images, masks, patterns, tune.trigger_fraction, tune.seed)
-  recipe = train.Recipe.from_config(tune)
+  recipe = tune.recipe()
   tuned, history = train.fit(params, stamped_images, labels, recipe, holdout=holdout,
                              name='unlearning')
-  best = max(history, key=lambda epoch: (epoch['holdout_acc'], epoch['epoch']))
-  return tuned, {'chosen_epoch': best['epoch'], 'holdout_clean_acc': best['holdout_acc'],
-                 'stamped_images': int(stamped.sum()),
-                 'history': [{k: v for k, v in epoch.items() if k != 'seconds'}
-                             for epoch in history]}
+  return tuned, {**train.summary(history, 'holdout_clean_acc'),
+                 'stamped_images': int(stamped.sum())}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -508,91 +399,113 @@ class _Labels(config_lib.Each):
       super().check(name, value, config)
 
 
-FIELDS: config_lib.Fields = {
-    'labels': _Labels(config_lib.Integer(0), empty='give at least one label, or leave it '
-                      'unset (None) for every label'),
-    'holdout_fraction': config_lib.Number(0, 1, low_open=True, high_open=True),
-    'seed': config_lib.Integer(),
-    'batch_size': config_lib.Integer(1),
-    'precision': config_lib.Choice(model_lib.PRECISIONS, 'precision'),
-    'nc.steps': config_lib.Integer(1),
-    'nc.batch_size': config_lib.Integer(1),
-    'nc.batches_per_step': config_lib.Integer(1),
-    'nc.learning_rate': config_lib.Number(0, math.inf, low_open=True, high_open=True),
-    'nc.beta_1': config_lib.Number(0, 1, high_open=True),
-    'nc.beta_2': config_lib.Number(0, 1, high_open=True),
-    'nc.init_cost': config_lib.Number(0, math.inf, low_open=True, high_open=True),
-    'nc.attack_threshold': config_lib.Number(0, 1, low_open=True),
-    'nc.patience': config_lib.Integer(1),
-    'nc.cost_multiplier': config_lib.Number(1, math.inf, low_open=True, high_open=True),
-    'nc.early_stop_patience': config_lib.Integer(0),
-    'nc.slots': config_lib.Integer(1),
-    'nc.anomaly_threshold': config_lib.Number(0, math.inf, low_open=True, high_open=True),
-    'nc.loss': config_lib.Choice(LOSSES, 'loss'),
-    'unlearning.epochs': config_lib.Integer(0),
-    **{name.replace('finetune.', 'unlearning.'): spec for name, spec in
-       fine_pruning.recipe_fields(lambda config: config.unlearning.epochs, holdout=False).items()},
-    'unlearning.trigger_fraction': config_lib.Number(0, 1, low_open=True),
-}
+@dataclasses.dataclass(frozen=True)
+class Unlearning(base.Tuning):
+  """NC's mitigation: ``base.Tuning`` with a ``trigger_fraction`` stamped (paper: 20 %)."""
+  trigger_fraction: float = 0.2
+
+  FIELDS: ClassVar[config_lib.Fields] = {
+      **base.Tuning.FIELDS, 'trigger_fraction': config_lib.Number(0, 1, low_open=True)}
 
 
-def settings_of(config: config_lib.Config) -> Settings:
-  """The optimisation settings of ``config.nc``."""
-  nc = config.nc
-  return Settings(steps=nc.steps, batch_size=nc.batch_size,
-                  batches_per_step=nc.batches_per_step, learning_rate=float(nc.learning_rate),
-                  beta_1=float(nc.beta_1), beta_2=float(nc.beta_2),
-                  init_cost=float(nc.init_cost), attack_threshold=float(nc.attack_threshold),
-                  patience=nc.patience, cost_multiplier=float(nc.cost_multiplier),
-                  early_stop_patience=nc.early_stop_patience, loss=nc.loss)
+@dataclasses.dataclass(frozen=True)
+class Settings(Reversal):
+  """Neural Cleanse's settings (config block ``neural_cleanse``): ``Reversal``'s, with smaller
+  steps (one batch of 32; paper: 31) and fewer of them (at most 200; paper: 1000), and
+
+  Attributes:
+    labels: the labels to reverse engineer (None: all); the anomaly index needs many.
+    holdout_fraction: clean validation images held out (trigger success, the unlearning's epoch).
+    seed: the held-out split, the batches, the triggers' starts.
+    slots: labels optimised together in one vmapped batch (raise it on an accelerator).
+    anomaly_threshold: labels this many MADs below the median norm are flagged.
+    unlearning: the mitigation (epochs 0: detection only).
+  """
+  steps: int = 200
+  batches_per_step: int = 1
+  labels: tuple[int, ...] | None = None
+  holdout_fraction: float = 0.2
+  seed: int = 0
+  slots: int = 1
+  anomaly_threshold: float = ANOMALY_THRESHOLD
+  unlearning: Unlearning = Unlearning()
+
+  FIELDS: ClassVar[config_lib.Fields] = {
+      'labels': _Labels(config_lib.Integer(0), empty='give at least one label, or leave it '
+                        'unset (None) for every label'),
+      'holdout_fraction': config_lib.Number(0, 1, low_open=True, high_open=True),
+      'seed': config_lib.Integer(),
+      'steps': config_lib.Integer(1),
+      'batch_size': config_lib.Integer(1),
+      'batches_per_step': config_lib.Integer(1),
+      'learning_rate': config_lib.Number(0, math.inf, low_open=True, high_open=True),
+      'beta_1': config_lib.Number(0, 1, high_open=True),
+      'beta_2': config_lib.Number(0, 1, high_open=True),
+      'init_cost': config_lib.Number(0, math.inf, low_open=True, high_open=True),
+      'attack_threshold': config_lib.Number(0, 1, low_open=True),
+      'patience': config_lib.Integer(1),
+      'cost_multiplier': config_lib.Number(1, math.inf, low_open=True, high_open=True),
+      'early_stop_patience': config_lib.Integer(0),
+      'early_stop_threshold': config_lib.Number(0, 1, low_open=True),
+      'slots': config_lib.Integer(1),
+      'anomaly_threshold': config_lib.Number(0, math.inf, low_open=True, high_open=True),
+      'loss': config_lib.Choice(LOSSES, 'loss'),
+  }
+
+  def reversal(self) -> Reversal:
+    """The optimisation of each label."""
+    return Reversal(**{field.name: getattr(self, field.name)
+                       for field in dataclasses.fields(Reversal)})
 
 
-def labels_of(config: config_lib.Config, num_classes: int) -> np.ndarray:
-  """The labels to reverse engineer (``config.labels``; None: all), checked against the net."""
-  if config.labels is None:
+def check(settings: Settings, config: config_lib.Config) -> None:
+  """The labels against the net's classes (read from the model file, nothing else)."""
+  if settings.labels is not None:
+    path = config.model or shipped.SHIPPED_NETS[config.benchmark]
+    labels_of(settings, model_lib.num_classes_of(keras_io.read_params(path)))
+
+
+def labels_of(settings: Settings, num_classes: int) -> np.ndarray:
+  """The labels to reverse engineer (``settings.labels``; None: all), checked against the net."""
+  if settings.labels is None:
     return np.arange(num_classes)
-  labels = config_lib.values(config.labels)
+  labels = config_lib.values(settings.labels)
   if not labels:
-    raise ConfigError('config.labels is empty; give at least one label, or leave it unset '
-                      '(None) for every label')
+    raise ConfigError('config.neural_cleanse.labels is empty; give at least one label, or '
+                      'leave it unset (None) for every label')
   outside = [label for label in labels if not 0 <= label < num_classes]
   if outside:
-    raise ConfigError(f'config.labels: {outside[0]!r} is not a label of the net (it has '
-                      f'{num_classes} labels, 0..{num_classes - 1})')
+    raise ConfigError(f'config.neural_cleanse.labels: {outside[0]!r} is not a label of the net '
+                      f'(it has {num_classes} labels, 0..{num_classes - 1})')
   if len(set(labels)) < len(labels):
-    raise ConfigError(f'config.labels: {labels!r} names a label twice')
+    raise ConfigError(f'config.neural_cleanse.labels: {labels!r} names a label twice')
   return np.asarray(labels, np.int64)
 
 
-def defend(params: Params, clean: data.Dataset, config: config_lib.Config) -> base.Outcome:
-  """Triggers reversed on part of ``clean``, judged on the rest; unlearning if any label is flagged.
-
-  The clean validation split is divided (class-stratified, ``config.seed``):
-  the triggers are optimised on one part, and their attack success, B's
-  held-out accuracy and the unlearning's epoch choice use the other.
-  """
-  labels = labels_of(config, model_lib.num_classes_of(params))
-  fit_rows, holdout_rows = fine_pruning.split_for_fine_tuning(
-      clean.labels, config.holdout_fraction, config.seed)
+def defend(params: Params, clean: base.Clean, settings: Settings) -> base.Outcome:
+  """Triggers reversed on part of ``clean``, judged on the rest; unlearning if one is flagged."""
+  labels = labels_of(settings, model_lib.num_classes_of(params))
+  fit_rows, holdout_rows = base.split_for_fine_tuning(
+      clean.labels, settings.holdout_fraction, settings.seed)
   held_images, held_labels = clean.images[holdout_rows], clean.labels[holdout_rows]
   start = time.perf_counter()
-  triggers = reverse_engineer_labels(params, clean.images[fit_rows], labels, config.seed,
-                                     settings_of(config), config.nc.slots, config.precision)
+  triggers = reverse_engineer_labels(params, clean.images[fit_rows], labels, settings.seed,
+                                     settings.reversal(), settings.slots, clean.precision)
   logging.info('Neural Cleanse: %d labels reverse engineered on %d clean images in %.1f s',
                len(labels), len(fit_rows), time.perf_counter() - start)
   index, median, mad = anomaly_index(triggers['l1'])
-  flagged = flag(index, config.nc.anomaly_threshold)
+  flagged = flag(index, settings.anomaly_threshold)
   success = trigger_success(params, held_images, held_labels, labels, triggers['mask'],
-                            triggers['pattern'], config.batch_size, config.precision)
-  accuracy = lambda net: evaluate.accuracy(net, held_images, held_labels, config.batch_size,
-                                           precision=config.precision)
+                            triggers['pattern'], clean.batch_size, clean.precision)
+  accuracy = lambda net: evaluate.accuracy(net, held_images, held_labels, clean.batch_size,
+                                           precision=clean.precision)
   by_label = lambda values: {str(label): value for label, value in zip(labels, values)}  # JSON
   figures = {
       'labels': [int(label) for label in labels],
       'l1_norms': by_label(triggers['l1'].astype(float)),
       'anomaly_index': by_label([float(i) if np.isfinite(i) else None for i in index]),
       'flagged': [int(label) for label in labels[flagged]],
-      'median_l1': median, 'mad_l1': mad, 'anomaly_threshold': config.nc.anomaly_threshold,
+      'median_l1': median, 'mad_l1': mad, 'anomaly_threshold': settings.anomaly_threshold,
       'trigger_success': by_label(success.astype(float)),
       'found': by_label(triggers['found'].astype(bool).tolist()),
       'steps_run': by_label(triggers['steps'].astype(int).tolist()),
@@ -602,14 +515,122 @@ def defend(params: Params, clean: data.Dataset, config: config_lib.Config) -> ba
       'triggers': {'labels': labels, 'masks': triggers['mask'], 'patterns': triggers['pattern']},
   }
   candidates, recommended = {}, None
-  if flagged.any() and config.unlearning.epochs > 0:
+  if flagged.any() and settings.unlearning.epochs > 0:
     masks, patterns = triggers['mask'][flagged], triggers['pattern'][flagged]
     unlearned, tuned = unlearn(params, clean.images[fit_rows], clean.labels[fit_rows], masks,
-                               patterns, (held_images, held_labels), config)
+                               patterns, (held_images, held_labels), settings.unlearning)
     after = trigger_success(unlearned, held_images, held_labels, labels[flagged], masks,
-                            patterns, config.batch_size, config.precision)
+                            patterns, clean.batch_size, clean.precision)
     tuned['trigger_success'] = {str(label): float(value)
                                 for label, value in zip(labels[flagged], after)}
     candidates['unlearned'] = base.Candidate(unlearned, {}, tuned)
     recommended = 'unlearned'
   return base.Outcome(candidates, figures, recommended)
+
+
+REPORT_FILES = ('clean_test', 'poisoned_valid', 'poisoned_test')
+PRINTED_ROWS = 10  # the flagged labels and the smallest norms
+
+
+def report(outcome: base.Outcome, scorer, settings: Settings, out: pathlib.Path | None) -> dict:
+  """B and the unlearned net and its GoodNet; writes triggers.npz, plots and models/defended.h5."""
+  found = outcome.figures
+  b_classes = {key: scorer.b_classes(key) for key in REPORT_FILES}
+  base_test, _ = scorer.figures(b_classes)
+  clean = scorer.splits['clean_valid']
+  results = {
+      **{key: value for key, value in found.items() if key != 'triggers'},
+      'poisoned_targets': [int(t) for t in np.unique(scorer.labels['poisoned_test'])],
+      'base': {'valid': {'clean_acc': scorer.accuracy(scorer.params, clean.images, clean.labels),
+                         'asr': scorer.percent(b_classes['poisoned_valid'], 'poisoned_valid')},
+               'test': base_test},
+      'triggers_file': 'triggers.npz', 'defended': None}
+  if outcome.recommended:
+    candidate = outcome.candidates[outcome.recommended]
+    classes = scorer.classes(candidate.params, REPORT_FILES)
+    net, good = scorer.figures(classes)
+    results['defended'] = {
+        'candidate': outcome.recommended, 'unlearning': candidate.figures,
+        'valid': {'clean_acc': candidate.figures['holdout_clean_acc'],
+                  'asr': scorer.percent(classes['poisoned_valid'], 'poisoned_valid')},
+        'test': net}
+    results['goodnet'] = {'test': good}
+    results['model_file'] = 'models/defended.h5'
+    if out is not None:
+      keras_io.write_keras(out / results['model_file'], candidate.params, full_model=True)
+  else:
+    results['not_defended'] = ('no label flagged' if not found['flagged'] else
+                               'unlearning is off (unlearning.epochs = 0)')
+  if out is not None:
+    _write(out, {**results, 'model': scorer.model}, found['triggers'], clean.images[0])
+  return results
+
+
+def _write(out: pathlib.Path, results: dict, triggers: dict, example: np.ndarray) -> None:
+  """triggers.npz, results.json, results.md and the two plots."""
+  labels = np.asarray(triggers['labels'])
+  norms = np.array([results['l1_norms'][str(label)] for label in labels])
+  index = np.array([np.nan if results['anomaly_index'][str(label)] is None
+                    else results['anomaly_index'][str(label)] for label in labels])
+  flagged = np.isin(labels, results['flagged'])
+  with workdir.atomic_path(out / results['triggers_file']) as tmp, open(tmp, 'wb') as handle:
+    np.savez(handle, labels=labels, masks=triggers['masks'], patterns=triggers['patterns'],
+             l1_norms=norms, anomaly_index=index, flagged=flagged)
+  title = pathlib.Path(results['model']).name
+  trigger_plots.plot_norms(out / 'plots' / 'l1_norms.png', labels, norms, flagged, index,
+                           results['median_l1'], results['mad_l1'],
+                           results['anomaly_threshold'], title)
+  trigger_plots.plot_triggers(out / 'plots' / 'triggers.png', labels, triggers['masks'],
+                              triggers['patterns'], norms, index, flagged, example, title)
+
+
+def markdown(results: dict, printed: bool = False) -> str:
+  """The results as text: the flags, the labels by norm (``PRINTED_ROWS`` printed), the nets'."""
+  limit = PRINTED_ROWS if printed else None
+  flagged = results['flagged']
+  index = results['anomaly_index']
+  named = ', '.join(f'{label} (anomaly index {fmt(index[str(label)])})' for label in flagged)
+  lines = ['# Neural Cleanse results', '',
+           f'Model: `{results["model"]}`' + (' (shipped synthetic benchmark)'
+                                             if results.get('synthetic_benchmark') else ''), '',
+           f'Flagged: {named or "none"}; '
+           f'median L1 norm {results["median_l1"]:.1f}, MAD {results["mad_l1"]:.1f} '
+           f'({len(results["labels"])} labels; flagged above index '
+           f'{results["anomaly_threshold"]:g}). Triggers optimised on '
+           f'{results["optimisation_images"]} clean validation images, their success measured '
+           f'on {results["holdout_images"]} others. The poisoned files\' target (reporting '
+           f'only): {", ".join(map(str, results["poisoned_targets"]))}.', '']
+  by_norm = sorted(results['labels'], key=lambda label: results['l1_norms'][str(label)])
+  shown = by_norm if limit is None else by_norm[:max(limit, len(flagged))]
+  lines += [('Every label' if limit is None else f'The {len(shown)} smallest norms') +
+            ', smallest first:', '',
+            *tables.markdown(
+                ['label', 'L1 norm', 'anomaly index', 'flagged', 'trigger success % (held-out)',
+                 'steps', 'found'],
+                [[label, fmt(results['l1_norms'][str(label)], 1), fmt(index[str(label)]),
+                  'yes' if label in flagged else '', fmt(results['trigger_success'][str(label)]),
+                  results['steps_run'][str(label)],
+                  'yes' if results['found'][str(label)] else 'no'] for label in shown],
+                'lrrlrrl'), '']
+  base, defended = results['base'], results['defended']
+  rows = [['B', fmt(base['test']['clean_acc']), fmt(base['test']['asr']), '—', '—']]
+  if defended:
+    good = results['goodnet']['test']
+    rows += [['B unlearned', fmt(defended['test']['clean_acc']), fmt(defended['test']['asr']),
+              '—', '—'],
+             ['GoodNet (B, unlearned)', fmt(good['clean_acc']), fmt(good['asr']),
+              fmt(good['detection_rate']), fmt(good['false_alarm_rate'])]]
+    tuned = defended['unlearning']
+    lines += [f'Unlearning: {tuned["stamped_images"]} of {results["optimisation_images"]} clean '
+              f'images stamped with a flagged trigger (true labels kept); epoch '
+              f'{tuned["chosen_epoch"]} chosen on held-out clean accuracy '
+              f'({fmt(tuned["holdout_clean_acc"])} %, B: {fmt(results["b_holdout_acc"])} %); '
+              'the reversed trigger\'s success after it (held-out): '
+              + ', '.join(f'label {label} {fmt(value)} %'
+                          for label, value in tuned['trigger_success'].items()) + '.', '']
+  else:
+    lines += [f'Not defended: {results["not_defended"]}.', '']
+  lines += ['On the test split (ASR on the poisoned test file, for reporting only):', '',
+            *tables.markdown(['net', 'clean %', 'ASR %', 'detection %', 'false alarm %'], rows,
+                             'lrrrr')]
+  return '\n'.join(lines) + '\n'

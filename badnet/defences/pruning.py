@@ -1,28 +1,26 @@
 """The pruning defence: rank a layer's channels on clean data, prune until accuracy drops X.
 
-Channels of conv_3 (observed at pool_3) are ranked by their mean activation on
-clean data and pruned in that order (``masks.prune`` zeroes a channel's kernel
-slice and bias, exactly what the Keras notebooks did). For each threshold X,
-B'_X is the net after the first level whose clean accuracy is at least X
-points below B's. Any of ``model.PRUNABLE_LAYERS`` can be pruned the same way
-(``layer=``): channels are ranked by the mean of the layer's output after its
-ReLU and, for conv_1..conv_3, its max-pooling.
-
-As a plug-in (``badnet.defences``): ``defend(params, clean, config)`` offers
-B'_X for each X reached, all chosen on the clean validation split.
+Channels are ranked by mean activation on the clean validation split (after the ReLU
+and, for conv_1..conv_3, the max-pooling) and pruned in that order, each by zeroing its
+kernel slice and bias as the Keras notebooks did. B'_X is the net at the first level
+whose clean accuracy is at least X points below B's.
 """
 
-from typing import Literal
+import dataclasses
+import pathlib
+import time
+from typing import ClassVar, Literal
 
+from absl import logging
 import jax
 import numpy as np
 
 from badnet import config as config_lib
-from badnet.core import cache, evaluate, masks
+from badnet.core import evaluate, masks
 from badnet.core import model as model_lib
-from badnet.defences import base, sweep
+from badnet.defences import base, goodnet, sweep
 from badnet.errors import ConfigError
-from badnet.io import data
+from badnet.io import keras_io, report as report_io
 
 NAME = 'pruning'
 Params = model_lib.Params
@@ -30,48 +28,40 @@ ORDERS = ('increasing', 'decreasing', 'random')
 Order = Literal['increasing', 'decreasing', 'random']
 
 THRESHOLD = config_lib.Number(0, 100, low_open=True)
-FIELDS: config_lib.Fields = {
-    **config_lib.BATCH_SIZE,
-    'thresholds': config_lib.Each(
-        THRESHOLD, empty='give at least one X in (0, 100]',
-        note=' (X is a drop in clean accuracy, in percentage points)'),
-    'relative': config_lib.Boolean(),
-    'order': config_lib.Choice(ORDERS, 'order'),
-    'seed': config_lib.Integer(),
-    'precision': config_lib.Choice(model_lib.PRECISIONS, 'precision'),
-}
+# ``badnet.defend`` computes the pruned layer's features once per file; defend and report read them.
+READS = 'features'
+MULTI_PROCESS = True
 
 
-def _channel_means(params: Params, images: jax.Array, *, layer: str) -> jax.Array:
-  # Per-image mean over H and W; the host averages over images in float64.
-  return model_lib.observe_fn(params, images, layer)['activation'].mean(axis=(1, 2))
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """Config block ``pruning``: X values (drops in clean validation accuracy, in points or, if
+  ``relative``, percent), the channel order by mean activation ('increasing': dormant first,
+  'decreasing', 'random': seeded) and the pruned layer (one of ``model.PRUNABLE_LAYERS``)."""
+  thresholds: tuple[float, ...] = (2.0, 4.0, 10.0, 30.0)
+  relative: bool = False
+  order: str = 'increasing'
+  seed: int = 0
+  layer: str = model_lib.FEATURE_LAYER
+
+  FIELDS: ClassVar[config_lib.Fields] = {
+      'thresholds': config_lib.Each(
+          THRESHOLD, empty='give at least one X in (0, 100]',
+          note=' (X is a drop in clean accuracy, in percentage points)'),
+      'relative': config_lib.Boolean(),
+      'order': config_lib.Choice(ORDERS, 'order'),
+      'seed': config_lib.Integer(),
+      'layer': config_lib.Choice(model_lib.PRUNABLE_LAYERS, 'layer'),
+  }
 
 
-def mean_activations(params: Params, images: np.ndarray,
-                     batch_size: int = evaluate.DEFAULT_BATCH_SIZE,
-                     layer: str = model_lib.FEATURE_LAYER) -> np.ndarray:
-  """Mean activation of each channel of ``layer`` over N, H and W (float64 [C]).
-
-  The activation is the layer's output after its ReLU and, for conv_1..conv_3,
-  its max-pooling (pool_3 for conv_3, as the published lab runs ranked).
-  """
-  per_image = evaluate.map_batches(
-      cache.bind(_channel_means, layer=model_lib.check_layer(layer)), params, (images,),
-      batch_size)
-  return per_image.astype(np.float64).mean(axis=0)
+# The ranking statistic lives in the core (the pruning-aware attack ranks by it too).
+mean_activations = evaluate.mean_activations
 
 
 def pruning_order(activations: np.ndarray, order: Order = 'increasing',
                   seed: int = 0) -> np.ndarray:
-  """Channel indices in the order they are pruned.
-
-  Args:
-    activations: mean activation per channel [C].
-    order: 'increasing' (dormant first: Fine-Pruning and the published lab
-      runs), 'decreasing' (what the lab text literally says) or 'random'
-      (a seeded baseline). Ties are broken by channel index.
-    seed: the seed of the 'random' order.
-  """
+  """Channel indices in pruning order, from mean activations [C]; ties by channel index."""
   activations = np.asarray(activations)
   if order == 'increasing':
     return np.argsort(activations, kind='stable')
@@ -84,16 +74,9 @@ def pruning_order(activations: np.ndarray, order: Order = 'increasing',
 
 
 def select_level(clean_acc: np.ndarray, drop: float, relative: bool = False) -> int | None:
-  """The first pruning level whose clean accuracy is at least ``drop`` below level 0's.
+  """The first level whose clean accuracy (percent, levels 0..C) is ``drop`` below level 0's.
 
-  Args:
-    clean_acc: clean accuracy in percent at levels 0..C (level 0 = unpruned).
-    drop: X, in percentage points (or, if ``relative``, percent of level 0's
-      accuracy).
-    relative: measure the drop relative to the unpruned accuracy.
-
-  Returns:
-    The level (number of channels pruned), or None if no level drops that far.
+  ``drop`` is in points, or in percent of level 0's if ``relative``; None if never reached.
   """
   clean_acc = np.asarray(clean_acc, np.float64)
   limit = clean_acc[0] * (1 - drop / 100) if relative else clean_acc[0] - drop
@@ -102,9 +85,9 @@ def select_level(clean_acc: np.ndarray, drop: float, relative: bool = False) -> 
   return int(reached[0]) + 1 if len(reached) else None
 
 
-def thresholds(config: config_lib.Config) -> list[float]:
-  """The config's X values, sorted, without repeats."""
-  return sorted({float(x) for x in config_lib.values(config.thresholds)})
+def thresholds(settings: Settings) -> list[float]:
+  """The settings' X values, sorted, without repeats."""
+  return sorted({float(x) for x in config_lib.values(settings.thresholds)})
 
 
 def label(x: float) -> str:
@@ -112,9 +95,9 @@ def label(x: float) -> str:
   return f'{x:g}'
 
 
-def select_levels(clean_acc: np.ndarray, config: config_lib.Config) -> dict[float, int | None]:
-  """X -> the level B'_X prunes to (None: never reached), for the config's thresholds."""
-  return {x: select_level(clean_acc, x, config.relative) for x in thresholds(config)}
+def select_levels(clean_acc: np.ndarray, settings: Settings) -> dict[float, int | None]:
+  """X -> the level B'_X prunes to (None: never reached), for the settings' thresholds."""
+  return {x: select_level(clean_acc, x, settings.relative) for x in thresholds(settings)}
 
 
 def level_accuracy(classes: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -122,20 +105,21 @@ def level_accuracy(classes: np.ndarray, labels: np.ndarray) -> np.ndarray:
   return 100.0 * (classes == labels[:, None]).mean(axis=0)
 
 
-def defend(params: Params, clean: data.Dataset, config: config_lib.Config) -> base.Outcome:
-  """B'_X for each X reached, ranked and swept on the clean validation split ``clean``.
-
-  The same ranking, sweep and threshold choice as the prune job (which streams
-  its files through the same functions); ``config.layer`` picks the layer
-  (conv_3 if the config has none).
-  """
-  layer = config.get('layer', model_lib.FEATURE_LAYER)
-  features = sweep.features(params, clean.images, config.batch_size, config.precision, layer)
-  order = pruning_order(features.mean_activations(), config.order, config.seed)
-  classes = sweep.prefix_classes(params, features, order, None, config.batch_size,
-                                 config.precision)
+def defend(params: Params, clean: base.Clean, settings: Settings) -> base.Outcome:
+  """B'_X for each X reached, ranked and swept on the clean validation split ``clean``."""
+  layer = settings.layer
+  features = clean.features_of(params, layer)
+  order = pruning_order(clean.gather(features.channel_means).astype(np.float64).mean(axis=0),
+                        settings.order, settings.seed)
+  if clean.features:
+    say(f'Sweeping {len(order)} {layer} channels, {settings.order} mean activation first...')
+  classes = clean.gather(sweep.prefix_classes(params, features, order, None, clean.batch_size,
+                                              clean.precision))
   clean_acc = level_accuracy(classes, clean.labels)
-  levels = select_levels(clean_acc, config)
+  levels = select_levels(clean_acc, settings)
+  for x, level in levels.items():
+    if level is None:
+      logging.warning('No pruning level drops clean accuracy by %s points.', label(x))
   prefix = masks.prefix_masks(order)
   candidates = {
       f'X={label(x)}': base.Candidate(
@@ -147,3 +131,69 @@ def defend(params: Params, clean: data.Dataset, config: config_lib.Config) -> ba
              'clean_acc': [float(a) for a in clean_acc],
              'levels': {label(x): level for x, level in levels.items()}}
   return base.Outcome(candidates, figures)
+
+
+def say(line: str) -> None:
+  """Prints a line for the user, once (on process 0)."""
+  if jax.process_index() == 0:
+    print(line, flush=True)
+
+
+def report(outcome: base.Outcome, scorer, settings: Settings,
+           out: pathlib.Path | None) -> dict:
+  """The ASR curve (poisoned validation file) and B, B'_X, G_X on the test split.
+
+  Writes sweep.csv, plots and models/repaired_X=<X>.h5 to ``out`` (None: writes nothing).
+  """
+  order = np.asarray(outcome.figures['order'])
+  clean_acc = np.asarray(outcome.figures['clean_acc'])
+  levels = {x: outcome.figures['levels'][label(x)] for x in thresholds(settings)}
+  swept = lambda key, levels=None: scorer.gather(key, sweep.prefix_classes(
+      scorer.params, _features(scorer, key, settings.layer), order, levels, scorer.batch_size,
+      scorer.precision))
+  asr = level_accuracy(swept('poisoned_valid'), scorer.labels['poisoned_valid'])
+  logging.info('Sweep done in %.1f s.', time.perf_counter() - scorer.started)
+  reached = sorted({level for level in levels.values() if level is not None})
+  test = {key: swept(key, [0, *reached]) for key in ('clean_test', 'poisoned_test')}
+  at = lambda column: {key: test[key][:, column] for key in test}
+  base_test, _ = goodnet.figures(at(0), at(0), scorer.labels, scorer.num_classes)
+  results = {'order': settings.order, 'relative': settings.relative,
+             'base': {'valid': {'clean_acc': float(clean_acc[0]), 'asr': float(asr[0])},
+                      'test': base_test},
+             'thresholds': {}}
+  for x, level in levels.items():
+    entry = {'drop': x, 'relative': settings.relative, 'reached': level is not None}
+    if level is None:
+      results['thresholds'][label(x)] = {**entry, 'channels_pruned': None,
+                                         'pruned_channels': None, 'repaired': None,
+                                         'goodnet': None}
+      continue
+    repaired, good = goodnet.figures(at(0), at(1 + reached.index(level)), scorer.labels,
+                                     scorer.num_classes)
+    results['thresholds'][label(x)] = {
+        **entry, 'channels_pruned': level, 'pruned_channels': [int(c) for c in order[:level]],
+        'repaired': repaired, 'goodnet': good,
+        'model_file': f'models/repaired_X={label(x)}.h5'}
+  if out is not None:
+    report_io.write_sweep_csv(out / 'sweep.csv', order, clean_acc, asr)
+    prefix = masks.prefix_masks(order)
+    for x, level in levels.items():
+      if level is not None:
+        keras_io.write_keras(out / 'models' / f'repaired_X={label(x)}.h5',
+                             masks.prune(scorer.params, prefix[level], settings.layer),
+                             full_model=True)
+    report_io.plot_sweep(out / 'plots' / 'sweep.png', clean_acc, asr, levels)
+    report_io.plot_thresholds(out / 'plots' / 'thresholds.png', results)
+  return results
+
+
+def _features(scorer, key: str, layer: str) -> sweep.Features:
+  """A report file's features: the path's, or computed from its images now."""
+  if key not in scorer.features:
+    scorer.features[key] = sweep.features(scorer.params, scorer.splits[key].images,
+                                          scorer.batch_size, scorer.precision, layer)
+  return scorer.features[key]
+
+
+def markdown(results: dict, printed: bool = False) -> str:
+  return report_io.markdown(results)

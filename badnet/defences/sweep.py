@@ -1,42 +1,21 @@
-"""The fast, exact pruning sweep: features once per image, the head only where pruning changes it.
+"""The exact pruning sweep: features once per image, the head only where pruning changes it.
 
-Pruning goes in prefix order: level k zeroes conv_3 channels ``order[:k]``.
-Two facts make the sweep cheap without changing a single prediction:
+Level k of a sweep zeroes conv_3 channels ``order[:k]``. Three facts make it cheap without
+changing a single prediction:
 
-1. Masking happens after pool_3, so conv_1..pool_3 run once per image
-   (``features``); the same pass gives the per-image channel means the
-   ranking needs, so the clean validation set is not run twice.
-2. If channel ``order[k - 1]`` is zero everywhere in an image's pool_3, zeroing
-   it changes nothing for that image: the head's input at level k is bit for
-   bit its input at level k - 1, so the class is the same. For each image the
-   head runs only at level 0 and at the levels whose channel is active on it
-   (on real lab3 faces about 20 of 61 levels: 31 channels are dead and most
-   others are sparse), and every other level copies the class of the last
-   level computed before it.
+1. Masking happens after pool_3, so conv_1..pool_3 run once per image (``features``), a pass
+   that also gives the channel means the ranking needs.
+2. If channel ``order[k - 1]`` is zero everywhere in an image's pool_3, level k feeds the head
+   the same input as level k - 1, so the head runs only at level 0 and at the levels whose
+   channel is active on the image; the others copy the class of the level before.
+3. A channel that is zero in every image of the file, or pruned, adds only zero terms, so each
+   head reads only the live channels its level keeps, at one of a few widths (``head_widths``).
 
-3. A channel that is zero in every image of the file (31 of lab3's 60 on its
-   validation faces) or already pruned adds only zero terms to fc_1 and conv_4,
-   so each head reads only the channels its level keeps that are live in the
-   file. The live channels are laid out in pruning order, so a level needs a
-   suffix of them; each (image, level) row runs on the narrowest of a few
-   fixed widths (``head_widths``: 8, 16, 32 or all channels) that holds its
-   suffix. On lab3-like faces most rows are at levels past 40, where 16 or 8
-   channels remain: 40 % fewer multiply-adds than the full head.
-
-Each computed class comes from the head applied to exactly what the naive loop
-feeds it (pool_3 with the pruned channels zeroed), so the classes equal the
-naive zero-the-channel-and-predict loop image by image at every level: no
-incremental sums, no tolerance. (The departures, conv_4 as a matrix product
-over its patches in ``head_logits`` and the zero terms left out of the narrow heads,
-sum the same non-zero terms in another order; see there.) The head's rows are
-(image, level) pairs, gathered on the host a batch at a time and sharded over
-the device mesh like every other evaluation.
-
-The same holds for pruning conv_1, conv_2 or conv_4 instead (``layer=``): the
-"features" are then that layer's output (``model.observe_fn``) and the "head"
-the rest of the net (``model.resume_fn``). ``masked_logits`` is the pure,
-traceable form: the layers before the mask once, the rest vmapped over a
-stack of masks.
+Each class is the head applied to exactly what the naive zero-the-channel-and-predict loop feeds
+it, so the classes equal that loop's image by image: no incremental sums, no tolerance (the
+conv_4 product and the narrow heads sum the same non-zero terms in another order). Pruning
+conv_1, conv_2 or conv_4 (``layer=``) works the same through ``model.observe_fn`` and
+``model.resume_fn``; ``masked_logits`` is the pure, traceable form.
 """
 
 import dataclasses
@@ -91,10 +70,9 @@ def features(params: Params, images: np.ndarray,
              batch_size: int = evaluate.DEFAULT_BATCH_SIZE,
              precision: str = model_lib.DEFAULT_PRECISION,
              layer: str = model_lib.FEATURE_LAYER, fixed_batch: bool = False) -> Features:
-  """The pruned layer's activation (and per-image channel means) of ``images``, in one pass.
+  """The pruned layer's activation and per-image channel means of ``images``, in one pass.
 
-  ``fixed_batch``: pad to ``batch_size`` rows a step even for fewer images, so
-  calls on chunks of any length share one compilation.
+  ``fixed_batch`` pads every step to ``batch_size`` rows: chunks of any length, one compilation.
   """
   state, means = evaluate.map_batches(
       cache.bind(_features_step, layer=model_lib.check_layer(layer),
@@ -117,10 +95,7 @@ def masked_logits(params: Params, images: jax.Array, masks: jax.Array,
                   precision: str = model_lib.DEFAULT_PRECISION) -> jax.Array:
   """Logits [L, N, classes] of ``images``, ``layer``'s channels masked by each of ``masks`` [L, C].
 
-  A pure function (jit, vmap, grad): the layers before the mask run once,
-  then the rest of the net is vmapped over the masks. Row l equals
-  ``model.logits_fn(masks.prune(params, masks[l], layer), images)`` to float32
-  rounding (the same operations; tests/test_sweep.py).
+  Pure: the layers before the mask run once, the rest of the net vmapped over the masks.
   """
   state = model_lib.observe_fn(params, images, layer, precision)
   return jax.vmap(lambda mask: model_lib.resume_fn(params, state, mask, layer, precision))(masks)
@@ -134,17 +109,10 @@ def masked_classes(params: Params, images: jax.Array, masks: jax.Array,
 
 
 def effective_levels(active_in_order: np.ndarray, levels: np.ndarray) -> np.ndarray:
-  """For each image and level, the lowest level whose head input equals this level's.
+  """int [N, L]: for each image and level, the lowest level whose head input equals it.
 
-  Args:
-    active_in_order: bool [N, C]; column j says whether the channel pruned at
-      level j + 1 is active on the image.
-    levels: the levels asked for, int [L], each in 0..C.
-
-  Returns:
-    int [N, L]: the largest j <= level that is 0 or prunes an active channel.
-    Levels between it and the asked level prune only channels that are zero on
-    the image, so both give the head the same input.
+  ``active_in_order`` is bool [N, C], column j: the channel pruned at level j + 1 is active on
+  the image. ``levels`` is int [L], each in 0..C.
   """
   count, channels = active_in_order.shape
   changes = np.where(active_in_order, np.arange(1, channels + 1), 0)
@@ -170,20 +138,9 @@ def head_logits(params: Params, pool_3: jax.Array, channel_mask: jax.Array,
                 precision: str = model_lib.DEFAULT_PRECISION) -> jax.Array:
   """``model.resume_fn`` (conv_3) with conv_4 as one matrix product over its 2 x 2 patches.
 
-  On a CPU, XLA's convolution of the small 5 x 4 pool_3 map runs at a third of
-  its matrix-multiply rate; the product of the [N, 4, 3, 4C] patches (the four
-  shifted views side by side) with the [4C, 80] kernel runs at about two
-  thirds, which makes the whole head about 1.3x faster, and more on the
-  sweep's narrow heads (``narrow_params``), where C is 8 or 16. It is the same
-  sum in another order, so the logits agree with ``model.resume_fn`` to float32
-  rounding (and the classes with the naive loop: tests/test_sweep.py,
-  tests/test_prune.py).
-
-  Args:
-    params: the net.
-    pool_3: [N, 5, 4, C] activations.
-    channel_mask: [N, C] (one mask per row) or [C].
-    precision: see ``model``.
+  On a CPU, XLA runs this small convolution well below its matrix-multiply rate; the product of
+  the [N, 4, 3, 4C] patches with the [4C, 80] kernel is the same sum in another order.
+  ``pool_3`` is [N, 5, 4, C]; ``channel_mask`` [N, C] or [C].
   """
   mask = jnp.asarray(channel_mask, pool_3.dtype)
   pool_3 = pool_3 * (mask[:, None, None, :] if mask.ndim == 2 else mask)
@@ -205,11 +162,7 @@ def head_logits(params: Params, pool_3: jax.Array, channel_mask: jax.Array,
 def state_classes(params: Params, state: dict[str, jax.Array], channel_mask: jax.Array,
                   layer: str = model_lib.FEATURE_LAYER,
                   precision: str = model_lib.DEFAULT_PRECISION) -> jax.Array:
-  """Classes from ``features``' state with ``layer``'s channels masked ([C] or [N, C]).
-
-  The head the sweeps use: ``head_logits`` for conv_3, ``model.resume_fn``
-  for the other layers.
-  """
+  """Classes from ``features``' state, ``layer``'s channels masked ([C] or [N, C])."""
   if layer == 'conv_3':
     logits = head_logits(params, state['activation'], channel_mask, precision)
   else:
@@ -238,13 +191,7 @@ def stacked_classes(params: Params, features: Features, masks: np.ndarray,
                     batch_size: int = evaluate.DEFAULT_BATCH_SIZE,
                     precision: str = model_lib.DEFAULT_PRECISION,
                     masks_per_step: int = 16) -> np.ndarray:
-  """Classes (int32 [N, M]) under each of ``masks`` [M, C] of ``features.layer``.
-
-  One pass over the images: the features are computed already, and each
-  batch runs the rest of the net vmapped over ``masks_per_step`` masks at a
-  time (``lax.map``), so memory stays at that many masks' logits. The masks
-  can come from any number of orders and seeds: one compilation per shape.
-  """
+  """Classes (int32 [N, M]) under each of ``masks`` [M, C], ``masks_per_step`` at once (memory)."""
   keys = tuple(sorted(features.state))
   return evaluate.map_batches(
       cache.bind(_stacked_classes, keys=keys, layer=features.layer,
@@ -258,21 +205,14 @@ def prefix_classes(params: Params, state: np.ndarray | dict[str, np.ndarray] | F
                    batch_size: int = evaluate.DEFAULT_BATCH_SIZE,
                    precision: str = model_lib.DEFAULT_PRECISION,
                    layer: str | None = None) -> np.ndarray:
-  """Classes (int32 [N, L]) at pruning levels ``levels`` of the order ``order``.
+  """Classes (int32 [N, L]) at ``levels`` of the pruning order ``order``, as the naive loop gives.
 
   Args:
-    params: the unpruned net.
-    state: ``features(...)`` of the images, or its ``state``, or (conv_1..conv_3)
-      just the pruned layer's activation (pool_3 for conv_3).
+    state: ``features(...)``, its ``state``, or the pruned layer's activation (pool_3 for conv_3).
     order: channels in pruning order [C] (level k prunes ``order[:k]``).
-    levels: levels to report (default 0..C, the full sweep).
+    levels: the levels to report (default 0..C, the full sweep).
     batch_size: head rows (image, level pairs) per step.
-    precision: see ``model``.
     layer: the pruned layer (default: the features' layer, else conv_3).
-
-  Returns:
-    What the naive loop gives: column l holds the classes of the net with
-    ``order[:levels[l]]`` of ``layer`` zeroed, image by image.
   """
   if isinstance(state, Features):
     layer = layer or state.layer
@@ -311,8 +251,7 @@ def prefix_classes(params: Params, state: np.ndarray | dict[str, np.ndarray] | F
   return table[np.arange(count)[:, None], effective]
 
 
-# Besides all of them, how many conv_3 channels the sweep's head may read: a
-# few fixed widths, so a sweep compiles at most len(HEAD_WIDTHS) + 1 heads.
+# Head widths besides all channels: few, so a sweep compiles at most len(HEAD_WIDTHS) + 1 heads.
 HEAD_WIDTHS = (8, 16, 32)
 
 
@@ -322,12 +261,7 @@ def head_widths(num_channels: int) -> tuple[int, ...]:
 
 
 def narrow_params(params: Params, channels: np.ndarray) -> Params:
-  """The net with conv_3's output cut to ``channels``: the head's weights for them only.
-
-  ``head_logits(narrow_params(params, channels), pool_3[..., channels], mask)``
-  sums the same non-zero terms as ``head_logits(params, pool_3, full_mask)``
-  whenever every channel outside ``channels`` is zero in ``pool_3`` or masked.
-  """
+  """The net with conv_3's output cut to ``channels``: the head's weights for them only."""
   channels = np.asarray(channels)
   fc_1 = np.asarray(params['fc_1']['kernel'])
   num_channels = model_lib.num_channels(params)
@@ -350,14 +284,8 @@ def _narrow_head(params: Params, pool_3: np.ndarray, order: np.ndarray, live_in_
                  precision: str) -> np.ndarray:
   """Classes of (image ``rows``, level ``row_levels``) pairs; each head reads the channels it needs.
 
-  A row at level k needs the channels ``order[k:]`` that are live (non-zero
-  in some image of ``pool_3``); every other channel is zero in its input. The
-  channels are laid out dead first, then the live ones in pruning order, so
-  a row needs a suffix of that layout: it runs on the narrowest of
-  ``head_widths`` that holds its suffix, with the last ``width`` channels of
-  the layout, masked from its first kept one. The head then sums the same
-  non-zero terms as at full width, with a fraction of the multiply-adds (on
-  lab3-like faces ~27 channels are live and most rows are at levels past 40).
+  The channels are laid out dead first, then the live ones in pruning order, so a row needs a
+  suffix of the layout: the last channels of the narrowest of ``head_widths`` that holds it.
   """
   num_channels = len(order)
   live = order[live_in_order]

@@ -1,14 +1,9 @@
 """Loading and writing CSAW data files and face images, validated.
 
-CSAW HDF5 files hold ``data`` (N x 3 x 55 x 47 or N x 55 x 47 x 3; raw pixel
-values in [0, 255], any numeric dtype, usually float32 or float64) and
-``label`` (N). Images are kept on the host as NHWC uint8 when every value read
-is an integer (8x less memory than the float64 the real validation file uses),
-or as float32 when the file holds fractional values (poisoned files made by
-blending a trigger into the faces), so the net sees exactly the file's values;
-the model converts to float32 on the device either way. Files are read in
-chunks of 512 images, so a 700 MB float64 file never has a second full-size
-copy in memory; ``rows`` reads only a range of them (one process's share).
+CSAW HDF5 files hold ``data`` (N x 3 x 55 x 47 or N x 55 x 47 x 3, raw pixels
+in [0, 255], any numeric dtype) and ``label`` (N). Images are read in chunks
+and kept as NHWC uint8, or float32 when a value is fractional (a blended
+trigger): the file's values in less memory than float64.
 """
 
 import dataclasses
@@ -30,12 +25,7 @@ _NCHW_SHAPE = (IMAGE_SHAPE[2], IMAGE_SHAPE[0], IMAGE_SHAPE[1])
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-  """Images ([N, 55, 47, 3]) and integer labels (int32 [N]).
-
-  Images are uint8, or float32 when the rows read hold a fractional pixel
-  value (a blended trigger); the values are the file's either way (float64
-  values rounded to the nearest float32, as Keras' float32 model does).
-  """
+  """Images ([N, 55, 47, 3], uint8, or float32 if any value is fractional); labels int32 [N]."""
   images: np.ndarray
   labels: np.ndarray
 
@@ -47,13 +37,7 @@ class Dataset:
 
 
 def open_hdf5(path: str, error: type[BadnetError], kind: str) -> h5py.File:
-  """Opens an HDF5 file for reading, or raises ``error`` naming the file.
-
-  Args:
-    path: the file.
-    error: the BadnetError subclass to raise.
-    kind: what the file should hold ('data', 'model'), for the message.
-  """
+  """Opens an HDF5 file for reading, or raises ``error`` naming the file (a ``kind`` file)."""
   if not os.path.isfile(path):
     raise error(f'{path}: no such {kind} file')
   try:
@@ -88,14 +72,12 @@ def _check_label_dtype(path: str, dtype: np.dtype) -> None:
 def _to_uint8(path: str, chunk: np.ndarray, start: int) -> tuple[np.ndarray | None, float]:
   """Checks one chunk of pixel values: its uint8 copy (None unless all are integers), its maximum.
 
-  NaN/inf and values outside [0, 255] (the file's values, before any
-  conversion) are a DataError; ``start`` is the chunk's first row in the file.
+  NaN/inf and values outside [0, 255] are a DataError; ``start`` is the chunk's first row.
   """
   _check_pixel_dtype(path, chunk.dtype)
-  # The common case first, in two passes: a chunk equals its uint8 cast exactly
-  # when every value is an integer in 0..255 (NaN, inf and anything out of
-  # range cast to something else, hence the silenced warning). A blended file
-  # shows fractions in a chunk's first image already: no need to try then.
+  # A chunk equals its uint8 cast exactly when every value is an integer in
+  # 0..255 (NaN, inf and out-of-range values cast to something else, hence the
+  # silenced warning). A blended file shows fractions in the first image already.
   with np.errstate(invalid='ignore'):
     if np.array_equal(chunk[0].astype(np.uint8), chunk[0]):
       as_uint8 = chunk.astype(np.uint8)
@@ -131,11 +113,7 @@ def _read_labels(path: str, labels: np.ndarray, num_classes: int | None) -> np.n
 
 
 def _datasets(path: str, handle: h5py.File) -> tuple[h5py.Dataset, h5py.Dataset, str]:
-  """``data``, ``label`` and the layout, checked without reading any values.
-
-  Checks that both datasets exist, the image layout and dtype, the label
-  shape and dtype, that there are images, and that the counts match.
-  """
+  """``data``, ``label`` and the layout; checks shapes, dtypes and counts, reading no values."""
   for name in ('data', 'label'):
     if name not in handle or not isinstance(handle[name], h5py.Dataset):
       raise DataError(f'{path}: no dataset "{name}" (found: {sorted(handle.keys())})')
@@ -154,16 +132,7 @@ def _datasets(path: str, handle: h5py.File) -> tuple[h5py.Dataset, h5py.Dataset,
 
 
 def csaw_length(path: str | os.PathLike) -> int:
-  """The number of images N in a CSAW data file, read from its metadata only.
-
-  Checks what ``load_csaw_h5`` checks before reading any values (both
-  datasets present, the image layout and dtype, the label shape and dtype, at
-  least one image, as many labels as images), with the same messages; pixel
-  values and labels are not read, so they are checked only when loaded.
-
-  Raises:
-    DataError: naming the file and what is wrong with it.
-  """
+  """The number of images in a CSAW data file, from its metadata, checked as in ``load_csaw_h5``."""
   path = str(path)
   with open_hdf5(path, DataError, 'data') as handle:
     data, _, _ = _datasets(path, handle)
@@ -182,13 +151,11 @@ def _row_range(path: str, rows: tuple[int, int] | None, count: int) -> tuple[int
 
 @dataclasses.dataclass(frozen=True)
 class CsawChunks:
-  """A CSAW file's labels, and its images as an iterator of validated NHWC chunks.
+  """A CSAW file's labels, and its images as a one-pass iterator of validated NHWC chunks.
 
-  Iterating reads the file: each chunk (``chunk_size`` images, fewer in the
-  last) is uint8 if all its values are integers, else float32, the values
-  the net sees either way. A chunk with NaN, inf or a value outside [0, 255]
-  raises a DataError when it is reached, and so does the end of a file whose
-  fractional values all lie in [0, 1] (normalised pixels). Iterate once.
+  A chunk is uint8 if all its values are integers, else float32. NaN, inf or a
+  value outside [0, 255] raises a DataError when reached, and so does the end
+  of a file whose fractional values all lie in [0, 1] (normalised pixels).
   """
   path: str
   labels: np.ndarray  # int32, checked
@@ -200,18 +167,7 @@ class CsawChunks:
 
 def iter_csaw_h5(path: str | os.PathLike, num_classes: int | None = None, *,
                  rows: tuple[int, int] | None = None, chunk_size: int | None = None) -> CsawChunks:
-  """Opens a CSAW file for reading in chunks: what ``load_csaw_h5`` reads, without holding it.
-
-  Everything but the pixel values is checked here, as ``load_csaw_h5`` checks
-  it (the layout, dtypes and counts, ``rows``, the labels); the pixel values
-  are checked chunk by chunk as they are read (see ``CsawChunks``), 512
-  images at a time unless ``chunk_size`` says otherwise. A job can so compute
-  on each chunk while the next one is read and never hold a whole file's
-  images.
-
-  Raises:
-    DataError: naming the file and what is wrong with it.
-  """
+  """Opens a CSAW file to read in chunks, checking now all but the pixels (checked per chunk)."""
   path = str(path)
   with open_hdf5(path, DataError, 'data') as handle:
     _, label, _ = _datasets(path, handle)
@@ -248,34 +204,13 @@ def _chunks(path: str, start: int, stop: int, chunk_size: int) -> Iterator[np.nd
 
 def load_csaw_h5(path: str | os.PathLike, num_classes: int | None = None, *,
                  rows: tuple[int, int] | None = None) -> Dataset:
-  """Reads and validates a CSAW data file, or a range of its rows.
+  """Reads and validates a CSAW data file, or its rows [start, stop) (one process's share).
 
-  Pixel values may be any finite numbers in [0, 255]. If every value read is
-  an integer the images are uint8 (1 byte a pixel); otherwise (a trigger
-  blended into the faces) they are float32 holding the file's values, float64
-  ones rounded to the nearest float32, which is what Keras' float32 model sees
-  too. Chunks are read as uint8 until the first fractional one, which switches
-  the result to float32 (copying the rows read so far), so an all-integer file
-  costs one uint8 array and a fractional one a float32 array (plus, while
-  switching, the uint8 rows read before it).
-
-  Args:
-    path: HDF5 file with datasets ``data`` (N x 3 x 55 x 47 or N x 55 x 47 x 3)
-      and ``label`` (N).
-    num_classes: if given, labels must lie in 0..num_classes-1.
-    rows: (start, stop) to read and validate only those rows of ``data`` and
-      ``label`` (one process's share in a multi-process run); None for all.
-      The file's layout and its image and label counts are checked whole.
-      Whether the images are uint8 or float32 is decided by the rows read, so
-      one process's share may be uint8 and another's float32; the values are
-      identical either way.
-
-  Returns:
-    The images (NHWC, uint8 or float32) and the labels as int32.
-
-  Raises:
-    DataError: naming the file and what is wrong with it (also for a range
-      that is empty or outside the file).
+  Images are uint8 if every value read is an integer, else float32 (float64
+  values rounded to the nearest float32, as Keras' float32 model sees them).
+  Chunks are read as uint8 until the first fractional one, which switches the
+  result to float32. ``num_classes``, if given, bounds the labels. A DataError
+  names the file and what is wrong with it.
   """
   opened = iter_csaw_h5(path, num_classes, rows=rows)
   # np.empty pages are only resident once written: the part of a uint8 array
@@ -293,12 +228,7 @@ def load_csaw_h5(path: str | os.PathLike, num_classes: int | None = None, *,
 
 
 def write_csaw_h5(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray) -> None:
-  """Writes a CSAW-layout file (``data`` N x 3 x 55 x 47 float32, ``label`` N float32).
-
-  The layout and dtypes are those of the CSAW test files, so any CSAW tool reads
-  it. The file is written to a temporary name and renamed, so a reader never
-  sees half a file.
-  """
+  """Writes a CSAW file atomically (``data`` N x 3 x 55 x 47 float32, ``label`` N float32)."""
   images = np.asarray(images)
   if images.ndim != 4 or images.shape[1:] != IMAGE_SHAPE:
     raise DataError(f'{path}: cannot write images of shape {images.shape}; '
@@ -311,12 +241,10 @@ def write_csaw_h5(path: str | os.PathLike, images: np.ndarray, labels: np.ndarra
 
 
 def load_image(path: str | os.PathLike, resize: bool = False) -> np.ndarray:
-  """Reads one face image (PNG, JPEG, ...) as uint8 [55, 47, 3].
+  """Reads one face image (PNG, JPEG, ...) as RGB uint8 [55, 47, 3].
 
-  Grey and alpha images are converted to RGB (alpha is dropped, as the CSAW
-  competition's RGBA PNGs are fully opaque). Images of another size are an
-  error unless ``resize`` is set, since a silently stretched face classifies
-  as something else.
+  Alpha is dropped (the CSAW RGBA PNGs are opaque). Another size is an error
+  unless ``resize``: a silently stretched face classifies as something else.
   """
   path = str(path)
   if not os.path.isfile(path):

@@ -22,12 +22,8 @@ def plot_entropies(path: pathlib.Path, fit: np.ndarray, clean: np.ndarray,
                    poisoned: np.ndarray, fixed: dict, rates: dict) -> None:
   """Histograms (% of each set per bin) of STRIP entropies, the fitted normal and the threshold.
 
-  Args:
-    path: the PNG to write.
-    fit: entropies of the clean validation inputs the threshold was fitted to.
-    clean, poisoned: entropies of the clean and poisoned test inputs.
-    fixed: results.json's ``strip`` (threshold, normal_fit, frr_target, ...).
-    rates: results.json's ``test`` (STRIP's rates, and any composed detector's).
+  ``fit``: the clean validation entropies the threshold was fitted to; ``clean``,
+  ``poisoned``: the test inputs'. ``fixed``, ``rates``: results.json's ``strip``, ``test``.
   """
   values = [np.asarray(v, np.float64) for v in (fit, clean, poisoned)]
   high = max(max(float(v.max()) for v in values if len(v)), fixed['threshold']) * 1.02

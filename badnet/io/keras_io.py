@@ -1,14 +1,8 @@
 """Keras 2 HDF5 files <-> Flax params, checked against the DeepID module.
 
-Two layouts are read: weights-only files (``model.save_weights``; layer groups
-at the root) and full-model files (``model.save``; a ``model_weights`` group
-next to a ``model_config`` attribute). Each weight is found through its layer
-group's ``weight_names`` attribute, as Keras itself does, never by guessing a
-path. Before any params are built, the file is compared with the module and
-every missing, extra or mis-shaped weight is reported in one message.
-
-Files are written in the Keras 2 layout that both Keras 2 (``load_weights`` /
-``load_model``, e.g. the CSAW ``eval.py``) and Keras 3 read.
+Each weight is found through its layer's ``weight_names`` attribute, as Keras
+does; every missing, extra or mis-shaped weight is reported in one message.
+Files are written in the Keras 2 layout that Keras 2 and Keras 3 both read.
 """
 
 import json
@@ -100,18 +94,7 @@ def _check(path: str, layers: dict[str, dict[str, np.ndarray]],
 
 
 def read_params(path: str | os.PathLike, num_classes: int | None = None) -> Params:
-  """Reads a Keras 2 HDF5 weights or full-model file into DeepID params.
-
-  Args:
-    path: the .h5 file.
-    num_classes: the expected number of classes; by default, the file's.
-
-  Returns:
-    Params as float32 numpy arrays in a nested dict keyed like DeepID's.
-
-  Raises:
-    ModelFileError: one message naming the file and every problem found.
-  """
+  """Reads a Keras 2 weights-only or full-model file into float32 DeepID params."""
   path = str(path)
   with data.open_hdf5(path, ModelFileError, 'model') as handle:
     try:
@@ -191,15 +174,7 @@ def _write_layers(root: h5py.Group, params: Params) -> None:
 
 
 def write_keras(path: str | os.PathLike, params: Params, full_model: bool = False) -> None:
-  """Writes params as a Keras 2 HDF5 file, atomically.
-
-  Args:
-    path: the .h5 file to write (replaced if it exists).
-    params: DeepID params (any number of classes).
-    full_model: write a full-model file (``keras.models.load_model`` reads it,
-      as the CSAW ``eval.py`` does) instead of a weights-only file
-      (``model.load_weights``).
-  """
+  """Writes params atomically as a Keras 2 weights-only or (``full_model``) full-model file."""
   arrays = {layer: {n: np.asarray(a) for n, a in w.items()} for layer, w in params.items()}
   _check(str(path), arrays,
          model_lib.param_shapes(model_lib.num_classes_of(params)))

@@ -9,6 +9,7 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
 from badnet.io import tables
+from badnet.io.tables import fmt
 from badnet.io import workdir as workdir_lib
 
 
@@ -29,12 +30,8 @@ def sweep_rows(order: np.ndarray, clean_acc: np.ndarray, asr: np.ndarray) -> lis
            'asr': f'{asr[step]:.4f}'} for step in range(num_channels + 1)]
 
 
-def _fmt(value: float | None) -> str:
-  return '—' if value is None else f'{value:.2f}'
-
-
 def _goodnet_cells(good: dict) -> list[str]:
-  return [_fmt(good[key]) for key in ('clean_acc', 'asr', 'detection_rate', 'false_alarm_rate')]
+  return [fmt(good[key]) for key in ('clean_acc', 'asr', 'detection_rate', 'false_alarm_rate')]
 
 
 def markdown(results: dict) -> str:
@@ -47,7 +44,7 @@ def markdown(results: dict) -> str:
       f'Order: {results["order"]} mean activation; drop X in '
       f'{"percent of the base accuracy" if results["relative"] else "percentage points"}.', '',
       *tables.markdown(['net', 'split', 'clean acc %', 'ASR %'],
-                       [['B', split, _fmt(base[split]['clean_acc']), _fmt(base[split]['asr'])]
+                       [['B', split, fmt(base[split]['clean_acc']), fmt(base[split]['asr'])]
                         for split in ('valid', 'test')], 'llrr'), '',
       'On the test split:', '',
   ]
@@ -57,7 +54,7 @@ def markdown(results: dict) -> str:
       rows.append([x, 'not reached', *['—'] * 6])
       continue
     repaired, good = entry['repaired'], entry['goodnet']
-    rows.append([x, entry['channels_pruned'], _fmt(repaired['clean_acc']), _fmt(repaired['asr']),
+    rows.append([x, entry['channels_pruned'], fmt(repaired['clean_acc']), fmt(repaired['asr']),
                  *_goodnet_cells(good)])
   lines += tables.markdown(['X', 'channels pruned', "B' clean %", "B' ASR %", 'G clean %',
                             'G ASR %', 'G detection %', 'G false alarm %'], rows, 'r' * 8)
@@ -76,32 +73,27 @@ def _fine_pruning_lines(results: dict) -> list[str]:
       f'the epoch chosen on {tune["holdout_images"]} held-out clean images. Test split:', '',
   ]
   only = results['fine_tuned_only']
-  rows = [['B fine-tuned alone', 0, _fmt(only['clean_acc']), _fmt(only['asr']), *['—'] * 4,
+  rows = [['B fine-tuned alone', 0, fmt(only['clean_acc']), fmt(only['asr']), *['—'] * 4,
            only['chosen_epoch']]]
   for x, entry in results['thresholds'].items():
     tuned, good = entry.get('fine_pruned'), entry.get('goodnet_fine_pruned')
     if tuned is None:
       rows.append([f'X={x} fine-pruned', 'not reached', *['—'] * 7])
       continue
-    rows.append([f'X={x} fine-pruned', entry['channels_pruned'], _fmt(tuned['clean_acc']),
-                 _fmt(tuned['asr']), *_goodnet_cells(good), tuned['chosen_epoch']])
+    rows.append([f'X={x} fine-pruned', entry['channels_pruned'], fmt(tuned['clean_acc']),
+                 fmt(tuned['asr']), *_goodnet_cells(good), tuned['chosen_epoch']])
   lines += tables.markdown(['net', 'channels pruned', 'clean %', 'ASR %', 'G clean %', 'G ASR %',
                             'G detection %', 'G false alarm %', 'epoch'], rows, 'l' + 'r' * 8)
   chosen = results.get('recommended')
   if chosen:
     lines += ['', f'Recommended on clean data alone: X={chosen["x"]} ({chosen["channels_pruned"]} '
                   f'channels), the deepest X whose fine-pruned net keeps held-out clean accuracy '
-                  f'({_fmt(chosen["holdout_acc"])} %) within {chosen["max_clean_drop"]:g} points '
-                  f'of B\'s ({_fmt(chosen["b_holdout_acc"])} %).']
+                  f'({fmt(chosen["holdout_acc"])} %) within {chosen["max_clean_drop"]:g} points '
+                  f'of B\'s ({fmt(chosen["b_holdout_acc"])} %).']
   else:
     lines += ['', 'No fine-pruned net keeps held-out clean accuracy within '
                   f'{results["finetune"]["max_clean_drop"]:g} points of B\'s.']
   return lines
-
-
-def summary(results: dict) -> str:
-  """The short table the prune job prints."""
-  return markdown(results)
 
 
 def save_figure(figure: plt.Figure, path: pathlib.Path) -> None:
@@ -136,12 +128,7 @@ def plot_sweep(path: pathlib.Path, clean_acc: np.ndarray, asr: np.ndarray,
 
 
 def plot_thresholds(path: pathlib.Path, results: dict) -> None:
-  """B, B'_X and G_X on the test split; for G its detection and its false alarms side by side.
-
-  A detector is only as good as the clean inputs it leaves alone, so G's
-  detection rate (poisoned inputs flagged N) stands beside its false-alarm
-  rate (clean inputs flagged N).
-  """
+  """B, B'_X and G_X on the test split; for G its detection and its false alarms side by side."""
   names = ['B']
   bars = {'clean accuracy': [results['base']['test']['clean_acc']],
           'attack success rate': [results['base']['test']['asr']],
@@ -198,17 +185,6 @@ def plot_fine_pruning(path: pathlib.Path, results: dict) -> None:
   save_figure(figure, path)
 
 
-def write_results(out: pathlib.Path, results: dict, clean_acc: np.ndarray,
-                  asr: np.ndarray, levels: dict[float, int | None]) -> None:
-  """results.json, results.md, plots/sweep.png and plots/thresholds.png."""
-  workdir_lib.write_json(out / 'results.json', results)
-  workdir_lib.write_text(out / 'results.md', markdown(results))
-  plot_sweep(out / 'plots' / 'sweep.png', clean_acc, asr, levels)
-  plot_thresholds(out / 'plots' / 'thresholds.png', results)
-  if 'fine_tuned_only' in results:
-    plot_fine_pruning(out / 'plots' / 'fine_prune.png', results)
-
-
 def _panels(keys: list[tuple[str, str]], width: float = 4.2, height: float = 3.4):
   """A grid of small multiples: one row per model, one column per layer."""
   models = list(dict.fromkeys(model for model, _ in keys))
@@ -229,8 +205,7 @@ def _variant(row: dict) -> str:
 def plot_ablation_tradeoff(path: pathlib.Path, rows: list[dict]) -> None:
   """The ablation's trade-off, one panel per (model, layer): ASR against clean accuracy (test).
 
-  Colour: the order (and seed); marker: X; hollow: pruned only, filled:
-  fine-tuned after pruning. Rows whose X was never reached are left out.
+  Colour: the order (and seed); marker: X; hollow: pruned only, filled: fine-tuned.
   """
   done = [row for row in rows if row['clean_acc']]
   if not done:
@@ -279,10 +254,7 @@ def plot_ablation_tradeoff(path: pathlib.Path, rows: list[dict]) -> None:
 
 
 def plot_ablation_curves(path: pathlib.Path, curves: list[dict]) -> None:
-  """The ablation's sweeps (validation split), one panel per (model, layer).
-
-  Solid: clean accuracy; dashed: ASR; one colour per order (and seed).
-  """
+  """The ablation's sweeps (valid) per (model, layer): clean accuracy solid, ASR dashed."""
   if not curves:
     return
   figure, panels = _panels(sorted({(row['model'], row['layer']) for row in curves}))
@@ -321,12 +293,9 @@ def plot_ablation_curves(path: pathlib.Path, curves: list[dict]) -> None:
 
 def write_masks(path: pathlib.Path, variant_masks: dict[str, dict[str, np.ndarray]],
                 variant_means: dict[str, dict[str, np.ndarray]]) -> None:
-  """masks.npz: the final masks by layer ('conv_1', ...) and their means ('mean/conv_1', ...).
+  """masks.npz: the final [C] masks by layer ('conv_3') and their means ('mean/conv_3').
 
-  ``np.load(path)['conv_3']`` gives the [C] mask values in [0, 1];
-  ``'mean/conv_3'`` their means over the learning (the tie-break of the
-  pruning order). In a grid every name is prefixed by the variant's, e.g.
-  'eps=0.4 alpha=0.2 seed=0/conv_3'.
+  The means break pruning-order ties; a grid prefixes names ('eps=0.4 alpha=0.2 seed=0/conv_3').
   """
   prefix = lambda variant: f'{variant.rstrip(": ")}/' if variant else ''
   arrays = {f'{prefix(variant)}{kind}{layer}': np.asarray(values)
@@ -344,25 +313,25 @@ def learned_mask_markdown(results: dict) -> str:
            f'Model: `{results["model"]}`' + (' (shipped synthetic benchmark)'
                                              if results.get('synthetic_benchmark') else ''), '',
            *tables.markdown(['net', 'split', 'clean acc %', 'ASR %'],
-                            [['B', split, _fmt(base[split]['clean_acc']),
-                              _fmt(base[split]['asr'])] for split in ('valid', 'test')],
+                            [['B', split, fmt(base[split]['clean_acc']),
+                              fmt(base[split]['asr'])] for split in ('valid', 'test')],
                             'llrr'), '']
   defended = results.get('defended')
   if defended:
     lines += [f'Chosen on {results["holdout_images"]} held-out clean images: '
               f'{defended["candidate"]} pruned, the deepest candidate whose held-out clean '
-              f'accuracy ({_fmt(defended["valid"]["clean_acc"])} %) stays within '
-              f'{results["max_clean_drop"]:g} points of B\'s ({_fmt(results["b_holdout_acc"])} %).',
+              f'accuracy ({fmt(defended["valid"]["clean_acc"])} %) stays within '
+              f'{results["max_clean_drop"]:g} points of B\'s ({fmt(results["b_holdout_acc"])} %).',
               '', 'On the test split:', '',
               *tables.markdown(
                   ['net', 'clean %', 'ASR %', 'detection %', 'false alarm %'],
-                  [[f'{name}-pruned', _fmt(defended['test']['clean_acc']),
-                    _fmt(defended['test']['asr']), '—', '—'],
-                   [f'GoodNet (B, {name}-pruned)', _fmt(results['goodnet']['test']['clean_acc']),
-                    _fmt(results['goodnet']['test']['asr']),
-                    _fmt(results['goodnet']['test']['detection_rate']),
-                    _fmt(results['goodnet']['test']['false_alarm_rate'])]], 'lrrrr'), '']
-  tuned = lambda row: _fmt(row['fine_tuned']['holdout_clean_acc']) if 'fine_tuned' in row else '—'
+                  [[f'{name}-pruned', fmt(defended['test']['clean_acc']),
+                    fmt(defended['test']['asr']), '—', '—'],
+                   [f'GoodNet (B, {name}-pruned)', fmt(results['goodnet']['test']['clean_acc']),
+                    fmt(results['goodnet']['test']['asr']),
+                    fmt(results['goodnet']['test']['detection_rate']),
+                    fmt(results['goodnet']['test']['false_alarm_rate'])]], 'lrrrr'), '']
+  tuned = lambda row: fmt(row['fine_tuned']['holdout_clean_acc']) if 'fine_tuned' in row else '—'
   lines += ['Every candidate (neurons pruned, smallest masks first; test figures of the net as '
             'offered, fine-tuned where it was; ASR for reporting only):', '',
             *tables.markdown(['candidate', 'mask at most', 'held-out clean %, pruned',
@@ -370,20 +339,11 @@ def learned_mask_markdown(results: dict) -> str:
                               'valid ASR %'],
                              [[row['candidate'],
                                '—' if row['mask_at_most'] is None else f'{row["mask_at_most"]:.3f}',
-                               _fmt(row['holdout_clean_acc']), tuned(row),
-                               _fmt(row['test_clean_acc']), _fmt(row['test_asr']),
-                               _fmt(row['valid_asr'])]
+                               fmt(row['holdout_clean_acc']), tuned(row),
+                               fmt(row['test_clean_acc']), fmt(row['test_asr']),
+                               fmt(row['valid_asr'])]
                               for row in results['tradeoff']], 'lrrrrrr')]
   return '\n'.join(lines) + '\n'
-
-
-def write_learned_mask_results(out: pathlib.Path, results: dict,
-                               variant_masks: dict[str, dict[str, np.ndarray]]) -> None:
-  """results.json, results.md, plots/tradeoff.png and plots/masks.png."""
-  workdir_lib.write_json(out / 'results.json', results)
-  workdir_lib.write_text(out / 'results.md', learned_mask_markdown(results))
-  plot_mask_tradeoff(out / 'plots' / 'tradeoff.png', results)
-  plot_masks(out / 'plots' / 'masks.png', variant_masks, results['defence'].upper())
 
 
 def plot_mask_tradeoff(path: pathlib.Path, results: dict) -> None:

@@ -36,3 +36,8 @@ def markdown(header: Sequence[str], rows: Iterable[Sequence[Any]], align: str) -
 
 def _row(cells: Sequence[Any]) -> str:
   return '| ' + ' | '.join(str(cell) for cell in cells) + ' |'
+
+
+def fmt(value: float | None, digits: int = 2) -> str:
+  """A figure in a table: ``digits`` decimals, '—' for none."""
+  return '—' if value is None else f'{value:.{digits}f}'

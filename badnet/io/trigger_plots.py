@@ -24,12 +24,8 @@ def plot_norms(path: pathlib.Path, labels: np.ndarray, norms: np.ndarray, flagge
                title: str) -> None:
   """Each label's mask norm (left) and their histogram (right); flagged labels, median, cut.
 
-  Args:
-    path: the PNG to write.
-    labels, norms, flagged, index: per label ([L]): label, L1 norm, flagged, anomaly index.
-    median, mad: of the norms (MAD already x 1.4826).
-    threshold: the anomaly index above which a label is flagged.
-    title: what net it is.
+  ``labels``, ``norms``, ``flagged`` and ``index`` (anomaly index) are per label
+  [L]; ``mad`` is already x 1.4826; ``threshold`` is the flagging anomaly index.
   """
   labels, norms = np.asarray(labels), np.asarray(norms, np.float64)
   flagged = np.asarray(flagged, bool)
@@ -65,11 +61,7 @@ def plot_norms(path: pathlib.Path, labels: np.ndarray, norms: np.ndarray, flagge
 
 
 def shown_labels(norms: np.ndarray, flagged: np.ndarray) -> list[int]:
-  """Rows to show: the flagged (smallest norm first), then unflagged ones from small to median.
-
-  The unflagged are the smallest (the most suspicious not flagged) and those at
-  the 25th, 50th and 75th percentiles of the unflagged norms.
-  """
+  """Rows to show: the flagged (smallest norm first), then unflagged at norm quantiles 0 to .75."""
   norms, flagged = np.asarray(norms), np.asarray(flagged, bool)
   order = np.argsort(norms, kind='stable')
   chosen = [int(i) for i in order if flagged[i]][:MAX_FLAGGED_SHOWN]
@@ -83,12 +75,8 @@ def plot_triggers(path: pathlib.Path, labels: np.ndarray, masks: np.ndarray,
                   flagged: np.ndarray, example: np.ndarray | None, title: str) -> None:
   """A column per shown label: the trigger on grey, its mask, and a clean face with it.
 
-  Args:
-    path: the PNG to write.
-    labels, masks, patterns, norms, index, flagged: per label ([L], [L, 55, 47],
-      [L, 55, 47, 3] in 0..255, [L], [L], [L]).
-    example: a clean image [55, 47, 3] to stamp each trigger on (None: no such row).
-    title: what net it is.
+  Per label: ``masks`` [L, 55, 47], ``patterns`` [L, 55, 47, 3] in 0..255, the
+  rest [L]. ``example``: a clean [55, 47, 3] image to stamp (None: no such row).
   """
   columns = shown_labels(norms, flagged)
   rows = 3 if example is not None else 2

@@ -1,15 +1,9 @@
 """The working directory of a job: checked before any work, written atomically.
 
-A workdir is either new, empty, or one the same badnet job wrote before (it
-holds ``config.json`` with a ``badnet_job`` key naming the job). Anything else
-is refused: a folder of the user's own files, so a mistyped ``--workdir`` never
-overwrites them, and another job's workdir, so one folder never mixes two
-runs' outputs. Every output is written to a temporary file in the same folder
-and renamed over the old one, so a rerun replaces results atomically and an
-interrupted run leaves the previous ones; the temporary files a killed run
-left behind are removed by the next run in that workdir. A write that fails
-(a full disk, a folder without write permission) stops the job with one line
-naming the file.
+A workdir is new, empty, or one the same job wrote (its ``config.json`` says),
+so a mistyped ``--workdir`` never overwrites the user's files. Outputs are
+written to a temporary file and renamed, so an interrupted run leaves the
+previous results; a failed write stops the job with one line naming the file.
 """
 
 import contextlib
@@ -40,11 +34,7 @@ def owner(path: pathlib.Path) -> str | None:
 
 
 def prepare(workdir: str | os.PathLike, job: str) -> pathlib.Path:
-  """Creates ``workdir`` for ``job``, or checks that an earlier ``job`` run made it.
-
-  Also checks that it is writable, and removes the temporary files of
-  interrupted writes in it.
-  """
+  """Creates ``workdir`` for ``job``, or checks that ``job`` made it; removes stale temp files."""
   path = pathlib.Path(workdir).expanduser()
   if path.exists() and not path.is_dir():
     raise WorkdirError(f'{path}: the workdir exists and is not a directory')
@@ -108,11 +98,7 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def tidy(obj: Any) -> Any:
-  """``obj`` with every float at 6 significant digits (99.55, not 99.55000000000001).
-
-  A percentage of N images needs no more for any N a data file holds here, and
-  a learning rate keeps its digits (1e-05 stays 1e-05).
-  """
+  """``obj`` with every float at 6 significant digits (99.55, not 99.55000000000001)."""
   if isinstance(obj, float):
     return float(f'{obj:.6g}')
   if isinstance(obj, dict):

@@ -1,4 +1,12 @@
-"""Ablations: a grid of defences, one vmapped sweep per (model, layer), ANP and RNP per model."""
+"""Ablations: a grid of defences, one vmapped sweep per (model, layer), ANP and RNP per model.
+
+The grid is a list of cells: each (model, layer) of the channel grid (every
+order, seed, X and fine-tuning budget of it in one vmapped sweep), and each
+(model, defence) of the other defences, run through the defence's own
+``defend`` (``defences.get``) and scored by the one path's ``Scorer``. On
+several processes (``--num_processes``, as for the prune job) each process
+takes every P-th cell; the rows are gathered and process 0 writes them.
+"""
 
 import dataclasses
 import pathlib
@@ -6,21 +14,27 @@ import time
 
 from absl import logging
 import ml_collections
+import jax
 import numpy as np
 
 from badnet import config as config_lib
-from badnet.core import evaluate, masks, model, train
-from badnet.defences import anp, fine_pruning, goodnet, pruning, rnp, sweep
-from badnet.io import data, inputs, keras_io, report, tables, workdir
+from badnet import defences, defend, inputs
+from badnet.core import distributed, evaluate, masks, model, train
+from badnet.defences import base, goodnet, sweep
+from badnet.io import data, keras_io, report, tables, workdir
 
+# The channel grid is the pruning and fine-pruning defences' (reached, as every
+# defence is, through the registry).
+pruning, fine_pruning = defences.get('pruning'), defences.get('fine_pruning')
 ROW_FIELDS = ('defence', 'model', 'layer', 'order', 'seed', 'x', 'finetune_epochs',
               'channels_pruned', 'pruned_channels', 'clean_acc', 'asr', 'goodnet_clean_acc',
               'goodnet_asr', 'detection_rate', 'false_alarm_rate')
 CURVE_FIELDS = ('model', 'layer', 'order', 'seed', *report.SWEEP_FIELDS)
 KEY_FIELDS = ROW_FIELDS[:7]  # what identifies a grid point
 # The grid's defences: 'pruning' is the channel grid (fine-pruning where
-# finetune_epochs > 0); the others are learned-mask plug-ins, one row per model.
-LEARNED = {anp.NAME: anp, rnp.NAME: rnp}
+# finetune_epochs > 0); the others are learned-mask plug-ins, one row per model,
+# with the settings of their blocks (config.anp, config.rnp).
+LEARNED = ('anp', 'rnp')
 DEFENCES = ('pruning', *LEARNED)
 
 
@@ -40,27 +54,28 @@ FIELDS = {
                                   note=' (X is a drop in clean accuracy, in percentage points)'),
     'finetune_epochs': config_lib.Each(config_lib.Integer(0)),
     'relative': config_lib.Boolean(),
-    'precision': pruning.FIELDS['precision'],
-    **fine_pruning.recipe_fields(_shortest_tuning),
-    'finetune.stacking': config_lib.Choice(train.STACKING, 'stacking'),
+    'precision': config_lib.Choice(model.PRECISIONS, 'precision'),
+    'holdout_fraction': config_lib.Number(0, 1, low_open=True, high_open=True),
 }
 
 
-def learned_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """What ANP and RNP read: config.learned_masks with the grid's batch_size and precision."""
-  learned = ml_collections.ConfigDict(config.learned_masks.to_dict())
-  learned.batch_size, learned.precision = config.batch_size, config.precision
-  return learned
+def tuning(config: ml_collections.ConfigDict) -> base.Tuning:
+  """The fine-tuning settings (config.finetune); each fine-tuning sets its own epochs."""
+  block = ml_collections.ConfigDict(
+      {**config.finetune.to_dict(), 'epochs': _shortest_tuning(config)})  # warm-up's bound
+  return config_lib.build(base.Tuning, block, 'finetune.')
+
+
+def multi_process(config: ml_collections.ConfigDict) -> bool:
+  return True  # each process takes its share of the cells
 
 
 def check(config: ml_collections.ConfigDict) -> None:
-  """The fields of the learned-mask defences the grid runs, named as the grid's config has them."""
-  defences = config_lib.values(config.defences)
-  for name in dict.fromkeys(defences):
+  """The fine-tuning and the blocks of the learned-mask defences the grid runs."""
+  tuning(config)
+  for name in dict.fromkeys(config_lib.values(config.defences)):
     if name in LEARNED:
-      fields = {k: v for k, v in LEARNED[name].FIELDS.items()
-                if k not in ('batch_size', 'precision')}  # the grid's own, checked above
-      config_lib.check(learned_config(config), fields, prefix='learned_masks.')
+      defend.settings_of(config, name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,14 +108,35 @@ def _percent(value: float | None) -> str:
 def _metrics(net: dict[str, np.ndarray], b_test: dict[str, np.ndarray],
              labels: dict[str, np.ndarray], num_classes: int) -> dict:
   """The row's figures (test split) from the net's and B's classes."""
-  figures, good = goodnet.figures(b_test, net, labels, num_classes)
-  return {**figures, 'goodnet_clean_acc': good['clean_acc'], 'goodnet_asr': good['asr'],
-          'detection_rate': good['detection_rate'],
-          'false_alarm_rate': good['false_alarm_rate']}
+  return _row_figures(*goodnet.figures(b_test, net, labels, num_classes))
+
+
+def _row_figures(net: dict, good: dict) -> dict:
+  """A row's figures from a net's and its GoodNet's."""
+  return {**net, 'goodnet_clean_acc': good['clean_acc'], 'goodnet_asr': good['asr'],
+          'detection_rate': good['detection_rate'], 'false_alarm_rate': good['false_alarm_rate']}
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+  """A unit of the grid that one process runs: a (model, layer) of the channel grid, or a
+  (model, defence) of the learned-mask defences (layer empty)."""
+  model: str
+  defence: str
+  layer: str = ''
+
+
+def cells(config: ml_collections.ConfigDict, models: list[str]) -> list[Cell]:
+  """Every cell of the grid, in the order a single process runs them."""
+  defences_ = tuple(dict.fromkeys(config_lib.values(config.defences)))
+  layers = dict.fromkeys(config_lib.values(config.layers)) if 'pruning' in defences_ else ()
+  return [cell for name in models
+          for cell in [*(Cell(name, 'pruning', layer) for layer in layers),
+                       *(Cell(name, d) for d in defences_ if d in LEARNED)]]
 
 
 def run(config: ml_collections.ConfigDict, out: pathlib.Path) -> list[dict]:
-  """Runs the grid; writes ablation.csv, curves.csv, ablation.md and plots (resuming)."""
+  """Runs the grid (this process's cells); writes ablation.csv, curves.csv, ablation.md, plots."""
   model_paths, data_paths, shipped = inputs.resolve_models(config)
   nets = {name: keras_io.read_params(path) for name, path in model_paths.items()}
   class_counts = {model.num_classes_of(params) for params in nets.values()}
@@ -118,33 +154,46 @@ def run(config: ml_collections.ConfigDict, out: pathlib.Path) -> list[dict]:
   thresholds = pruning.thresholds(config)
   epochs_axis = sorted(set(config_lib.values(config.finetune_epochs)))
   # Each fine-tuning sets its own epochs.
-  recipe = train.Recipe.from_config(config.finetune, epochs=1)
-  defences = tuple(dict.fromkeys(config_lib.values(config.defences)))
+  tune = tuning(config)
+  leader, processes = distributed.is_leader(), jax.process_count()
 
   def record(row: dict) -> None:
-    # Written at once, atomically: an interrupted run keeps every finished point.
     rows.append(row)
     done.add(_key(row))
-    tables.write_csv(out / 'ablation.csv', ROW_FIELDS, rows)
+    if processes == 1:  # written at once, atomically: an interrupted run keeps every point
+      tables.write_csv(out / 'ablation.csv', ROW_FIELDS, rows)
 
   start = time.perf_counter()
-  for name, params in nets.items():
-    for layer in dict.fromkeys(config_lib.values(config.layers)) if 'pruning' in defences else ():
-      wanted = [('pruning', name, layer, v.order, v.seed_text, pruning.label(x), str(e))
-                for v in variants for x in thresholds for e in epochs_axis]
-      if all(key in done for key in wanted):
-        logging.info('%s / %s: every point already done.', name, layer)
-        continue
-      print(f'{name} / {layer}: {len(variants)} orders x {len(thresholds)} X x '
-            f'{len(epochs_axis)} fine-tuning settings...', flush=True)
-      new_curves = _model_layer(name, params, layer, variants, thresholds, epochs_axis, splits,
-                                labels, set(done), config, recipe, record)
-      curves = [c for c in curves if (c['model'], c['layer']) != (name, layer)] + new_curves
+  every = cells(config, list(nets))
+  mine = every[jax.process_index()::processes]
+  for cell in mine:
+    name, params, layer = cell.model, nets[cell.model], cell.layer
+    if cell.defence in LEARNED:
+      _learned_row(cell.defence, name, params, splits, labels, done, config, record)
+      continue
+    wanted = [('pruning', name, layer, v.order, v.seed_text, pruning.label(x), str(e))
+              for v in variants for x in thresholds for e in epochs_axis]
+    if all(key in done for key in wanted):
+      logging.info('%s / %s: every point already done.', name, layer)
+      continue
+    print(f'{name} / {layer}: {len(variants)} orders x {len(thresholds)} X x '
+          f'{len(epochs_axis)} fine-tuning settings...', flush=True)
+    new_curves = _model_layer(name, params, layer, variants, thresholds, epochs_axis, splits,
+                              labels, set(done), config, tune, record)
+    curves = [c for c in curves if (c['model'], c['layer']) != (name, layer)] + new_curves
+    if processes == 1:
       tables.write_csv(out / 'curves.csv', CURVE_FIELDS, curves)
-    for defence in defences:
-      if defence in LEARNED:
-        _learned_row(LEARNED[defence], name, params, splits, labels, done, config, record)
-  logging.info('Grid done in %.1f s.', time.perf_counter() - start)
+  logging.info('Grid done in %.1f s (%d of %d cells on this process).',
+               time.perf_counter() - start, len(mine), len(every))
+  if processes > 1:  # every process's rows and curves, merged by key, curves in cell order
+    rows = list({_key(r): r for part in distributed.gather_objects(rows) for r in part}.values())
+    curves = list({tuple(c[f] for f in CURVE_FIELDS[:5]): c
+                   for part in distributed.gather_objects(curves) for c in part}.values())
+    position = {(c.model, c.layer): i for i, c in enumerate(every)}
+    curves.sort(key=lambda c: position.get((c['model'], c['layer']), -1))
+    if not leader:
+      return rows
+    tables.write_csv(out / 'curves.csv', CURVE_FIELDS, curves)
   rows.sort(key=lambda r: (r['defence'], r['model'], r['layer'], r['order'], r['seed'],
                            float(r['x']), int(r['finetune_epochs'])))
   tables.write_csv(out / 'ablation.csv', ROW_FIELDS, rows)
@@ -161,7 +210,7 @@ def run(config: ml_collections.ConfigDict, out: pathlib.Path) -> list[dict]:
 
 
 def _model_layer(name, params, layer, variants, thresholds, epochs_axis, splits, labels, done,
-                 config, recipe, record) -> list[dict]:
+                 config, tune, record) -> list[dict]:
   """Every point of one (model, layer) not yet done, each passed to ``record``; its curves."""
   batch, precision = config.batch_size, config.precision
   num_classes = model.num_classes_of(params)
@@ -195,7 +244,7 @@ def _model_layer(name, params, layer, variants, thresholds, epochs_axis, splits,
   logging.info('%s / %s: %d orders x %d levels swept, and the test split scored, in %.1f s.',
                name, layer, len(variants), stacked.shape[1], time.perf_counter() - start)
   curves, tuned = [], {}
-  if train.stacks(config.finetune.stacking):  # every pending fine-tuning of an epochs at once
+  if train.stacks(tune.stacking):  # every pending fine-tuning of an epochs at once
     pending = {}  # epochs -> {memo: (mask, name)}, what the loop below would fine-tune
     for index, variant in enumerate(variants):
       for column, x in enumerate(thresholds):
@@ -211,7 +260,7 @@ def _model_layer(name, params, layer, variants, thresholds, epochs_axis, splits,
     for epochs, group in pending.items():
       tuned.update(zip(group, _fine_pruned(
           params, [mask for mask, _ in group.values()], layer, epochs, splits, b_test, labels,
-          num_classes, config, recipe, [text for _, text in group.values()])))
+          num_classes, config, tune, [text for _, text in group.values()])))
   for index, (variant, order) in enumerate(zip(variants, orders)):
     clean_acc, asr = curves_of[index]
     curves += [{'model': name, 'layer': layer, 'order': variant.order,
@@ -239,7 +288,7 @@ def _model_layer(name, params, layer, variants, thresholds, epochs_axis, splits,
           if memo not in tuned:
             tuned[memo], = _fine_pruned(
                 params, [stacked[index, level]], layer, epochs, splits, b_test, labels,
-                num_classes, config, recipe,
+                num_classes, config, tune,
                 [f'{name}/{layer}/{variant.order}{variant.seed_text} X={x:g}'])
           figures = tuned[memo]
         record({**row, **{k: _percent(v) for k, v in figures.items()}})
@@ -252,12 +301,12 @@ def layers_text(layers: tuple[str, ...]) -> str:
           if tuple(layers) == model.NEURON_LAYERS else '+'.join(layers))
 
 
-def _learned_row(defence, name, params, splits, labels, done, config, record) -> None:
+def _learned_row(defence_name, name, params, splits, labels, done, config, record) -> None:
   """The row of a learned-mask defence on one model: its chosen net on the test split."""
-  learned = learned_config(config)
-  layers = config_lib.values(learned.layers)
-  key = (defence.NAME, name, layers_text(layers), '', '', pruning.label(learned.max_clean_drop),
-         str(learned.finetune.epochs))
+  defence, settings = defences.get(defence_name), defend.settings_of(config, defence_name)
+  layers = config_lib.values(settings.layers)
+  key = (defence.NAME, name, layers_text(layers), '', '', pruning.label(settings.max_clean_drop),
+         str(settings.finetune.epochs))
   if key in done:
     logging.info('%s / %s: already done.', name, defence.NAME)
     return
@@ -265,31 +314,29 @@ def _learned_row(defence, name, params, splits, labels, done, config, record) ->
         flush=True)
   start = time.perf_counter()
   # The defence sees the clean validation split only, as in its own job.
-  outcome = defence.defend(params, splits['clean_valid'], learned)
+  clean = splits['clean_valid']
+  outcome = defence.defend(params, base.Clean(clean.labels, clean.images, config.batch_size,
+                                              config.precision), settings)
   chosen = outcome.candidates[outcome.recommended]
-  predict = lambda net, key: evaluate.predict(net, splits[key].images, config.batch_size,
-                                              precision=config.precision)
-  tests = ('clean_test', 'poisoned_test')
-  figures = _metrics({key: predict(chosen.params, key) for key in tests},
-                     {key: predict(params, key) for key in tests}, labels,
-                     model.num_classes_of(params))
+  scorer = defend.Scorer(params, model.num_classes_of(params), labels, splits, {},
+                         config.batch_size, config.precision, lambda key, rows: rows)
+  net, good = scorer.figures(scorer.classes(chosen.params))
   logging.info('%s / %s: %s chosen in %.1f s.', name, defence.NAME, outcome.recommended,
                time.perf_counter() - start)
   record({**dict(zip(KEY_FIELDS, key)),
           'channels_pruned': str(chosen.figures['neurons_pruned']),
           'pruned_channels': ' '.join(f'{layer}:{int(i)}' for layer in layers
                                       for i in chosen.pruned.get(layer, ())),
-          **{k: _percent(v) for k, v in figures.items()}})
+          **{k: _percent(v) for k, v in _row_figures(net, good).items()}})
 
 
 def _fine_pruned(params, level_masks, layer, epochs, splits, b_test, labels, num_classes,
-                 config, recipe, names) -> list[dict]:
-  """Each mask's net fine-pruned for ``epochs`` (together where ``finetune.stacking`` stacks)."""
+                 config, tune, names) -> list[dict]:
+  """Each mask's net fine-pruned for ``epochs`` (together where ``tune.stacking`` stacks)."""
   clean = splits['clean_valid']
   tuned = fine_pruning.fine_prune_many(params, level_masks, clean.images, clean.labels,
-                                       dataclasses.replace(recipe, epochs=epochs),
-                                       config.finetune.holdout_fraction, names, layer,
-                                       config.finetune.stacking)
+                                       tune.recipe(epochs), config.holdout_fraction, names,
+                                       layer, tune.stacking)
   figures = []
   for net, _ in tuned:
     classes = {key: evaluate.predict(net, splits[key].images, config.batch_size,

@@ -1,8 +1,7 @@
 """GoodNet on image files: one line per image with its class in 0..N, and what the classes mean.
 
-The two nets come from a prune or fine-prune run's workdir (``config.run``,
-``config.x``, ``config.net``) or as two files (``config.model`` and
-``config.repaired``); the images from files, folders or glob patterns.
+The nets come from a prune or fine-prune workdir (``config.run``, ``x``, ``net``) or two
+files (``model``, ``repaired``); the images from files, folders or glob patterns.
 """
 
 import glob
@@ -14,7 +13,7 @@ import ml_collections
 from badnet import config as config_lib
 from badnet.benchmark import shipped
 from badnet.core import model
-from badnet.defences import goodnet, pruning
+from badnet.defences import goodnet
 from badnet.errors import ConfigError, DataError, ModelFileError
 from badnet.io import data, keras_io, workdir
 
@@ -61,7 +60,7 @@ def nets_of_run(config: ml_collections.ConfigDict) -> tuple[pathlib.Path, pathli
   """B's file, B'_X's file and the run's results.json, from a prune or fine-prune workdir."""
   run = pathlib.Path(config.run).expanduser()
   job = workdir.owner(run)
-  if job not in ('prune', 'fine_prune'):
+  if job not in ('pruning', 'fine_pruning'):
     raise ConfigError(f'config.run: {run} is not the workdir of a prune or fine-prune run'
                       + (f' (a {job} job wrote it)' if job else ''))
   try:
@@ -72,7 +71,7 @@ def nets_of_run(config: ml_collections.ConfigDict) -> tuple[pathlib.Path, pathli
   reached = [x for x, entry in results['thresholds'].items() if entry['reached']]
   if config.x:
     try:
-      x = pruning.label(float(config.x))
+      x = f'{float(config.x):g}'  # as the run's results name its X
     except ValueError:
       raise ConfigError(f'config.x: {config.x!r} is not a number') from None
   else:

@@ -7,7 +7,8 @@ import ml_collections
 from badnet import config as config_lib
 from badnet.core import evaluate, model
 from badnet.errors import ConfigError
-from badnet.io import data, inputs, keras_io, workdir
+from badnet import inputs
+from badnet.io import data, keras_io, workdir
 
 FIELDS = config_lib.BATCH_SIZE
 

@@ -14,7 +14,8 @@ from badnet import config as config_lib
 from badnet.benchmark import attacks, faces, shipped, triggers
 from badnet.core import evaluate, train
 from badnet.errors import ConfigError
-from badnet.io import inputs, keras_io, workdir
+from badnet import inputs
+from badnet.io import keras_io, workdir
 
 ATTACKS = ('badnets', 'pruning_aware')
 FIELDS = {

@@ -1,9 +1,7 @@
 """A job's inputs: the model and the four CSAW data files, from the config or the shipped benchmark.
 
-With no model and no data in the config, a job runs on a shipped synthetic
-BadNet (``config.benchmark``) and its data, generated once per machine into
-a cache folder (``$BADNET_CACHE_DIR``, by default ``~/.cache/badnet``) and
-checked on every reuse, and says so first.
+With no model and no data given, a job runs on a shipped synthetic BadNet and its data,
+made once per machine into ``$BADNET_CACHE_DIR`` (default ``~/.cache/badnet``).
 """
 
 import dataclasses
@@ -81,8 +79,7 @@ def resolve_models(config: config_lib.Config
                    ) -> tuple[dict[str, pathlib.Path], dict[str, pathlib.Path], bool]:
   """For a grid: model name -> file, data key -> file, and whether it is the shipped data.
 
-  ``config.models`` holds .h5 files or the shipped nets' names; shipped nets
-  alone may leave the data empty (the shipped benchmark's).
+  ``config.models`` holds .h5 files or shipped nets' names; only shipped nets may omit data.
   """
   models = {name: pathlib.Path(shipped.SHIPPED_NETS.get(name, name))
             for name in dict.fromkeys(config_lib.values(config.models))}
