@@ -93,7 +93,7 @@ def compute(folder: pathlib.Path, model_path: pathlib.Path) -> tuple[dict, dict]
   recipe = tuning.recipe(epochs=2)
   mask = level_masks[PRUNED_LEVELS[0]]
   (tuned, history), seconds = _seconds(lambda: train.fit(
-      params, clean.images, clean.labels, recipe, channel_mask=mask, hold_pruned_at_zero=True,
+      params, clean.images, clean.labels, recipe, channel_mask=mask, held={'conv_3': mask},
       name='device check'))
   steps = len(clean.labels) // recipe.batch_size
   timings['fine_tune_s'] = seconds
@@ -105,7 +105,8 @@ def compute(folder: pathlib.Path, model_path: pathlib.Path) -> tuple[dict, dict]
   for stacking in ('vmap', 'loop'):
     nets, timings[f'stacked_{stacking}_s'] = _seconds(lambda stacking=stacking: train.fit_many(
         [params] * len(stacked_masks), clean.images, clean.labels, one_epoch,
-        channel_masks=stacked_masks, hold_pruned_at_zero=True, stacking=stacking))
+        channel_masks=stacked_masks, held=[{'conv_3': m} for m in stacked_masks],
+        stacking=stacking))
     for level, (net, _), net_mask in zip(STACKED_LEVELS, nets, stacked_masks):
       classes[f'stacked_{stacking}_{level}/clean_test'] = evaluate.predict(
           net, test, channel_mask=net_mask)

@@ -10,7 +10,6 @@ ablation job would gain by training its fine-tuning variants together.
 """
 
 import argparse
-import functools
 import pathlib
 import sys
 import time
@@ -46,7 +45,8 @@ def main() -> None:
   labels = jnp.asarray(rng.integers(0, 100, args.batch).astype(np.int32))
   masks = jnp.asarray((rng.random((args.variants, 60)) > 0.5).astype(np.float32))
   optimizer = optax.adam(1e-3)
-  step = functools.partial(train.train_step, optimizer=optimizer, hold_pruned_at_zero=True)
+  # Fine-pruning's step: the masked channels held at zero (held = {'conv_3': mask}).
+  step = lambda p, s, x, y, m: train.train_step(p, s, x, y, m, {'conv_3': m}, optimizer=optimizer)
   one = backend.jit(step)
   state = optimizer.init(params)
   in_turn = _best_ms(lambda: [one(params, state, images, labels, mask) for mask in masks])

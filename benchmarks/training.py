@@ -83,7 +83,7 @@ def _net_and_data() -> tuple[str, dict, np.ndarray, np.ndarray]:
 def _badnet_rates(params, images, labels, mask, epochs: int) -> tuple[float, float]:
   recipe = defend.settings_of(fine_prune.get_config()).finetune.recipe(epochs=epochs)
   _, history = train.fit(params, images, labels, recipe, channel_mask=mask,
-                         hold_pruned_at_zero=True, name='benchmark')
+                         held={'conv_3': mask}, name='benchmark')
   steps = len(labels) // recipe.batch_size
   train_rate = steps * recipe.batch_size / min(row['seconds'] for row in history[1:])
   evaluate.predict(params, images, channel_mask=mask)  # compile

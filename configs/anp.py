@@ -8,8 +8,8 @@ the other net). It learns a mask per neuron of conv_1..conv_4, fc_1 and fc_2
 on part of the clean validation split (the rest held out), prunes the neurons
 with the smallest masks at depths 1, 2, 3, 4, 6, 8, 12, ... (learned_masks.DEPTHS),
 fine-tunes each pruned net on the same clean part with its pruned neurons held
-at zero (finetune.epochs; 0: pruning alone), and keeps the deepest candidate
-whose held-out clean accuracy stays within `max_clean_drop` points of B's.
+at zero (anp.finetune.epochs; 0: pruning alone), and keeps the deepest candidate
+whose held-out clean accuracy stays within `anp.max_clean_drop` points of B's.
 Only then does it read the test and poisoned files, to report. It prints B's
 figures, the chosen net's and its GoodNet's on the test split and
 the whole trade-off:

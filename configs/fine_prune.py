@@ -15,7 +15,7 @@ job's tables, then a fine-pruning table on the test split
     | X=<X> fine-pruned | ... |
 
 and the X it recommends on clean data alone (the deepest X whose fine-pruned
-net keeps its held-out clean accuracy within finetune.max_clean_drop points of
+net keeps its held-out clean accuracy within fine_pruning.max_clean_drop points of
 B's). It writes the prune job's outputs plus models/fine_pruned_X=<X>.h5 (full
 Keras models), plots/fine_prune.png and, in results.json, per X `fine_pruned`
 and `goodnet_fine_pruned`, and top-level `fine_tuned_only`, `finetune` and

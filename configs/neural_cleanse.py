@@ -4,13 +4,13 @@
 
 Inputs as in configs/prune.py (a model and CSAW-layout data; with neither it
 runs on the shipped synthetic benchmark, --config.benchmark=pruning_aware for
-the other net). For every label (or those of --config.labels='(0,5,7)') it
+the other net). For every label (or those of --config.neural_cleanse.labels='(0,5,7)') it
 optimises the smallest mask and pattern that send clean validation images to
-that label, on part of the clean validation split: nc.slots labels at a time
+that label, on part of the clean validation split: neural_cleanse.slots labels at a time
 in one vmapped optimisation, a finished label's slot taken by the next. It
 then flags the labels whose mask's L1 norm lies more than
-nc.anomaly_threshold (2) MADs below the median, and measures each reversed
-trigger's attack success on the held-out part. With unlearning.epochs > 0
+neural_cleanse.anomaly_threshold (2) MADs below the median, and measures each reversed
+trigger's attack success on the held-out part. With neural_cleanse.unlearning.epochs > 0
 and a label flagged, it fine-tunes B on the clean part with a
 trigger_fraction of the images carrying a flagged trigger under their true
 label (configs/fine_prune.py's recipe), the epoch chosen on the held-out

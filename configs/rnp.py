@@ -7,7 +7,7 @@ unlearns (gradient ascent on the clean loss until clean accuracy falls to
 rnp.clean_threshold percent), learns masks that recover the clean task on the
 unlearned net, then prunes B's neurons with the smallest masks (each candidate
 fine-tuned as in configs/anp.py), and keeps the deepest candidate whose held-out clean
-accuracy stays within `max_clean_drop` points of B's. It prints and writes
+accuracy stays within `rnp.max_clean_drop` points of B's. It prints and writes
 what configs/anp.py does (results.json also holds the unlearning epochs).
 """
 

@@ -9,9 +9,9 @@ seeded): the overlays, and the clean inputs whose entropies fix the threshold
 (a normal fitted to them, cut at strip.frr %). Only then does it read the test
 files: every clean and poisoned test input is superimposed with
 strip.overlays clean images, and flagged when the mean entropy of the
-predictions is below the threshold. With a repaired net (config.repaired, e.g.
+predictions is below the threshold. With a repaired net (strip.repaired, e.g.
 a prune job's models/repaired_X=2.h5, or one computed by the pruning defence
-at goodnet_x) it also scores GoodNet (B and the repaired net disagree) and
+at strip.goodnet_x) it also scores GoodNet (B and the repaired net disagree) and
 the composed detector (flagged by STRIP or GoodNet). It prints
 
     | detector | false rejection % (clean flagged) | false acceptance % (poisoned passed) | ...

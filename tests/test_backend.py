@@ -41,8 +41,7 @@ def test_a_train_step_with_either_pool_gives_the_same_params(monkeypatch):
   def one_step():
     optimizer = train.make_optimizer(train.Recipe(epochs=1), 1)
     step = backend.jit(lambda p, s: train.train_step(p, s, images, labels, mask,
-                                                     optimizer=optimizer,
-                                                     hold_pruned_at_zero=True))
+                                                     {'conv_3': mask}, optimizer=optimizer))
     return step(params, optimizer.init(params))[0]
 
   ours = one_step()

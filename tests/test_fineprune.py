@@ -50,7 +50,7 @@ def test_train_step_holds_pruned_channels_at_exactly_zero(optimizer):
   images, labels = _labelled_batch(params)
   state = optimizer.init(params)
   new, _, loss, _ = train.train_step(params, state, images, labels, _mask(),
-                                     optimizer=optimizer, hold_pruned_at_zero=True)
+                                     {'conv_3': _mask()}, optimizer=optimizer)
   assert np.isfinite(loss)
   kernel, bias = np.asarray(new['conv_3']['kernel']), np.asarray(new['conv_3']['bias'])
   assert not kernel[..., PRUNED].any() and not bias[PRUNED].any()
@@ -67,8 +67,8 @@ def test_train_step_is_pure():
   before = jax.tree.map(np.array, params)
   images, labels = _labelled_batch(params)
   optimizer = optax.adam(1e-3)
-  step = jax.jit(lambda p, s, x, y, m: train.train_step(p, s, x, y, m, optimizer=optimizer,
-                                                        hold_pruned_at_zero=True))
+  step = jax.jit(lambda p, s, x, y, m: train.train_step(p, s, x, y, m, {'conv_3': m},
+                                                        optimizer=optimizer))
   first = step(params, optimizer.init(params), images, labels, _mask())
   second = step(params, optimizer.init(params), images, labels, _mask())
   jax.tree.map(np.testing.assert_array_equal, first[0], second[0])
@@ -248,8 +248,8 @@ def test_a_validation_split_too_small_to_hold_out_is_one_clear_error(world, tmp_
   data.write_csaw_h5(tmp_path / 'one_each.h5', clean.images[first], clean.labels[first])
   config = _config(root)
   config.data.clean_valid = str(tmp_path / 'one_each.h5')
-  # The defence sees the clean split, not its file: the message names the split and the field.
-  with pytest.raises(ConfigError, match=r'the clean validation split: \d+ clean validation '
+  # The message names the file and the field.
+  with pytest.raises(ConfigError, match=r'one_each.h5: \d+ clean validation '
                                         r'images leave .*\(config\.fine_pruning\.'
                                         r'holdout_fraction\)'):
     runner.run(config, str(tmp_path / 'run'))

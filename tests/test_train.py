@@ -73,10 +73,11 @@ def variants(task):
   channel_masks = [np.ones(60, np.float32)] + [
       (rng.random(60) > fraction).astype(np.float32) for fraction in (0.3, 0.6)]
   recipe = train.Recipe(epochs=3, batch_size=32, learning_rate=1e-3, seed=1)
-  kwargs = dict(hold_pruned_at_zero=True, holdout=(test_images, test_labels),
+  kwargs = dict(held=[{'conv_3': mask} for mask in channel_masks],
+                holdout=(test_images, test_labels),
                 names=['all kept', 'a third pruned', 'most pruned'])
   alone = [train.fit(params, train_images, train_labels, recipe, channel_mask=mask,
-                     hold_pruned_at_zero=True, holdout=(test_images, test_labels))
+                     held={'conv_3': mask}, holdout=(test_images, test_labels))
            for mask in channel_masks]
   return params, channel_masks, recipe, kwargs, alone
 
@@ -106,7 +107,7 @@ def test_stacked_nets_give_each_net_fitted_alone(task, variants, optimizer):
   params, channel_masks, recipe, kwargs, alone = variants
   if optimizer == 'sgd':  # a rate that raw 0..255 pixels take without diverging
     recipe = dataclasses.replace(recipe, optimizer='sgd', learning_rate=1e-5, epochs=2)
-    alone = [train.fit(params, *task[:2], recipe, channel_mask=mask, hold_pruned_at_zero=True)
+    alone = [train.fit(params, *task[:2], recipe, channel_mask=mask, held={'conv_3': mask})
              for mask in channel_masks]
     kwargs = {**kwargs, 'holdout': None}
   stacked = train.fit_many([params] * 3, *task[:2], recipe, channel_masks=channel_masks,

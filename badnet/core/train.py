@@ -88,35 +88,32 @@ def loss_fn(params: Params, images: jax.Array, labels: jax.Array, channel_mask: 
 def train_step(params: Params, opt_state: optax.OptState, images: jax.Array,
                labels: jax.Array, channel_mask: jax.Array,
                held: dict[str, jax.Array] | None = None, *,
-               optimizer: optax.GradientTransformation, hold_pruned_at_zero: bool = False,
-               layer: str = model.FEATURE_LAYER
+               optimizer: optax.GradientTransformation, layer: str = model.FEATURE_LAYER
                ) -> tuple[Params, optax.OptState, jax.Array, jax.Array]:
   """One optimiser step (pure): new params and state, the loss and accuracy.
 
-  ``hold_pruned_at_zero`` zeroes ``layer``'s masked channels after the update,
-  so momentum or weight decay cannot revive them (fine-pruning); without it the
-  mask only silences them in the forward pass. ``held`` ({layer: 0/1 mask})
-  holds neurons of any layers at zero the same way.
+  ``channel_mask`` silences ``layer``'s channels in the forward pass only (the
+  pruning-aware attack's decoys keep their weights). ``held`` ({layer: 0/1
+  mask}, any hidden layers) zeroes those neurons' weights after the update, so
+  momentum or weight decay cannot revive them: the one way a pruned net is
+  trained (fine-pruning, learned-mask candidates).
   """
   (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       params, images, labels, channel_mask, layer)
   updates, opt_state = optimizer.update(grads, opt_state, params)
   params = optax.apply_updates(params, updates)
-  if hold_pruned_at_zero:
-    params = masks.prune(params, channel_mask, layer)
   for held_layer, held_mask in (held or {}).items():  # any hidden layer, dense ones too
     params = {**params, held_layer: masks.prune_layer(params[held_layer], held_mask, held_layer)}
   return params, opt_state, loss, accuracy
 
 
 @functools.cache
-def _compiled_step(recipe: Recipe, steps_per_epoch: int, hold_pruned_at_zero: bool,
-                   layer: str = model.FEATURE_LAYER, stacked: bool = False
+def _compiled_step(recipe: Recipe, steps_per_epoch: int, layer: str = model.FEATURE_LAYER,
+                   stacked: bool = False
                    ) -> tuple[optax.GradientTransformation, Callable]:
   # One compilation per (recipe, shapes, layer): fine-tuning several masks reuses it.
   optimizer = make_optimizer(recipe, steps_per_epoch)
-  step = functools.partial(train_step, optimizer=optimizer,
-                           hold_pruned_at_zero=hold_pruned_at_zero, layer=layer)
+  step = functools.partial(train_step, optimizer=optimizer, layer=layer)
   if stacked:  # nets stacked on a leading axis (params, state, masks); one batch for all
     step = jax.vmap(step, in_axes=(0, 0, None, None, 0, 0))
   return optimizer, backend.jit(step, donate_argnums=(0, 1))
@@ -160,7 +157,7 @@ def _diverged(name: str, epoch: int, recipe: Recipe, why: str) -> TrainingError:
 
 
 def fit(params: Params, images: np.ndarray, labels: np.ndarray, recipe: Recipe, *,
-        channel_mask: np.ndarray | None = None, hold_pruned_at_zero: bool = False,
+        channel_mask: np.ndarray | None = None,
         holdout: tuple[np.ndarray, np.ndarray] | None = None,
         name: str = 'train', layer: str = model.FEATURE_LAYER,
         held: dict[str, np.ndarray] | None = None) -> tuple[Params, list[dict]]:
@@ -169,7 +166,7 @@ def fit(params: Params, images: np.ndarray, labels: np.ndarray, recipe: Recipe, 
   Args:
     images: uint8 [N, 55, 47, 3]; labels: int [N].
     channel_mask: [C], 0 where a channel of ``layer`` is held out of the forward pass.
-    hold_pruned_at_zero, held: as in ``train_step``.
+    held: as in ``train_step``.
     holdout: clean (images, labels) scored each epoch; the best epoch's params
       are returned (ties: the later).
 
@@ -178,13 +175,12 @@ def fit(params: Params, images: np.ndarray, labels: np.ndarray, recipe: Recipe, 
       for ``COLLAPSE_EPOCHS`` epochs in a row (or at the end).
   """
   return fit_many([params], images, labels, recipe, channel_masks=[channel_mask],
-                  hold_pruned_at_zero=hold_pruned_at_zero, holdout=holdout, names=[name],
+                  holdout=holdout, names=[name],
                   layer=layer, held=[held], stacking='loop')[0]
 
 
 def fit_many(params: Sequence[Params], images: np.ndarray, labels: np.ndarray, recipe: Recipe,
              *, channel_masks: Sequence[np.ndarray | None] | None = None,
-             hold_pruned_at_zero: bool = False,
              holdout: tuple[np.ndarray, np.ndarray] | None = None,
              names: Sequence[str] | None = None, layer: str = model.FEATURE_LAYER,
              held: Sequence[dict[str, np.ndarray] | None] | None = None,
@@ -209,8 +205,8 @@ def fit_many(params: Sequence[Params], images: np.ndarray, labels: np.ndarray, r
   batch_size = evaluate.global_batch_size(min(recipe.batch_size, len(labels)), mesh)
   rows, replicated = NamedSharding(mesh, P('data')), NamedSharding(mesh, P())
   steps = len(labels) // batch_size
-  optimizer, step = _compiled_step(recipe, steps, hold_pruned_at_zero, layer, stacked)
-  nets = [_start(p, m, h, hold_pruned_at_zero, layer)
+  optimizer, step = _compiled_step(recipe, steps, layer, stacked)
+  nets = [_start(p, m, h, layer)
           for p, m, h in zip(params, channel_masks, held)]
   masks_, held_ = [net[1] for net in nets], [net[2] for net in nets]
   states = [jax.tree.map(jnp.array, net[0]) for net in nets]
@@ -255,12 +251,10 @@ def fit_many(params: Sequence[Params], images: np.ndarray, labels: np.ndarray, r
 
 
 def _start(params: Params, channel_mask: np.ndarray | None, held: dict | None,
-           hold_pruned_at_zero: bool, layer: str) -> tuple[Params, np.ndarray, dict | None]:
+           layer: str) -> tuple[Params, np.ndarray, dict | None]:
   """A net's starting params (pruned where held at zero), its mask and held masks (float32)."""
   mask = np.ones(model.num_channels(params, layer), np.float32) if channel_mask is None else (
       np.asarray(channel_mask, np.float32))
-  if hold_pruned_at_zero:
-    params = masks.prune(params, mask, layer)
   held = None if held is None else {k: np.asarray(v, np.float32) for k, v in held.items()}
   for held_layer, held_mask in (held or {}).items():
     params = {**params, held_layer: masks.prune_layer(params[held_layer], held_mask, held_layer)}

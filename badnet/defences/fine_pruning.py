@@ -73,7 +73,7 @@ def fine_prune_many(params: Params, channel_masks: Sequence[np.ndarray], images:
   fit_rows, holdout_rows = base.split_for_fine_tuning(labels, holdout_fraction, recipe.seed)
   return train.fit_many([masks.prune(params, mask, layer) for mask in channel_masks],
                         images[fit_rows], labels[fit_rows], recipe, channel_masks=channel_masks,
-                        hold_pruned_at_zero=True,
+                        held=[{layer: mask} for mask in channel_masks],
                         holdout=(images[holdout_rows], labels[holdout_rows]), names=names,
                         layer=layer, stacking=stacking)
 
