@@ -13,6 +13,7 @@ with ``--distributed`` where JAX detects the cluster itself (TPU pods, SLURM).
 Each process reads only its share of every data file; process 0 writes.
 """
 
+import importlib.util
 import logging as py_logging
 import os
 import re
@@ -48,11 +49,29 @@ def _flag_error(error: Exception, argv: list[str]) -> str:
                  if re.search(rf'\b{re.escape(o.split(".")[-1])}\b', text)), '--config.<field>')
     guess = re.search(r'Did you mean "(\w+)"', text)
     hint = f'; did you mean {flag.rsplit(".", 1)[0]}.{guess.group(1)}?' if guess else ''
+    moved = _in_a_block(argv, flag)
+    if moved and not guess:  # a defence's field, now in its block (config.<defence>.<field>)
+      hint = f'; did you mean --config.{moved}?'
     return f'{flag}: no such config field{hint}'
   if 'config file' in text or 'failure to load' in text:
     path = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), '?')
     return f'--config={path}: cannot load this config file (no such file, or it fails)'
   return text.splitlines()[0] if text else type(error).__name__
+
+
+def _in_a_block(argv: list[str], flag: str) -> str | None:
+  """'<block>.<field>' where the config file's block holds the top-level field ``flag`` names."""
+  path = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
+  name = flag.removeprefix('--config.')
+  try:
+    spec = importlib.util.spec_from_file_location('_config', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+  except Exception:  # noqa: BLE001 (no hint, then; the error line stands alone)
+    return None
+  return next((f'{key}.{name}' for key, value in config.items()
+               if hasattr(value, 'keys') and name.split('.')[0] in value), None)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

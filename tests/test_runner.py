@@ -54,6 +54,9 @@ def _world_flags(root: pathlib.Path) -> list[str]:
      'error: --config.pruning.thresholdz: no such config field; did you mean '
      '--config.pruning.thresholds?'),
     ('--config.nonsense=1', 'error: --config.nonsense: no such config field'),
+    # A defence's field moved into its block (config.<defence>): the hint says where.
+    ('--config.thresholds=(2.0,)', 'error: --config.thresholds: no such config field; did you '
+     'mean --config.pruning.thresholds?'),
 ])
 def test_a_mistyped_config_field_is_one_line_with_the_hint(flag, message):
   result = _main('--config=configs/prune.py', flag)
