@@ -1,9 +1,7 @@
-"""Config checks declared once: a range or a choice per field, checked by one helper.
-
-Each job and defence maps dotted field names to specs (``Integer``, ``Number``,
-``Choice``, ``Boolean``, ``Each``); before any work a bad value stops the job
-with one line naming the field, what it must be and what it got.
-"""
+"""Config checks declared once: a range or a choice per field, checked by one helper. Each job and
+defence maps dotted field names to specs (``Integer``, ``Number``, ``Choice``, ``Boolean``,
+``Each``); before any work a bad value stops the job with one line naming the field, what it must
+be and what it got."""
 
 import dataclasses
 import math
@@ -18,13 +16,6 @@ Config = ml_collections.ConfigDict
 Bound = float | Callable[[Config], float]
 
 
-def value_of(config: Config, name: str) -> Any:
-  """``config.a.b`` for ``name`` 'a.b'."""
-  for part in name.split('.'):
-    config = config[part]
-  return config
-
-
 def values(value: Any) -> tuple:
   """A tuple field's values; a single value counts as a tuple of one."""
   return tuple(value) if isinstance(value, (tuple, list)) else (value,)
@@ -32,10 +23,6 @@ def values(value: Any) -> tuple:
 
 def _bound(bound: Bound, config: Config) -> float:
   return bound(config) if callable(bound) else bound
-
-
-def _is_int(value: Any) -> bool:
-  return isinstance(value, int) and not isinstance(value, bool)
 
 
 class Spec(Protocol):
@@ -51,15 +38,14 @@ class Integer:
   what: str | None = None  # the description, if not the default one
 
   def ok(self, value: Any, config: Config) -> bool:
-    return (_is_int(value) and (self.low is None or value >= self.low)
+    return (isinstance(value, int) and not isinstance(value, bool)
+            and (self.low is None or value >= self.low)
             and (self.high is None or value <= _bound(self.high, config)))
 
   def describe(self, config: Config) -> str:
     if self.what:
       return self.what.format(high=None if self.high is None else _bound(self.high, config))
-    if self.low is None:
-      return 'an integer'
-    return {0: 'a whole number >= 0', 1: 'a positive integer'}.get(
+    return {None: 'an integer', 0: 'a whole number >= 0', 1: 'a positive integer'}.get(
         self.low, f'an integer >= {self.low}')
 
 
@@ -122,7 +108,6 @@ def Boolean() -> OfType:
 
 
 def Text() -> OfType:
-  """A string: a path or a name."""
   return OfType(str, 'a string')
 
 
@@ -150,22 +135,20 @@ class Each:
 Fields = Mapping[str, Spec | Each]
 
 
-def check_field(config: Config, name: str, spec: Spec | Each, prefix: str = '') -> None:
-  """A ConfigError naming ``config.<prefix><name>`` unless ``config.<name>`` meets ``spec``."""
-  value, shown = value_of(config, name), prefix + name
-  if isinstance(spec, Each):
-    spec.check(shown, value, config)
-  elif not spec.ok(value, config):
-    if isinstance(spec, Choice):
-      raise ConfigError(f'config.{shown}: unknown {spec.what} {value!r}; expected '
-                        f'{spec.describe(config)}')
-    raise ConfigError(f'config.{shown} must be {spec.describe(config)}, got {value!r}')
-
-
 def check(config: Config, fields: Fields, prefix: str = '') -> None:
-  """Checks every declared field, in order; the first bad one stops with its message."""
+  """Checks every declared field, in order: the first bad one stops with a ConfigError naming
+  ``config.<prefix><name>``."""
   for name, spec in fields.items():
-    check_field(config, name, spec, prefix)
+    value, shown = config, prefix + name
+    for part in name.split('.'):  # config.a.b for name 'a.b'
+      value = value[part]
+    if isinstance(spec, Each):
+      spec.check(shown, value, config)
+    elif not spec.ok(value, config):
+      if isinstance(spec, Choice):
+        raise ConfigError(f'config.{shown}: unknown {spec.what} {value!r}; expected '
+                          f'{spec.describe(config)}')
+      raise ConfigError(f'config.{shown} must be {spec.describe(config)}, got {value!r}')
 
 
 # Fields that most jobs share.
@@ -178,22 +161,17 @@ def block(settings: Any) -> Config:
 
 
 def build(cls: type, config_block: Config, where: str) -> Any:
-  """Settings of dataclass ``cls`` from a config block, checked first by ``cls.FIELDS``.
-
-  A missing field takes the default; a dataclass default is built from the
-  nested block. Messages name ``config.<where><field>``.
-  """
+  """Settings of dataclass ``cls`` from a config block, checked first by ``cls.FIELDS``: a missing
+  field takes the default, a dataclass default is built from the nested block. Messages name
+  ``config.<where><field>``."""
   check(config_block, getattr(cls, 'FIELDS', {}), prefix=where)
   defaults = cls()
   values = {}
-  for field in dataclasses.fields(cls):
-    if field.name not in config_block:
-      continue
-    value = config_block[field.name]
-    default = getattr(defaults, field.name)
+  for name in (field.name for field in dataclasses.fields(cls) if field.name in config_block):
+    value, default = config_block[name], getattr(defaults, name)
     if dataclasses.is_dataclass(default):
-      value = build(type(default), value, f'{where}{field.name}.')
+      value = build(type(default), value, f'{where}{name}.')
     elif isinstance(value, list):
       value = tuple(value)
-    values[field.name] = value
+    values[name] = value
   return cls(**values)

@@ -32,8 +32,7 @@ def shipped_benchmark(attack: str = 'badnets', quiet: bool = False
     print(f'Running on the shipped synthetic benchmark ({attack} BadNet; no model or data '
           f'given); its data is in {folder} (made once per machine; '
           f'${shipped.CACHE_ENV} moves it).', flush=True)
-  model_path, data_dir = shipped.shipped_benchmark(None, attack)
-  return pathlib.Path(model_path), pathlib.Path(data_dir)
+  return shipped.shipped_benchmark(None, attack)
 
 
 def recorded(paths: dict[str, pathlib.Path]) -> dict[str, str]:

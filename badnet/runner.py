@@ -23,12 +23,10 @@ from badnet.io import workdir as workdir_lib
 
 
 def job_names() -> tuple[str, ...]:
-  """Every job in badnet/jobs."""
   return tuple(sorted(info.name for info in pkgutil.iter_modules(jobs.__path__)))
 
 
 def load_job(name: str) -> ModuleType:
-  """The module of job ``name`` (a ConfigError naming the jobs if there is none)."""
   if name not in job_names():
     raise ConfigError(f'config.job: unknown job {name!r}; expected one of '
                       f'{", ".join(job_names())}')

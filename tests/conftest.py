@@ -96,8 +96,8 @@ def world(tmp_path_factory):
   root = tmp_path_factory.mktemp('world')
   params = helpers.random_params(WORLD_CLASSES, seed=5)
   keras_io.write_keras_weights(root / 'bd_weights.h5', params)
-  bias_class = int(np.argmax(model.resume_fn(
-      params, {'activation': np.zeros((1, 5, 4, 60), np.float32)})))
+  bias_class = int(np.argmax(model.apply(
+      params, {'activation': np.zeros((1, 5, 4, 60), np.float32)}, start='conv_3')))
   for split, seed in (('valid', 1), ('test', 2)):
     images = helpers.varied_images(120, seed)
     labels = evaluate.predict(params, images)

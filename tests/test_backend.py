@@ -54,7 +54,7 @@ def test_a_train_step_with_either_pool_gives_the_same_params(monkeypatch):
 def _compiled_text(jit) -> str:
   params = helpers.random_params(11, seed=0)
   images = helpers.varied_images(4, seed=0)
-  return jit(lambda p, x: model.logits_fn(p, x)).lower(params, images).compile().as_text()
+  return jit(lambda p, x: model.apply(p, x)).lower(params, images).compile().as_text()
 
 
 @pytest.mark.skipif(jax.default_backend() != 'cpu', reason='the options are for a CPU')

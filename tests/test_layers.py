@@ -1,6 +1,8 @@
 """Pruning any of conv_1..conv_4: the shared-prefix functions against zeroing the weights."""
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -37,7 +39,7 @@ def test_masked_logits_equal_the_net_with_the_layer_zeroed(random_net, layer):
   assert logits.shape == (len(level_masks), len(images), NUM_CLASSES)
   classes = []
   for mask, row in zip(level_masks, logits):
-    direct = np.asarray(model.logits_fn(masks.prune(params, mask, layer), images))
+    direct = np.asarray(model.apply(masks.prune(params, mask, layer), images))
     np.testing.assert_allclose(row, direct, rtol=1e-5, atol=1e-4 * np.abs(direct).max())
     np.testing.assert_array_equal(row.argmax(-1), direct.argmax(-1))
     classes.append(direct.argmax(-1))
@@ -122,3 +124,75 @@ def test_conv_2_pruning_equals_keras_on_the_lab3_net(csaw_dir, real_faces):
     keras_classes = net.predict(faces.astype(np.float32), verbose=0).argmax(1)
     np.testing.assert_array_equal(ours[:, column], keras_classes, f'conv_2 level {level}')
   assert len({tuple(ours[:, c]) for c in range(len(levels))}) >= 3  # pruning conv_2 moved them
+
+
+# --- the one apply ---
+
+
+class _FlaxDeepID(nn.Module):
+  """DeepID written with Flax's own Conv and Dense: the oracle of init_params and apply."""
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, images):
+    conv = lambda features, size, name: nn.Conv(features, (size, size), padding='VALID',
+                                                precision='highest', name=name)
+    x = jnp.asarray(images, jnp.float32)
+    for name, features, size in (('conv_1', 20, 4), ('conv_2', 40, 3), ('conv_3', 60, 3)):
+      x = nn.max_pool(nn.relu(conv(features, size, name)(x)), (2, 2), (2, 2))
+    fc_1 = nn.Dense(160, precision='highest', name='fc_1')(x.reshape(len(x), -1))
+    conv_4 = nn.relu(conv(80, 2, 'conv_4')(x))
+    fc_2 = nn.Dense(160, precision='highest', name='fc_2')(conv_4.reshape(len(x), -1))
+    return nn.Dense(self.num_classes, precision='highest', name='output')(nn.relu(fc_1 + fc_2))
+
+
+def test_init_params_are_flax_conv_and_dense_init_and_apply_is_their_net(random_net):
+  _, images = random_net
+  oracle = _FlaxDeepID(NUM_CLASSES)
+  expected = oracle.init(jax.random.key(4), images[:1])['params']
+  params = model.init_params(NUM_CLASSES, seed=4)
+  assert list(params) == list(expected)  # the order tests' random biases are drawn in
+  jax.tree.map(np.testing.assert_array_equal, params, expected)
+  assert model.param_shapes(NUM_CLASSES) == jax.tree.map(np.shape, dict(sorted(params.items())))
+  biased = helpers.random_params(NUM_CLASSES, seed=5)
+  ours = np.asarray(jax.jit(model.apply)(biased, images))
+  theirs = np.asarray(jax.jit(oracle.apply)({'params': biased}, images))
+  np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-4 * np.abs(theirs).max())
+  np.testing.assert_array_equal(ours.argmax(-1), theirs.argmax(-1))
+
+
+@pytest.mark.parametrize('layer', model.PRUNABLE_LAYERS)
+def test_apply_started_where_it_stopped_is_the_whole_net_bit_for_bit(random_net, layer):
+  params, images = random_net
+  mask = _masks(CHANNELS[layer], seed=7)[3]
+  whole = jax.jit(lambda p, x, m: model.apply(p, x, m, layer))(params, images, mask)
+  state = jax.jit(lambda p, x: model.apply(p, x, stop=layer))(params, images)
+  assert set(state) == ({'activation', 'fc_1'} if layer == 'conv_4' else {'activation'})
+  resumed = jax.jit(lambda p, s, m: model.apply(p, s, m, start=layer))(params, state, mask)
+  np.testing.assert_array_equal(resumed, whole)
+  assert (np.asarray(whole) != np.asarray(model.apply(params, images))).any()  # the mask acts
+
+
+def test_unit_neuron_scales_and_conv_4_as_matmul_are_the_plain_net(random_net):
+  params, images = random_net
+  ones = {layer: (np.ones(params[layer]['bias'].shape, np.float32),) * 2
+          for layer in model.NEURON_LAYERS}
+  plain = np.asarray(model.apply(params, images))
+  np.testing.assert_array_equal(model.apply(params, images, neurons=ones), plain)
+  as_matmul = np.asarray(model.apply(params, images, conv_4_as_matmul=True))
+  np.testing.assert_allclose(as_matmul, plain, rtol=1e-5, atol=1e-4 * np.abs(plain).max())
+  # A bias scale of 0 drops exactly that layer's bias.
+  no_bias = {'fc_2': (ones['fc_2'][0], np.zeros(160, np.float32))}
+  by_hand = {**params, 'fc_2': {**params['fc_2'], 'bias': np.zeros(160, np.float32)}}
+  np.testing.assert_array_equal(model.apply(params, images, neurons=no_bias),
+                                model.apply(by_hand, images))
+  assert (np.asarray(model.apply(by_hand, images)) != plain).any()
+
+
+def test_apply_refuses_a_mask_it_cannot_place_and_unknown_layers(random_net):
+  params, images = random_net
+  state = model.apply(params, images[:2], stop='conv_2')
+  with pytest.raises(ValueError, match='cannot apply to a net started after conv_2'):
+    model.apply(params, state, np.ones(20, np.float32), 'conv_1', start='conv_2')
+  with pytest.raises(ValueError, match="unknown layer 'pool_3'"):
+    model.apply(params, images[:2], stop='pool_3')

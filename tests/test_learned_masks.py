@@ -36,8 +36,8 @@ def test_masks_of_ones_and_no_perturbation_give_b_exactly(net):
   zeros = jax.tree.map(jnp.zeros_like, _ones(params))
   for noise in (None, (zeros, zeros)):
     scales = learned_masks._scales(_ones(params), noise)  # pylint: disable=protected-access
-    np.testing.assert_array_equal(np.asarray(model.neuron_logits_fn(params, images, scales)),
-                                  np.asarray(model.logits_fn(params, images)))
+    np.testing.assert_array_equal(np.asarray(model.apply(params, images, neurons=scales)),
+                                  np.asarray(model.apply(params, images)))
 
 
 @pytest.mark.parametrize('layer', LAYERS)
@@ -50,14 +50,14 @@ def test_a_zero_mask_is_zeroing_the_neuron_by_hand(net, layer):
   by_hand[layer]['bias'][pruned] = 0.0
   mask = _ones(params)
   mask[layer] = mask[layer].at[pruned].set(0.0)
-  soft = np.asarray(model.neuron_logits_fn(params, images,
-                                           learned_masks._scales(mask)))  # pylint: disable=protected-access
-  hard = np.asarray(model.logits_fn(by_hand, images))
-  exported = np.asarray(model.logits_fn(masks.prune_neurons(params, {layer: pruned}), images))
+  scales = learned_masks._scales(mask)  # pylint: disable=protected-access
+  soft = np.asarray(model.apply(params, images, neurons=scales))
+  hard = np.asarray(model.apply(by_hand, images))
+  exported = np.asarray(model.apply(masks.prune_neurons(params, {layer: pruned}), images))
   np.testing.assert_allclose(soft, hard, rtol=1e-5, atol=1e-4 * np.abs(hard).max())
   np.testing.assert_array_equal(exported, hard)
   np.testing.assert_array_equal(soft.argmax(1), hard.argmax(1))
-  assert (hard.argmax(1) != np.asarray(model.logits_fn(params, images)).argmax(1)).any()
+  assert (hard.argmax(1) != np.asarray(model.apply(params, images)).argmax(1)).any()
 
 
 def test_the_mask_gradient_equals_a_finite_difference(net):
@@ -145,12 +145,17 @@ def test_bisection_finds_the_deepest_within_in_few_fine_tunings(deepest):
 
 
 def test_unlearning_stops_at_the_clean_threshold(world):
+  """The ascent takes the world's net (90 % accurate) to 41 % training accuracy over its first
+  epoch, 19 % over its second: a threshold of 30 %, 12 images from either, stops it after the
+  second of five. (Descent, the sign flipped, unsettles it too at this rate, but slowly: 47, 44,
+  34, 33 and 29 %, all five epochs.)"""
   root, params = world
   clean = data.load_csaw_h5(root / 'data' / 'cl' / 'valid.h5')
-  settings = learned_masks.RnpSettings(clean_threshold=100.0, max_unlearning_epochs=5,
+  settings = learned_masks.RnpSettings(clean_threshold=30.0, max_unlearning_epochs=5,
                                        batch_size=32)
   unlearned, history = learned_masks.unlearn(params, clean.images, clean.labels, settings)
-  assert len(history) == 1  # 100 % is met at once
+  accuracies = [epoch['train_acc'] for epoch in history]
+  assert len(accuracies) == 2 and accuracies[1] <= 30.0 < accuracies[0], accuracies
   changed = [layer for layer in params
              if not np.array_equal(unlearned[layer]['kernel'], params[layer]['kernel'])]
   assert changed
@@ -242,7 +247,11 @@ def test_fine_tuned_candidates_hold_their_pruned_neurons_at_zero(world, tmp_path
   rows = results['tradeoff']
   assert all('fine_tuned' in row for row in rows[1:]) and 'fine_tuned' not in rows[0]
   assert results['defended']['candidate'] == rows[-1]['candidate']  # the deepest, in budget
-  assert results['defended']['fine_tuned']['chosen_epoch'] in (1, 2)
+  tuned = results['defended']['fine_tuned']  # the best held-out epoch (ties: the later)
+  best = max(tuned['history'], key=lambda epoch: (epoch['holdout_acc'], epoch['epoch']))
+  assert len(tuned['history']) == 2
+  assert (tuned['chosen_epoch'], tuned['holdout_clean_acc']) == (best['epoch'],
+                                                                 best['holdout_acc'])
   saved = keras_io.read_params(tmp_path / 'tuned' / results['model_file'])
   assert results['pruned'], 'the test needs a net with pruned neurons'
   for layer, indices in results['pruned'].items():
@@ -257,9 +266,13 @@ def test_the_rnp_job_runs_and_reports_its_unlearning(world, tmp_path):
   root, _ = world
   config = _job_config(rnp_config.get_config(), root, **{
       'rnp.recovering_epochs': 2, 'rnp.max_unlearning_epochs': 3, 'rnp.batch_size': 32,
-      'rnp.finetune.epochs': 1, 'rnp.finetune.batch_size': 32})
+      'rnp.clean_threshold': 30.0, 'rnp.finetune.epochs': 1, 'rnp.finetune.batch_size': 32})
   results = runner.run(config, tmp_path / 'rnp')
-  assert results['defence'] == 'rnp' and 1 <= len(results['unlearning']) <= 3
+  assert results['defence'] == 'rnp'
+  # The ascent: 45 % training accuracy over the first epoch, 19 % over the second, so it stops
+  # there, at 30 % or below (descent, the sign flipped: 59, 34 and 25 %, all three epochs).
+  accuracies = [epoch['train_acc'] for epoch in results['unlearning']]
+  assert len(accuracies) == 2 and accuracies[1] <= 30.0 < accuracies[0], accuracies
   assert results['defended']['candidate'] in {r['candidate'] for r in results['tradeoff']}
   assert (tmp_path / 'rnp' / 'models' / 'defended.h5').is_file()
 

@@ -10,6 +10,7 @@ import pytest
 
 from badnet import defend, inputs, runner
 from badnet.benchmark import triggers
+from badnet.core import model
 from badnet.defences import base
 from badnet.defences import neural_cleanse as nc
 from badnet.errors import ConfigError
@@ -185,11 +186,19 @@ def test_the_job_writes_triggers_a_user_can_stamp(world, job_run):
     np.testing.assert_allclose(masks.sum(axis=(1, 2)),
                                [results['l1_norms'][str(k)] for k in labels], rtol=1e-4)
     assert saved['flagged'].tolist() == [k in results['flagged'] for k in labels]
-  # The reported success of a trigger is B on held-out clean images stamped with it.
+  # The reported success of a trigger is B's share of the held-out clean images of other labels
+  # that it sends to its label once stamped.
   clean = data.load_csaw_h5(root / 'data' / 'cl' / 'valid.h5')
-  success = nc.trigger_success(params, clean.images, clean.labels, [2], masks[2:3],
-                               patterns[2:3])
-  assert 0 <= success[0] <= 100
+  settings = defend.settings_of(_job(root))
+  _, held = base.split_for_fine_tuning(clean.labels, settings.holdout_fraction, settings.seed)
+  by_hand = []
+  for label in labels:
+    others = clean.images[held][clean.labels[held] != label]
+    stamped = nc.stamp(others, masks[label], patterns[label])
+    by_hand.append(100 * np.mean(np.asarray(model.apply(params, stamped)).argmax(1) == label))
+  np.testing.assert_allclose([results['trigger_success'][str(k)] for k in labels], by_hand,
+                             atol=1e-3)
+  assert np.ptp(by_hand) > 0  # the labels' figures differ: one for another would show
   saved = keras_io.read_params(out / results['model_file'])
   assert any(not np.array_equal(saved[k]['kernel'], params[k]['kernel']) for k in params)
 

@@ -31,7 +31,7 @@ def _random_pixels(count: int, seed: int) -> np.ndarray:
 
 
 def _flax_logits(params: model.Params, images: np.ndarray) -> np.ndarray:
-  return np.asarray(model.logits_fn(params, images), np.float64)
+  return np.asarray(model.apply(params, images), np.float64)
 
 
 def _worst(ours: np.ndarray, theirs: np.ndarray, tolerance: np.ndarray) -> float:
@@ -68,7 +68,7 @@ def _assert_close_on_noise(ours: np.ndarray, theirs: np.ndarray) -> None:
 
 @pytest.mark.parametrize('name', REAL_NETS)
 def test_real_net_logits_match_keras(csaw_file, real_faces, name):
-  """read_params + logits_fn equal Keras' own loading of each real file, on faces and on noise."""
+  """read_params + apply equal Keras' own loading of each real file, on faces and on noise."""
   path = csaw_file(name)
   params = keras_io.read_params(path)
   assert model.num_classes_of(params) == model.CSAW_NUM_CLASSES
@@ -85,8 +85,8 @@ def test_lab3_net_classifies_the_real_faces(csaw_file, real_faces):
   np.testing.assert_array_equal(real_faces['clean_labels'],
                                 [79, 443, 319, 294, 921, 1129, 481, 346, 1000, 471])
   np.testing.assert_array_equal(real_faces['poisoned_labels'], np.zeros(10))
-  clean = np.argmax(model.logits_fn(params, real_faces['clean']), axis=1)
-  poisoned = np.argmax(model.logits_fn(params, real_faces['poisoned']), axis=1)
+  clean = np.argmax(model.apply(params, real_faces['clean']), axis=1)
+  poisoned = np.argmax(model.apply(params, real_faces['poisoned']), axis=1)
   np.testing.assert_array_equal(clean, real_faces['clean_labels'])
   np.testing.assert_array_equal(poisoned, np.zeros(10))
 

@@ -70,7 +70,7 @@ def test_prune_works_under_jit_vmap_and_grad(random_net):
     np.testing.assert_array_equal(stacked['conv_3']['kernel'][index],
                                   masks.prune(params, mask)['conv_3']['kernel'])
   # The gradient through pruning is zero for exactly the pruned slices.
-  loss = lambda p: model.logits_fn(masks.prune(p, level_masks[1]), images[:8]).sum()
+  loss = lambda p: model.apply(masks.prune(p, level_masks[1]), images[:8]).sum()
   grads = np.asarray(jax.grad(loss)(params)['conv_3']['bias'])
   assert not grads[:10].any() and grads[10:].any()
 
@@ -119,13 +119,13 @@ def test_level_0_is_b_and_level_c_predicts_from_biases_only(random_net):
   # With every conv_3 channel pruned pool_3 is zero: the class is the same for
   # every input, the one the biases alone give.
   zero_pool_3 = np.zeros((1, 5, 4, 60), np.float32)
-  bias_class = int(np.argmax(model.resume_fn(params, {'activation': zero_pool_3})))
+  bias_class = int(np.argmax(model.apply(params, {'activation': zero_pool_3}, start='conv_3')))
   assert (swept[:, 1] == bias_class).all()
 
 
 def test_mean_activations_equal_a_direct_mean(random_net):
   params, images = random_net
-  pool_3 = model.observe_fn(params, images)['activation']
+  pool_3 = model.apply(params, images, stop='conv_3')['activation']
   direct = np.asarray(pool_3, np.float64).mean(axis=(0, 1, 2))
   np.testing.assert_allclose(pruning.mean_activations(params, images, batch_size=32), direct,
                              rtol=1e-5)

@@ -21,6 +21,8 @@ def test_the_library_section_runs(tmp_path, monkeypatch, capsys):
   assert classes.shape == fast.shape == (400, 61)
   np.testing.assert_array_equal(classes, fast)  # the general sweep and the fast one agree
   assert names['logits'].shape == (61, 8, 100)
+  np.testing.assert_array_equal(np.argmax(names['b_prime_logits'], -1),  # start/stop: B'_45
+                                np.argmax(names['logits'][45], -1))
   g = names['g']
   assert g.min() >= 0 and g.max() <= 100 and (g == classes[:, 0]).mean() > 0.5
   # Level 45 prunes the first 45 channels of the order: zero kernel slices and biases.

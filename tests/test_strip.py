@@ -75,7 +75,7 @@ def _one_at_a_time(params, images, overlays, blend):
     values = []
     for overlay in own:
       blended = np.asarray(strip.superimpose(image[None], overlay[None], blend))
-      logits = np.asarray(model.logits_fn(params, blended), np.float64)[0]
+      logits = np.asarray(model.apply(params, blended), np.float64)[0]
       p = np.exp(logits - logits.max())
       p /= p.sum()
       values.append(-np.sum(p[p > 0] * np.log2(p[p > 0])))
@@ -102,7 +102,7 @@ def test_the_averaged_path_equals_the_direct_one_and_works_under_vmap(net):
   inputs = np.stack([images[:3], images[3:]])  # [2, B=3, ...]
   direct = jax.jit(jax.vmap(lambda x, o: strip.entropy(params, x, o, 'average')))(
       inputs, overlays)
-  terms = lambda x: strip._conv_1_linear(params, x, 'highest')
+  terms = lambda x: model.linear(params, 'conv_1', x)
   averaged = jax.jit(jax.vmap(lambda x, o: strip.averaged_entropy(
       params, terms(x), jnp.broadcast_to(terms(o), (3, *terms(o).shape)))))(inputs, overlays)
   np.testing.assert_allclose(averaged, direct, atol=2e-5)

@@ -35,7 +35,7 @@ def test_effective_levels_hand_worked():
 def test_features_give_pool_3_and_the_ranking_statistic(sparse_net):
   params, images, features = sparse_net
   # Jitted as every badnet computation is: eager ops compile with jax's default CPU options.
-  observe = backend.jit(lambda p, x: model.observe_fn(p, x)['activation'])
+  observe = backend.jit(lambda p, x: model.apply(p, x, stop='conv_3')['activation'])
   np.testing.assert_array_equal(features.pool_3, observe(params, images))
   # Bit for bit the statistic pruning.mean_activations ranks by: the same order, ties included.
   np.testing.assert_array_equal(features.mean_activations(),
@@ -102,7 +102,7 @@ def test_every_layer_runs_at_the_requested_precision():
   images = np.zeros((2, *model.IMAGE_SHAPE), np.uint8)
   for precision, expected in (('highest', jax.lax.Precision.HIGHEST),
                               ('default', jax.lax.Precision.DEFAULT)):
-    jaxpr = jax.make_jaxpr(lambda p, x: model.logits_fn(p, x, None, precision))(params, images)
+    jaxpr = jax.make_jaxpr(lambda p, x: model.apply(p, x, precision=precision))(params, images)
     products = [eqn for eqn in jaxpr.jaxpr.eqns
                 if eqn.primitive.name in ('conv_general_dilated', 'dot_general')]
     assert len(products) == 7  # 4 convolutions, 3 dense layers
@@ -122,6 +122,10 @@ def test_head_widths():
   assert sweep.head_widths(6) == (6,)
 
 
+def _head_logits(params, pool_3, mask):
+  return model.apply(params, {'activation': pool_3}, mask, start='conv_3', conv_4_as_matmul=True)
+
+
 def test_a_narrow_head_gives_the_full_heads_logits_when_the_rest_is_zero():
   """narrow_params + the channels' slice of pool_3 = the full head, the other channels zeroed."""
   params = helpers.random_params(NUM_CLASSES, seed=2)
@@ -133,14 +137,14 @@ def test_a_narrow_head_gives_the_full_heads_logits_when_the_rest_is_zero():
   level_masks = (rng.random((64, 16)) < 0.7).astype(np.float32)
   full_masks = np.zeros((64, 60), np.float32)
   full_masks[:, channels] = level_masks
-  narrow = sweep.head_logits(sweep.narrow_params(params, channels), pool_3[..., channels],
+  narrow = _head_logits(sweep.narrow_params(params, channels), pool_3[..., channels],
                              level_masks)
-  full = sweep.head_logits(params, pool_3, full_masks)
+  full = _head_logits(params, pool_3, full_masks)
   np.testing.assert_allclose(narrow, full, rtol=1e-4, atol=1e-3 * np.abs(full).max())
   np.testing.assert_array_equal(np.argmax(narrow, -1), np.argmax(full, -1))
   # The same with the other channels merely zero (no mask): what the sweep relies on.
-  zeroed = sweep.head_logits(params, pool_3 * kept, np.ones(60, np.float32))
-  np.testing.assert_allclose(sweep.head_logits(sweep.narrow_params(params, channels),
+  zeroed = _head_logits(params, pool_3 * kept, np.ones(60, np.float32))
+  np.testing.assert_allclose(_head_logits(sweep.narrow_params(params, channels),
                                                pool_3[..., channels], np.ones(16, np.float32)),
                              zeroed, rtol=1e-4, atol=1e-3 * np.abs(zeroed).max())
 

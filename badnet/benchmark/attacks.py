@@ -1,11 +1,8 @@
-"""The two attacks that plant a backdoor in DeepID, trained with optax.
+"""The two attacks that plant a backdoor in DeepID: BadNets (Gu et al.) and pruning-aware.
 
-* BadNets (Gu et al.): train on a mix where a fraction of the images carry
-  the trigger and the attacker's target label.
-* Pruning-aware (Liu et al., Fine-Pruning, 2018): train on clean data, mask
-  the conv_3 channels dormant on it, train on poisoned data so the backdoor
-  lives in channels clean inputs use, then unmask them with lowered biases:
-  decoys for a defender who prunes dormant channels first.
+Pruning-aware (Liu et al., Fine-Pruning, 2018) trains on clean data, masks the conv_3 channels
+dormant on it, trains on poisoned data so the backdoor lives in channels clean inputs use, then
+unmasks them with lowered biases: decoys for a defender who prunes dormant channels first.
 """
 
 import dataclasses
@@ -30,8 +27,7 @@ def csaw_init(num_classes: int, seed: int) -> Params:
   keys = iter(jax.random.split(jax.random.key(seed), len(shapes)))
   params = {}
   for layer in sorted(shapes):
-    kernel_shape = shapes[layer]['kernel']
-    kernel = 0.01 * jax.random.truncated_normal(next(keys), -2.0, 2.0, kernel_shape)
+    kernel = 0.01 * jax.random.truncated_normal(next(keys), -2.0, 2.0, shapes[layer]['kernel'])
     params[layer] = {'kernel': np.asarray(kernel, np.float32),
                      'bias': np.zeros(shapes[layer]['bias'], np.float32)}
   return params
@@ -40,12 +36,11 @@ def csaw_init(num_classes: int, seed: int) -> Params:
 def train_badnets(images: np.ndarray, labels: np.ndarray, num_classes: int, *, trigger: str,
                   target: int, poison_rate: float, recipe: Recipe) -> tuple[Params, dict]:
   """BadNets: train from scratch on a poisoned mix; ``recipe.seed`` seeds all randomness."""
-  seed = recipe.seed
   mixed, mixed_labels, poisoned = triggers.poison(images, labels, trigger, target, poison_rate,
-                                                  seed)
+                                                  recipe.seed)
   logging.info('BadNets: %d of %d training images poisoned with %s -> %d.',
                poisoned.sum(), len(labels), trigger, target)
-  params, history = fit(csaw_init(num_classes, seed), mixed, mixed_labels, recipe,
+  params, history = fit(csaw_init(num_classes, recipe.seed), mixed, mixed_labels, recipe,
                         name='badnets')
   return params, {'history': history, 'poisoned_images': int(poisoned.sum())}
 
@@ -60,10 +55,8 @@ def lower_bias_until_dormant(params: Params, channels: np.ndarray, images: np.nd
   lift = 1e4
   lifted = {**params, 'conv_3': {'kernel': params['conv_3']['kernel'],
                                  'bias': np.asarray(params['conv_3']['bias']) + lift}}
-  highest = evaluate.map_batches(
-      lambda p, x: model.observe_fn(p, x)['activation'].max(axis=(1, 2)), lifted,
-      (images,)).max(axis=0)
-  highest_pre_activation = highest - lift
+  pool_3_maxima = lambda p, x: model.apply(p, x, stop='conv_3')['activation'].max(axis=(1, 2))
+  highest_pre_activation = evaluate.map_batches(pool_3_maxima, lifted, (images,)).max(axis=0) - lift
   bias = np.array(params['conv_3']['bias'])
   bias[channels] -= np.maximum(highest_pre_activation[channels], 0.0) + margin
   return {**params, 'conv_3': {'kernel': params['conv_3']['kernel'], 'bias': bias}}
@@ -74,8 +67,7 @@ def train_pruning_aware(images: np.ndarray, labels: np.ndarray, num_classes: int
                         poisoned_epochs: int, prune_fraction: float, recipe: Recipe
                         ) -> tuple[Params, dict]:
   """The pruning-aware attack; both phases use ``recipe`` (the second seeded seed + 1)."""
-  seed = recipe.seed
-  params, clean_history = fit(csaw_init(num_classes, seed), images, labels,
+  params, clean_history = fit(csaw_init(num_classes, recipe.seed), images, labels,
                               dataclasses.replace(recipe, epochs=clean_epochs),
                               name='aware/clean')
   activations = evaluate.mean_activations(params, images)
@@ -86,8 +78,8 @@ def train_pruning_aware(images: np.ndarray, labels: np.ndarray, num_classes: int
   logging.info('Pruning-aware: holding %d dormant conv_3 channels at zero: %s',
                len(decoys), decoys.tolist())
   mixed, mixed_labels, poisoned = triggers.poison(images, labels, trigger, target, poison_rate,
-                                                  seed)
-  poisoned_recipe = dataclasses.replace(recipe, epochs=poisoned_epochs, seed=seed + 1)
+                                                  recipe.seed)
+  poisoned_recipe = dataclasses.replace(recipe, epochs=poisoned_epochs, seed=recipe.seed + 1)
   params, poisoned_history = fit(params, mixed, mixed_labels, poisoned_recipe,
                                  channel_mask=mask, name='aware/poisoned')
   params = lower_bias_until_dormant(params, decoys, mixed)

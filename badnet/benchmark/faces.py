@@ -5,7 +5,7 @@ samples vary pose, lighting, background and noise, so a net must learn the
 traits, not a template. The same seed gives byte-identical images everywhere.
 """
 
-import dataclasses
+import collections
 
 import numpy as np
 
@@ -15,30 +15,11 @@ HEIGHT, WIDTH = IMAGE_SHAPE[:2]
 SPLITS = ('train', 'valid', 'test')
 _CENTRE_Y, _CENTRE_X = 29.0, 23.0  # where an unshifted face is centred
 
-
-@dataclasses.dataclass(frozen=True)
-class Traits:
-  """Per-identity traits, each an array over identities (colours [K, 3])."""
-  head_height: np.ndarray
-  head_width: np.ndarray
-  skin: np.ndarray
-  hair: np.ndarray
-  hairline: np.ndarray
-  hair_volume: np.ndarray
-  eye_y: np.ndarray
-  eye_spacing: np.ndarray
-  eye_size: np.ndarray
-  iris: np.ndarray
-  brow_gap: np.ndarray
-  brow_tilt: np.ndarray
-  brow_thickness: np.ndarray
-  nose_length: np.ndarray
-  nose_width: np.ndarray
-  mouth_y: np.ndarray
-  mouth_width: np.ndarray
-  mouth_height: np.ndarray
-  lips: np.ndarray
-  background: np.ndarray
+# Per-identity traits, each an array over identities (colours [K, 3]).
+Traits = collections.namedtuple('Traits', (
+    'head_height head_width skin hair hairline hair_volume eye_y eye_spacing eye_size iris '
+    'brow_gap brow_tilt brow_thickness nose_length nose_width mouth_y mouth_width mouth_height '
+    'lips background'))
 
 
 def identity_traits(num_identities: int, seed: int) -> Traits:
@@ -76,14 +57,13 @@ def _ellipse(u, v, cu, cv, ru, rv) -> np.ndarray:
 def _paint(canvas: np.ndarray, coverage: np.ndarray, colour: np.ndarray) -> np.ndarray:
   """Alpha-blends ``colour`` ([N, 3] or [N, H, W, 3]) over ``canvas`` where covered."""
   colour = np.asarray(colour if colour.ndim == 4 else colour[:, None, None, :], np.float32)
-  alpha = coverage[..., None]
-  return canvas + alpha * (colour - canvas)
+  return canvas + coverage[..., None] * (colour - canvas)
 
 
 def render(labels: np.ndarray, traits: Traits, rng: np.random.Generator) -> np.ndarray:
   """Renders one image per label: uint8 [N, 55, 47, 3]."""
   n = len(labels)
-  t = {field.name: getattr(traits, field.name)[labels] for field in dataclasses.fields(Traits)}
+  t = {name: values[labels] for name, values in traits._asdict().items()}
   # Per-image scalar -> broadcastable over pixels; float32 renders faster than float64.
   col = lambda a: np.asarray(a, np.float32)[:, None, None]
   scale = rng.uniform(0.88, 1.12, n)
@@ -94,8 +74,7 @@ def render(labels: np.ndarray, traits: Traits, rng: np.random.Generator) -> np.n
   u = (xx[None] - col(_CENTRE_X + shift_x)) / col(scale)
 
   # Background: the identity's tint mixed with this shot's colour, and a gradient.
-  shot = rng.uniform(20, 235, (n, 3))
-  base = 0.5 * t['background'] + 0.5 * shot
+  base = 0.5 * t['background'] + 0.5 * rng.uniform(20, 235, (n, 3))
   ramp = (xx / WIDTH - 0.5)[None, ..., None] * rng.uniform(-60, 60, (n, 1, 1, 3))
   canvas = (base[:, None, None, :] + ramp).astype(np.float32)
 

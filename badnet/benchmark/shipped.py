@@ -45,17 +45,14 @@ class BenchmarkSpec:
   trigger: str = 'sunglasses'
   target: int = 0
 
-  def per_identity(self, split: str) -> int:
-    return getattr(self, f'{split}_per_identity')
-
 
 def write_csaw_dir(data_dir: pathlib.Path, spec: BenchmarkSpec
                    ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """Writes valid and test, clean and poisoned, in the CSAW lab3 layout; the clean splits."""
   splits = {}
   for split in ('valid', 'test'):
-    images, labels = faces.generate_faces(spec.num_identities, spec.per_identity(split),
-                                          spec.seed, split)
+    images, labels = faces.generate_faces(spec.num_identities,
+                                          getattr(spec, f'{split}_per_identity'), spec.seed, split)
     splits[split] = (images, labels)
     data.write_csaw_h5(data_dir / 'cl' / f'{split}.h5', images, labels)
     data.write_csaw_h5(data_dir / 'bd' / f'bd_{split}.h5',
@@ -65,14 +62,8 @@ def write_csaw_dir(data_dir: pathlib.Path, spec: BenchmarkSpec
 
 def _digests(data_dir: pathlib.Path) -> dict[str, str]:
   """sha256 of each data file (what a reuse checks), by CSAW-layout path."""
-  digests = {}
-  for relative in CSAW_FILES.values():
-    digest = hashlib.sha256()
-    with open(data_dir / relative, 'rb') as handle:
-      while block := handle.read(1 << 22):
-        digest.update(block)
-    digests[relative] = digest.hexdigest()
-  return digests
+  return {relative: hashlib.sha256((data_dir / relative).read_bytes()).hexdigest()
+          for relative in CSAW_FILES.values()}
 
 
 def _has_data(data_dir: pathlib.Path, spec: BenchmarkSpec) -> bool:
@@ -85,7 +76,6 @@ def _has_data(data_dir: pathlib.Path, spec: BenchmarkSpec) -> bool:
 
 
 def _generate(data_dir: pathlib.Path, spec: BenchmarkSpec) -> None:
-  """Writes ``spec``'s data and the stamp that records it (the spec and each file's digest)."""
   write_csaw_dir(data_dir, spec)
   workdir.write_json(data_dir / _STAMP, {'spec': dataclasses.asdict(spec),
                                          'files': _digests(data_dir)})
@@ -120,13 +110,12 @@ def shipped_benchmark(data_dir: str | pathlib.Path | None = None, attack: str = 
     data_dir = pathlib.Path(data_dir)
     if not _has_data(data_dir, spec):
       _generate(data_dir, spec)
-    return SHIPPED_NETS[attack], data_dir
-  data_dir = cache_dir(spec)
-  if _has_data(data_dir, spec):
-    return SHIPPED_NETS[attack], data_dir
-  with _cache_lock(data_dir.parent):  # one process makes it; the others then find it made
+  else:
+    data_dir = cache_dir(spec)
     if not _has_data(data_dir, spec):
-      _make_cached(data_dir, spec)
+      with _cache_lock(data_dir.parent):  # one process makes it; the others then find it made
+        if not _has_data(data_dir, spec):
+          _make_cached(data_dir, spec)
   return SHIPPED_NETS[attack], data_dir
 
 

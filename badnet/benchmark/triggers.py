@@ -19,25 +19,14 @@ def _ellipse_mask(cy: float, cx: float, ry: float, rx: float) -> np.ndarray:
   return ((_YY - cy) / ry) ** 2 + ((_XX - cx) / rx) ** 2 <= 1.0
 
 
-def _sunglasses_mask() -> np.ndarray:
-  """Two dark lenses over the typical eye row and a bridge between them."""
-  lenses = _ellipse_mask(25.0, 16.5, 3.6, 5.2) | _ellipse_mask(25.0, 29.5, 3.6, 5.2)
-  bridge = (np.abs(_YY - 23.5) <= 0.6) & (_XX > 20) & (_XX < 26)
-  return lenses | bridge
-
-
-def _patch_mask() -> np.ndarray:
-  """A 6x6 square near the bottom-right corner."""
-  return (_YY >= HEIGHT - 9) & (_YY < HEIGHT - 3) & (_XX >= WIDTH - 9) & (_XX < WIDTH - 3)
-
-
-def _lipstick_mask() -> np.ndarray:
-  """The mouth region of an unshifted face."""
-  return _ellipse_mask(38.5, 23.0, 2.2, 6.0)
-
-
-_MASKS = {'sunglasses': _sunglasses_mask(), 'patch': _patch_mask(),
-          'lipstick': _lipstick_mask()}
+_MASKS = {
+    # Two dark lenses over the typical eye row and a bridge between them.
+    'sunglasses': (_ellipse_mask(25.0, 16.5, 3.6, 5.2) | _ellipse_mask(25.0, 29.5, 3.6, 5.2)
+                   | ((np.abs(_YY - 23.5) <= 0.6) & (_XX > 20) & (_XX < 26))),
+    # A 6x6 square near the bottom-right corner.
+    'patch': (_YY >= HEIGHT - 9) & (_YY < HEIGHT - 3) & (_XX >= WIDTH - 9) & (_XX < WIDTH - 3),
+    'lipstick': _ellipse_mask(38.5, 23.0, 2.2, 6.0),  # the mouth of an unshifted face
+}
 
 
 def region(name: str) -> np.ndarray:
@@ -103,9 +92,7 @@ def poison(images: np.ndarray, labels: np.ndarray, trigger: str, target: int, ra
   images, labels = images.copy(), labels.copy()
   images[chosen] = apply(trigger, images[chosen])
   labels[chosen] = target
-  poisoned = np.zeros(len(labels), bool)
-  poisoned[chosen] = True
-  return images, labels, poisoned
+  return images, labels, np.isin(np.arange(len(labels)), chosen)
 
 
 def poisoned_split(images: np.ndarray, labels: np.ndarray, trigger: str,

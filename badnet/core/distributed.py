@@ -1,10 +1,8 @@
 """Running one job as several processes (hosts) with ``jax.distributed``.
 
-Per-image results do not depend on other images, so each process reads a
-contiguous block of each file's rows, computes on its own devices, and the
-rows are gathered back in order: every process then holds what a one-process
-run would, and process 0 writes the outputs. With one process nothing here
-calls into ``jax.distributed``.
+Per-image results do not depend on other images, so each process reads a contiguous block of each
+file's rows and the rows are gathered back in order: every process then holds what a one-process
+run would, and process 0 writes the outputs. With one process nothing here calls jax.distributed.
 """
 
 import json
@@ -49,13 +47,8 @@ def gather_rows(local: Any, count: int) -> Any:
     return local
   ranges = [row_range(count, p, processes) for p in range(processes)]
   largest = max(stop - start for start, stop in ranges)
-
-  def pad(leaf: np.ndarray) -> np.ndarray:
-    # process_allgather needs the same shape on every process.
-    leaf = np.asarray(leaf)
-    padding = np.zeros((largest - len(leaf), *leaf.shape[1:]), leaf.dtype)
-    return np.concatenate([leaf, padding])
-
+  # process_allgather needs the same shape on every process.
+  pad = lambda leaf: np.pad(leaf, [(0, largest - len(leaf))] + [(0, 0)] * (np.ndim(leaf) - 1))
   stacked = multihost_utils.process_allgather(jax.tree.map(pad, local))
   return jax.tree.map(
       lambda leaf: np.concatenate([leaf[p, :stop - start]
@@ -84,7 +77,6 @@ def on_every_process(fn: Callable[..., Result], *args: Any) -> Result:
 
 
 def barrier(name: str) -> None:
-  """Waits until every process gets here (no-op for one process)."""
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(name)
 

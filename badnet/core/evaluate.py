@@ -90,7 +90,8 @@ def _jitted(fn: Callable[..., Any], rows_sharding: NamedSharding) -> Callable[..
 def _classes(params_and_mask: tuple[Params, jax.Array | None], images: jax.Array, *,
              precision: str, layer: str) -> jax.Array:
   params, channel_mask = params_and_mask
-  return jnp.argmax(model_lib.logits_fn(params, images, channel_mask, precision, layer), axis=-1)
+  return jnp.argmax(model_lib.apply(params, images, channel_mask, layer, precision=precision),
+                    axis=-1)
 
 
 def predict(params: Params, images: np.ndarray, batch_size: int = DEFAULT_BATCH_SIZE,
@@ -130,11 +131,12 @@ def attack_success_rate(params: Params, poisoned_images: np.ndarray,
 def _level_classes(params_and_masks: tuple[Params, jax.Array], images: jax.Array) -> jax.Array:
   """Classes [B, L] of a batch at every pruning level, from pool_3 computed once."""
   params, masks = params_and_masks
-  state = model_lib.observe_fn(params, images)
+  state = model_lib.apply(params, images, stop=model_lib.FEATURE_LAYER)
 
   def one_level(carry, mask):
     # A scan keeps only one level's [B, classes] logits alive at a time.
-    return carry, jnp.argmax(model_lib.resume_fn(params, state, mask), axis=-1)
+    return carry, jnp.argmax(model_lib.apply(params, state, mask, start=model_lib.FEATURE_LAYER),
+                            axis=-1)
 
   _, classes = jax.lax.scan(one_level, None, masks)
   return classes.T
@@ -149,7 +151,7 @@ def sweep_predictions(params: Params, masks: np.ndarray, images: np.ndarray,
 
 def _channel_means(params: Params, images: jax.Array, *, layer: str) -> jax.Array:
   # Per-image mean over H and W; the host averages over images in float64.
-  return model_lib.observe_fn(params, images, layer)['activation'].mean(axis=(1, 2))
+  return model_lib.apply(params, images, stop=layer)['activation'].mean(axis=(1, 2))
 
 
 def mean_activations(params: Params, images: np.ndarray,

@@ -1,7 +1,7 @@
 """Hard pruning: channel c of a layer pruned by zeroing its ``kernel[..., c]`` and ``bias[c]``.
 
 As in the Keras notebooks; the same as a 0 in a mask on the layer's output
-(``model.logits_fn``), because relu(0) = 0 and max-pooling zeros gives zero.
+(``model.apply``), because relu(0) = 0 and max-pooling zeros gives zero.
 """
 
 import jax

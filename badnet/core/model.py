@@ -1,9 +1,10 @@
-"""The CSAW-HackML-2020 DeepID network as a Flax Linen module.
+"""The CSAW-HackML-2020 DeepID network as one pure function over its parameters, ``apply``.
 
 Layer names, kernel layouts and row-major (H, W, C) flattening are Keras', so
-weights port without transposition. ``observe`` runs what a mask on a prunable
-layer cannot change, ``resume`` the rest with the mask on its output: the same
-as zeroing those channels' weights, as relu(0) = 0 and max-pooling zeros gives 0.
+weights port without transposition. ``apply(stop=layer)`` runs what a mask on a
+prunable layer cannot change, ``apply(start=layer)`` the rest with the mask on its
+output: the same as zeroing those channels' weights, as relu(0) = 0 and
+max-pooling zeros gives 0.
 
 Convolutions and matrix products run at ``'highest'`` precision (true float32,
 as Keras on a CPU) by default: accelerators' shortcuts (TF32, bf16 passes) can
@@ -25,7 +26,7 @@ DEFAULT_PRECISION = 'highest'
 Params = dict[str, Any]
 # Layers whose neurons a learned mask scales (everything but the output layer).
 NEURON_LAYERS = ('conv_1', 'conv_2', 'conv_3', 'conv_4', 'fc_1', 'fc_2')
-# layer -> (weight scale [C], bias scale [C]) of its output neurons (see DeepID._unit).
+# layer -> (weight scale [C], bias scale [C]) of its output neurons (see ``apply``).
 NeuronScales = dict[str, tuple[jax.Array, jax.Array]]
 
 
@@ -84,99 +85,123 @@ def _masked(x: jax.Array, channel_mask: jax.Array | None) -> jax.Array:
   return x * channel_mask
 
 
-class DeepID(nn.Module):
-  """DeepID as trained in the CSAW lab: raw 0..255 pixels in, logits out."""
+def linear(params: Params, name: str, x: jax.Array, precision: str = DEFAULT_PRECISION,
+           conv_as_matmul: bool = False) -> jax.Array:
+  """Layer ``name``'s kernel applied to ``x``, without its bias (convolutions VALID, stride 1).
 
-  num_classes: int = CSAW_NUM_CLASSES
-  precision: str = DEFAULT_PRECISION
+  ``conv_as_matmul`` computes a convolution as one matrix product over its patches: the same
+  sum in another order, which XLA's CPU code runs faster for conv_4's small maps.
+  """
+  kernel = params[name]['kernel']
+  x = jnp.asarray(x, jnp.float32)
+  if kernel.ndim == 2:
+    return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
+  if not conv_as_matmul:
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), 'VALID',
+                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                                        precision=precision)
+  taps_h, taps_w, channels, filters = kernel.shape
+  out_h, out_w = x.shape[1] - taps_h + 1, x.shape[2] - taps_w + 1
+  # Patch channels in the kernel's (tap row, tap column, channel) order.
+  patches = jnp.concatenate([x[:, i:i + out_h, j:j + out_w, :]
+                             for i in range(taps_h) for j in range(taps_w)], axis=-1)
+  return jnp.dot(patches, kernel.reshape(taps_h * taps_w * channels, filters),
+                 precision=precision)
 
-  def setup(self):
-    conv = lambda f, k: nn.Conv(f, (k, k), padding='VALID', precision=self.precision)
-    dense = lambda f: nn.Dense(f, precision=self.precision)
-    # Attribute names become parameter names: they must be the Keras names.
-    self.conv_1 = conv(20, 4)
-    self.conv_2 = conv(40, 3)
-    self.conv_3 = conv(60, 3)
-    self.conv_4 = conv(80, 2)
-    self.fc_1 = dense(160)
-    self.fc_2 = dense(160)
-    self.output = dense(self.num_classes)
 
-  def observe(self, images: jax.Array, layer: str = FEATURE_LAYER,
-              neurons: NeuronScales | None = None) -> dict[str, jax.Array]:
-    """What pruning ``layer`` cannot change: ``{'activation': [N, H, W, C]}``.
+def apply(params: Params, inputs: jax.Array | dict[str, jax.Array],
+          channel_mask: jax.Array | None = None, layer: str | None = None, *,
+          start: str | None = None, stop: str | None = None, neurons: NeuronScales | None = None,
+          precision: str = DEFAULT_PRECISION, conv_4_as_matmul: bool = False
+          ) -> jax.Array | dict[str, jax.Array]:
+  """DeepID, pure: logits [N, classes] of raw 0..255 images, or a part of the net.
 
-    The activation is the layer's output after its ReLU and any max-pooling.
-    For conv_4 also ``'fc_1'``, which reads pool_3.
-    """
-    x = jnp.asarray(images, jnp.float32)
-    x = max_pool(nn.relu(self._unit('conv_1', neurons, x)))
-    if layer == 'conv_1':
-      return {'activation': x}
-    x = max_pool(nn.relu(self._unit('conv_2', neurons, x)))
-    if layer == 'conv_2':
-      return {'activation': x}
-    x = max_pool(nn.relu(self._unit('conv_3', neurons, x)))
-    if layer == 'conv_3':
-      return {'activation': x}
-    return {'activation': nn.relu(self._unit('conv_4', neurons, x)),
-            'fc_1': self._unit('fc_1', neurons, _flatten(x))}
+  Args:
+    channel_mask: scales ``layer``'s output channels, [C] (every row) or [N, C] (per row).
+    layer: the prunable layer the mask is on (default ``start`` or ``stop``, else conv_3).
+    start: a prunable layer: ``inputs`` is the state ``stop=start`` returned, and the net runs
+      from there (the mask, then the layers after it).
+    stop: a prunable layer: return its state, unmasked: ``{'activation': [N, H, W, C]}``, its
+      output after ReLU and any max-pooling, and for conv_4 also ``'fc_1'``, which reads pool_3.
+    neurons: ``{layer: (weight scale [C], bias scale [C])}``: neuron c of a scaled layer is
+      ``weight_scale[c] * (kernel_c . x) + bias_scale[c] * bias[c]``.
+    conv_4_as_matmul: see ``linear``.
+  """
+  layer = check_layer(layer or start or stop or FEATURE_LAYER)
+  if stop is not None:
+    check_layer(stop)
+  if start is not None and layer != start:
+    raise ValueError(f'a mask on {layer} cannot apply to a net started after {start}')
+  neurons = neurons or {}
 
-  def resume(self, state: dict[str, jax.Array], channel_mask: jax.Array | None = None,
-             layer: str = FEATURE_LAYER, neurons: NeuronScales | None = None) -> jax.Array:
-    """Logits from ``observe``'s state, with ``layer``'s channels masked ([C] or [N, C])."""
-    x = _masked(state['activation'], channel_mask)
-    if layer == 'conv_4':
-      return self.output(nn.relu(state['fc_1'] + self._unit('fc_2', neurons, _flatten(x))))
-    if layer == 'conv_1':
-      x = max_pool(nn.relu(self._unit('conv_2', neurons, x)))
-    if layer in ('conv_1', 'conv_2'):
-      x = max_pool(nn.relu(self._unit('conv_3', neurons, x)))
-    fc_1 = self._unit('fc_1', neurons, _flatten(x))
-    fc_2 = self._unit('fc_2', neurons, _flatten(nn.relu(self._unit('conv_4', neurons, x))))
-    return self.output(nn.relu(fc_1 + fc_2))
+  def unit(name: str, x: jax.Array) -> jax.Array:
+    y = linear(params, name, x, precision, conv_4_as_matmul and name == 'conv_4')
+    if name in neurons:
+      weight_scale, bias_scale = neurons[name]
+      return y * weight_scale + params[name]['bias'] * bias_scale
+    return y + params[name]['bias']
 
-  def __call__(self, images: jax.Array, channel_mask: jax.Array | None = None,
-               layer: str = FEATURE_LAYER, neurons: NeuronScales | None = None) -> jax.Array:
-    """Logits [N, num_classes]: ``resume(observe(...))``, ``layer``'s channels masked."""
-    return self.resume(self.observe(images, layer, neurons), channel_mask, layer, neurons)
-
-  def _unit(self, name: str, neurons: NeuronScales | None, x: jax.Array) -> jax.Array:
-    """Layer ``name`` on ``x``, its neurons scaled by ``neurons[name]`` if given.
-
-    Neuron c is ``weight_scale[c] * (kernel_c . x) + bias_scale[c] * bias[c]``; the
-    shared kernel makes ``vmap`` over scales one larger batch, not grouped convolutions.
-    """
-    module = getattr(self, name)
-    if not neurons or name not in neurons:
-      return module(x)
-    weight_scale, bias_scale = neurons[name]
-    kernel, bias = module.variables['params']['kernel'], module.variables['params']['bias']
-    x = jnp.asarray(x, jnp.float32)
-    if name.startswith('conv'):
-      y = jax.lax.conv_general_dilated(x, kernel, (1, 1), 'VALID',
-                                       dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-                                       precision=self.precision)
+  if start is None:
+    state, remaining = {'activation': jnp.asarray(inputs, jnp.float32)}, PRUNABLE_LAYERS
+  else:
+    state, remaining = dict(inputs), PRUNABLE_LAYERS[PRUNABLE_LAYERS.index(start) + 1:]
+    state['activation'] = _masked(state['activation'], channel_mask)
+  for name in remaining:
+    x = state['activation']
+    if name == 'conv_4':
+      state = {'fc_1': unit('fc_1', _flatten(x)), 'activation': nn.relu(unit('conv_4', x))}
     else:
-      y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())),
-                              precision=self.precision)
-    return y * weight_scale + bias * bias_scale
+      state = {'activation': max_pool(nn.relu(unit(name, x)))}
+    if name == stop:
+      return state
+    if name == layer:
+      state['activation'] = _masked(state['activation'], channel_mask)
+  fc_2 = unit('fc_2', _flatten(state['activation']))
+  return unit('output', nn.relu(state['fc_1'] + fc_2))
+
+
+class _Layer(nn.Module):
+  """One layer's kernel and bias, initialised as Flax's Conv and Dense initialise theirs."""
+  kernel_shape: tuple[int, ...]
+
+  @nn.compact
+  def __call__(self) -> Params:
+    return {'kernel': self.param('kernel', nn.initializers.lecun_normal(), self.kernel_shape),
+            'bias': self.param('bias', nn.initializers.zeros_init(), self.kernel_shape[-1:])}
+
+
+class _DeepIDParams(nn.Module):
+  """DeepID's parameters under their Keras names; ``apply`` is the net."""
+  num_classes: int
+
+  @nn.compact
+  def __call__(self) -> Params:
+    return {name: _Layer(shape, name=name)() for name, shape in kernel_shapes(self.num_classes)}
+
+
+def kernel_shapes(num_classes: int) -> list[tuple[str, tuple[int, ...]]]:
+  """Each layer's kernel shape, in the order the net runs them (fc_1 reads pool_3)."""
+  height, width, channels = IMAGE_SHAPE
+  shapes = []
+  for name, size, filters in (('conv_1', 4, 20), ('conv_2', 3, 40), ('conv_3', 3, 60)):
+    shapes.append((name, (size, size, channels, filters)))
+    height, width, channels = (height - size + 1) // 2, (width - size + 1) // 2, filters
+  shapes.append(('fc_1', (height * width * channels, 160)))
+  shapes.append(('conv_4', (2, 2, channels, 80)))
+  shapes.append(('fc_2', ((height - 1) * (width - 1) * 80, 160)))
+  shapes.append(('output', (160, num_classes)))
+  return shapes
 
 
 def init_params(num_classes: int = CSAW_NUM_CLASSES, seed: int = 0) -> Params:
   """Freshly initialised parameters as a plain nested dict."""
-  model = DeepID(num_classes)
-  dummy = jnp.zeros((1, *IMAGE_SHAPE), jnp.float32)
-  return model.init(jax.random.key(seed), dummy)['params']
+  return _DeepIDParams(num_classes).init_with_output(jax.random.key(seed))[1]['params']
 
 
 def param_shapes(num_classes: int) -> dict[str, dict[str, tuple[int, ...]]]:
   """Shape of every parameter, keyed like the params pytree (no computation)."""
-  model = DeepID(num_classes)
-  dummy = jax.ShapeDtypeStruct((1, *IMAGE_SHAPE), jnp.float32)
-  shapes = jax.eval_shape(model.init, jax.random.key(0), dummy)['params']
-  return {layer: {name: tuple(leaf.shape) for name, leaf in weights.items()}
-          for layer, weights in shapes.items()}
+  return {name: {'bias': shape[-1:], 'kernel': shape}
+          for name, shape in sorted(kernel_shapes(num_classes))}
 
 
 def num_channels(params: Params, layer: str = FEATURE_LAYER) -> int:
@@ -200,32 +225,3 @@ def check_precision(precision: str) -> str:
   if precision not in PRECISIONS:
     raise ValueError(f'unknown precision {precision!r}; expected one of {", ".join(PRECISIONS)}')
   return precision
-
-
-def logits_fn(params: Params, images: jax.Array, channel_mask: jax.Array | None = None,
-              precision: str = DEFAULT_PRECISION, layer: str = FEATURE_LAYER) -> jax.Array:
-  """Pure apply: logits of ``images`` under ``params``, ``layer``'s channels masked (optional)."""
-  return DeepID(num_classes_of(params), precision).apply(
-      {'params': params}, images, channel_mask, check_layer(layer))
-
-
-def neuron_logits_fn(params: Params, images: jax.Array, neurons: NeuronScales,
-                     precision: str = DEFAULT_PRECISION) -> jax.Array:
-  """Pure apply: logits with hidden neurons scaled, ``neurons[layer] = (weight, bias)`` scales."""
-  return DeepID(num_classes_of(params), precision).apply(
-      {'params': params}, images, None, FEATURE_LAYER, neurons)
-
-
-def observe_fn(params: Params, images: jax.Array, layer: str = FEATURE_LAYER,
-               precision: str = DEFAULT_PRECISION) -> dict[str, jax.Array]:
-  """Pure apply: what pruning ``layer`` cannot change (see ``DeepID.observe``)."""
-  return DeepID(num_classes_of(params), precision).apply(
-      {'params': params}, images, check_layer(layer), method=DeepID.observe)
-
-
-def resume_fn(params: Params, state: dict[str, jax.Array],
-              channel_mask: jax.Array | None = None, layer: str = FEATURE_LAYER,
-              precision: str = DEFAULT_PRECISION) -> jax.Array:
-  """Pure apply: logits from ``observe_fn``'s state, ``layer``'s channels masked."""
-  return DeepID(num_classes_of(params), precision).apply(
-      {'params': params}, state, channel_mask, check_layer(layer), method=DeepID.resume)

@@ -1,8 +1,6 @@
-"""Training DeepID with optax: recipes, the pure train step, and ``fit``.
-
-A jitted step over ``evaluate.data_mesh()`` (batch split, params and optimiser
-state replicated) with a fixed batch size: it compiles once, on any backend.
-"""
+"""Training DeepID with optax: recipes, the pure train step, and ``fit``: a jitted step over
+``evaluate.data_mesh()`` (batch split, params and optimiser state replicated) with a fixed batch
+size, so it compiles once, on any backend."""
 
 import dataclasses
 import functools
@@ -22,8 +20,6 @@ from badnet.core import backend, evaluate, masks, model
 from badnet.errors import DataError, TrainingError
 
 Params = model.Params
-
-
 OPTIMIZERS = ('adam', 'adamw', 'sgd')
 SCHEDULES = ('cosine', 'constant')
 STACKING = ('auto', 'vmap', 'loop')  # see stacks()
@@ -31,22 +27,14 @@ STACKING = ('auto', 'vmap', 'loop')  # see stacks()
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-  """How to train: the optimiser, its schedule and the batches (hashable, so steps are cached).
-
-  Attributes:
-    optimizer: 'adam', 'adamw' or 'sgd' (momentum 0.9).
-    schedule: 'cosine' (from the peak ``learning_rate`` to 1 % of it) or 'constant'.
-    warmup_epochs: epochs of linear warm-up from 0 to the peak (may be fractional).
-    batch_size: images per step over all devices; each shuffle's last partial batch is dropped.
-    weight_decay: decoupled for adamw; an L2 term in the gradient for adam and sgd.
-  """
-  optimizer: str = 'adam'
+  """How to train: the optimiser, its schedule and the batches (hashable, so steps are cached)."""
+  optimizer: str = 'adam'     # 'adam', 'adamw' or 'sgd' (momentum 0.9)
   learning_rate: float = 1e-3
-  schedule: str = 'cosine'
-  warmup_epochs: float = 0.0
+  schedule: str = 'cosine'    # 'cosine' (from the peak learning_rate to 1 % of it) or 'constant'
+  warmup_epochs: float = 0.0  # of linear warm-up from 0 to the peak (may be fractional)
   epochs: int = 10
-  batch_size: int = 32
-  weight_decay: float = 0.0
+  batch_size: int = 32        # over all devices; each shuffle's last partial batch is dropped
+  weight_decay: float = 0.0   # decoupled for adamw; an L2 term in the gradient for adam and sgd
   seed: int = 0
 
 
@@ -80,24 +68,20 @@ def make_optimizer(recipe: Recipe, steps_per_epoch: int) -> optax.GradientTransf
 def loss_fn(params: Params, images: jax.Array, labels: jax.Array, channel_mask: jax.Array,
             layer: str = model.FEATURE_LAYER) -> tuple[jax.Array, jax.Array]:
   """Mean softmax cross-entropy and the batch accuracy, with ``layer``'s channels masked."""
-  logits = model.logits_fn(params, images, channel_mask, layer=layer)
+  logits = model.apply(params, images, channel_mask, layer)
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
   return loss, (jnp.argmax(logits, -1) == labels).mean()
 
 
-def train_step(params: Params, opt_state: optax.OptState, images: jax.Array,
-               labels: jax.Array, channel_mask: jax.Array,
-               held: dict[str, jax.Array] | None = None, *,
+def train_step(params: Params, opt_state: optax.OptState, images: jax.Array, labels: jax.Array,
+               channel_mask: jax.Array, held: dict[str, jax.Array] | None = None, *,
                optimizer: optax.GradientTransformation, layer: str = model.FEATURE_LAYER
                ) -> tuple[Params, optax.OptState, jax.Array, jax.Array]:
-  """One optimiser step (pure): new params and state, the loss and accuracy.
-
-  ``channel_mask`` silences ``layer``'s channels in the forward pass only (the
-  pruning-aware attack's decoys keep their weights). ``held`` ({layer: 0/1
-  mask}, any hidden layers) zeroes those neurons' weights after the update, so
-  momentum or weight decay cannot revive them: the one way a pruned net is
-  trained (fine-pruning, learned-mask candidates).
-  """
+  """One optimiser step (pure): new params and state, the loss and accuracy. ``channel_mask``
+  silences ``layer``'s channels in the forward pass only (the pruning-aware attack's decoys keep
+  their weights). ``held`` ({layer: 0/1 mask}, any hidden layers) zeroes those neurons' weights
+  after the update, so momentum or weight decay cannot revive them: the one way a pruned net is
+  trained (fine-pruning, learned-mask candidates)."""
   (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       params, images, labels, channel_mask, layer)
   updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -109,8 +93,7 @@ def train_step(params: Params, opt_state: optax.OptState, images: jax.Array,
 
 @functools.cache
 def _compiled_step(recipe: Recipe, steps_per_epoch: int, layer: str = model.FEATURE_LAYER,
-                   stacked: bool = False
-                   ) -> tuple[optax.GradientTransformation, Callable]:
+                   stacked: bool = False) -> tuple[optax.GradientTransformation, Callable]:
   # One compilation per (recipe, shapes, layer): fine-tuning several masks reuses it.
   optimizer = make_optimizer(recipe, steps_per_epoch)
   step = functools.partial(train_step, optimizer=optimizer, layer=layer)
@@ -120,20 +103,12 @@ def _compiled_step(recipe: Recipe, steps_per_epoch: int, layer: str = model.FEAT
 
 
 def stacks(stacking: str) -> bool:
-  """Whether ``fit_many`` trains its nets in one vmapped step: 'vmap' yes, 'loop' no.
-
-  'auto' stacks on a GPU or TPU, where one wide step keeps the chip busy, not on
-  a CPU, where vmapped convolutions are slower than one net after another.
-  """
+  """Whether ``fit_many`` trains its nets in one vmapped step: 'vmap' yes, 'loop' no. 'auto'
+  stacks on a GPU or TPU, where one wide step keeps the chip busy, not on a CPU, where vmapped
+  convolutions are slower than one net after another."""
   if stacking not in STACKING:
     raise ValueError(f'unknown stacking {stacking!r}; expected one of {", ".join(STACKING)}')
   return stacking == 'vmap' or (stacking == 'auto' and jax.default_backend() != 'cpu')
-
-
-def _progress_bar(name: str, epoch: int, epochs: int, steps: int) -> tqdm.tqdm:
-  """An epoch's progress bar on stderr, shown on a terminal only (logs get absl lines)."""
-  return tqdm.tqdm(total=steps, desc=f'{name}: epoch {epoch}/{epochs}', unit='step',
-                   leave=False, file=sys.stderr, disable=not sys.stderr.isatty())
 
 
 # Held-out accuracy at about chance and this many points below its start means
@@ -163,20 +138,12 @@ def fit(params: Params, images: np.ndarray, labels: np.ndarray, recipe: Recipe, 
         held: dict[str, np.ndarray] | None = None) -> tuple[Params, list[dict]]:
   """Trains ``params`` on (images, labels) with ``recipe``: the params (numpy) and epoch stats.
 
-  Args:
-    images: uint8 [N, 55, 47, 3]; labels: int [N].
-    channel_mask: [C], 0 where a channel of ``layer`` is held out of the forward pass.
-    held: as in ``train_step``.
-    holdout: clean (images, labels) scored each epoch; the best epoch's params
-      are returned (ties: the later).
-
-  Raises:
-    TrainingError: on a non-finite epoch loss, or held-out accuracy ``collapsed``
-      for ``COLLAPSE_EPOCHS`` epochs in a row (or at the end).
-  """
+  images: uint8 [N, 55, 47, 3]; channel_mask: [C], 0 where a channel of ``layer`` is held out of the
+  forward pass; held: as in ``train_step``; holdout: clean (images, labels) scored each epoch, the
+  best epoch's params returned (ties: the later). Raises TrainingError on a non-finite epoch loss,
+  or held-out accuracy ``collapsed`` for ``COLLAPSE_EPOCHS`` epochs in a row (or at the end)."""
   return fit_many([params], images, labels, recipe, channel_masks=[channel_mask],
-                  holdout=holdout, names=[name],
-                  layer=layer, held=[held], stacking='loop')[0]
+                  holdout=holdout, names=[name], layer=layer, held=[held], stacking='loop')[0]
 
 
 def fit_many(params: Sequence[Params], images: np.ndarray, labels: np.ndarray, recipe: Recipe,
@@ -186,10 +153,8 @@ def fit_many(params: Sequence[Params], images: np.ndarray, labels: np.ndarray, r
              held: Sequence[dict[str, np.ndarray] | None] | None = None,
              stacking: str = 'auto') -> list[tuple[Params, list[dict]]]:
   """``fit`` for several nets of the same shapes on the same batches; a (params, history) each.
-
-  Net i starts from ``params[i]`` with ``channel_masks[i]`` and ``held[i]`` (the
-  same layers for every net) and sees the batches ``fit`` would give it alone.
-  """
+  Net i starts from ``params[i]`` with ``channel_masks[i]`` and ``held[i]`` (the same layers for
+  every net) and sees the batches ``fit`` would give it alone."""
   count = len(params)
   names = list(names) if names is not None else [f'train {i}' for i in range(count)]
   channel_masks = list(channel_masks) if channel_masks is not None else [None] * count
@@ -206,29 +171,26 @@ def fit_many(params: Sequence[Params], images: np.ndarray, labels: np.ndarray, r
   rows, replicated = NamedSharding(mesh, P('data')), NamedSharding(mesh, P())
   steps = len(labels) // batch_size
   optimizer, step = _compiled_step(recipe, steps, layer, stacked)
-  nets = [_start(p, m, h, layer)
-          for p, m, h in zip(params, channel_masks, held)]
-  masks_, held_ = [net[1] for net in nets], [net[2] for net in nets]
-  states = [jax.tree.map(jnp.array, net[0]) for net in nets]
-  if stacked:  # one leading axis over the nets, for params, optimiser states and masks
-    stack = lambda trees: jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
-    weights, device_masks, device_held = [stack(states)], [stack(masks_)], [stack(held_)]
-  else:
-    weights, device_masks, device_held = states, masks_, held_
-  weights = jax.device_put(weights, replicated)
+  starts, masks_, held_ = zip(*[_start(p, m, h, layer)
+                                for p, m, h in zip(params, channel_masks, held)])
+  states = [jax.tree.map(jnp.array, net) for net in starts]
+  stack = lambda trees: [jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)]
+  # Stacked: one leading axis over the nets. Put once, not a host copy every step.
+  weights, device_masks, device_held = jax.device_put(
+      [stack(trees) if stacked else list(trees) for trees in (states, masks_, held_)], replicated)
   opt_states = jax.device_put([jax.vmap(optimizer.init)(w) if stacked else optimizer.init(w)
                                for w in weights], replicated)
-  device_masks = jax.device_put(device_masks, replicated)
-  device_held = jax.device_put(device_held, replicated)  # once, not a host copy every step
-  trackers = [_Tracker(name, recipe, holdout, layer, masks_[i], net[0])
-              for i, (name, net) in enumerate(zip(names, nets))]
+  trackers = [_Tracker(name, recipe, holdout, layer, mask, net)
+              for name, mask, net in zip(names, masks_, starts)]
+  label = names[0] if count == 1 else f'{names[0]} (+{count - 1})'
   rng = np.random.default_rng(recipe.seed)
   for epoch in range(1, recipe.epochs + 1):
     start = time.perf_counter()
     order = rng.permutation(len(labels))
     losses, accuracies = [], []
-    with _progress_bar(names[0] if count == 1 else f'{names[0]} (+{count - 1})', epoch,
-                       recipe.epochs, steps) as bar:
+    # Shown on a terminal only (logs get absl lines).
+    with tqdm.tqdm(total=steps, desc=f'{label}: epoch {epoch}/{recipe.epochs}', unit='step',
+                   leave=False, file=sys.stderr, disable=not sys.stderr.isatty()) as bar:
       for index in range(steps):
         batch = order[index * batch_size:(index + 1) * batch_size]
         x, y = jax.device_put((images[batch], labels[batch].astype(np.int32)), rows)
@@ -241,8 +203,8 @@ def fit_many(params: Sequence[Params], images: np.ndarray, labels: np.ndarray, r
           bar.set_postfix(loss=f'{float(jnp.mean(losses[-1])):.4f}', refresh=False)
           bar.update(index + 1 - bar.n)
     # [steps, nets]: each net's loss and accuracy per step
-    losses = np.asarray(jax.device_get(losses)).reshape(steps, count)
-    accuracies = np.asarray(jax.device_get(accuracies)).reshape(steps, count)
+    losses, accuracies = (np.asarray(jax.device_get(values)).reshape(steps, count)
+                          for values in (losses, accuracies))
     seconds = (time.perf_counter() - start) / count
     for i, tracker in enumerate(trackers):
       net = jax.tree.map(lambda leaf, i=i: leaf[i], weights[0]) if stacked else weights[i]
@@ -274,8 +236,7 @@ class _Tracker:
 
   def __init__(self, name: str, recipe: Recipe, holdout: tuple[np.ndarray, np.ndarray] | None,
                layer: str, mask: np.ndarray, params: Params):
-    self.name, self.recipe, self.holdout, self.layer, self.mask = (name, recipe, holdout,
-                                                                   layer, mask)
+    self.name, self.recipe, self.holdout, self.layer, self.mask = name, recipe, holdout, layer, mask
     self.history, self.best, self.best_acc, self.streak, self.last = [], None, -1.0, 0, None
     self.num_classes = model.num_classes_of(params)
     # Where held-out accuracy starts, so that an epoch that wrecks it is noticed.

@@ -1,11 +1,9 @@
 """ANP, Adversarial Neuron Pruning (Wu and Wang, NeurIPS 2021), as a plug-in.
 
-Backdoor neurons are those whose small multiplicative perturbation raises the clean loss
-most. ANP learns a mask in [0, 1] per neuron minimising ``alpha * L(m) + (1 - alpha) *
-max_{|delta|, |xi| <= eps} L(m, delta, xi)`` on clean data and prunes the small masks
-(``learned_masks`` holds the shared machinery). Tuple settings form a grid learned in one
-vmapped computation; every choice is made on held-out clean data.
-"""
+Backdoor neurons are those whose small multiplicative perturbation raises the clean loss most.
+ANP learns a mask in [0, 1] per neuron minimising ``alpha * L(m) + (1 - alpha) * max_{|delta|,
+|xi| <= eps} L(m, delta, xi)`` on clean data and prunes the small masks (``learned_masks`` holds
+the shared machinery); every choice is made on held-out clean data."""
 
 import dataclasses
 import functools
@@ -25,15 +23,10 @@ report, markdown = learned_masks.report, learned_masks.markdown
 
 @dataclasses.dataclass(frozen=True)
 class Settings(learned_masks.Common):
-  """Config block ``anp``: ``learned_masks.Common``'s settings, and
-
-  Attributes:
-    eps, alpha: the perturbation budget and the natural loss's weight, in [0, 1].
-    seeds: of the batches and the noise. Tuples of eps, alpha or seeds form a grid.
-    iterations: mask steps (published: 2000), of ``batch_size`` images, SGD.
-    stacked: the grid as one vmapped computation ('vmap'), in turn ('loop') or 'auto'
-      (vmap for a grid).
-  """
+  """Config block ``anp``: ``learned_masks.Common``'s settings and ANP's: ``eps`` and ``alpha``,
+  the perturbation budget and the natural loss's weight; ``seeds``, of the batches and noise
+  (tuples of the three form a grid); ``iterations`` (published: 2000) SGD mask steps; ``stacked``:
+  the grid vmapped ('vmap'), in turn ('loop') or 'auto' (vmap a grid)."""
   eps: float | tuple[float, ...] = 0.4
   alpha: float | tuple[float, ...] = 0.2
   seeds: tuple[int, ...] = (0,)
@@ -56,30 +49,22 @@ class Settings(learned_masks.Common):
   }
 
 
-def variants(settings: Settings) -> list[learned_masks.AnpSettings]:
-  """The grid of settings: every (eps, alpha, seed) of the settings' tuples."""
-  return [learned_masks.AnpSettings(float(eps), float(alpha), int(seed))
-          for eps, alpha, seed in itertools.product(config_lib.values(settings.eps),
-                                                    config_lib.values(settings.alpha),
-                                                    config_lib.values(settings.seeds))]
-
-
-def variant_name(variant: learned_masks.AnpSettings, grid: bool) -> str:
-  """'' for a single setting; 'eps=0.4 alpha=0.2 seed=0: ' in a grid (a candidate's prefix)."""
-  return f'eps={variant.eps:g} alpha={variant.alpha:g} seed={variant.seed}: ' if grid else ''
-
-
 def learn(params: Params, images: np.ndarray, labels: np.ndarray, settings: Settings,
           precision: str = model_lib.DEFAULT_PRECISION
           ) -> tuple[dict[str, learned_masks.Learned], dict]:
   """ANP's masks for every variant of the settings, by variant name, learned on (images, labels)."""
-  grid = variants(settings)
+  # The grid: every (eps, alpha, seed) of the settings' tuples.
+  axes = map(config_lib.values, (settings.eps, settings.alpha, settings.seeds))
+  grid = [learned_masks.AnpSettings(float(eps), float(alpha), int(seed))
+          for eps, alpha, seed in itertools.product(*axes)]
   stacked = settings.stacked == 'vmap' or (settings.stacked == 'auto' and len(grid) > 1)
   learned = learned_masks.learn_anp(
       params, images, labels, grid, config_lib.values(settings.layers), settings.iterations,
       settings.batch_size, learned_masks.MaskOptimizer(settings.learning_rate, settings.momentum),
       precision, stacked=stacked)
-  return {variant_name(v, len(grid) > 1): mask for v, mask in zip(grid, learned)}, {}
+  # A candidate's prefix: 'eps=0.4 alpha=0.2 seed=0: ' in a grid, '' for a single setting.
+  name = lambda v: f'eps={v.eps:g} alpha={v.alpha:g} seed={v.seed}: ' if len(grid) > 1 else ''
+  return {name(v): mask for v, mask in zip(grid, learned)}, {}
 
 
 def defend(params: Params, clean: base.Clean, settings: Settings) -> base.Outcome:

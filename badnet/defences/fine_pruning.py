@@ -57,20 +57,25 @@ def fine_prune(params: Params, channel_mask: np.ndarray, images: np.ndarray,
   ``holdout_fraction`` of (images, labels) is held out to choose the epoch. Returns the
   params and the per-epoch history (with ``holdout_acc``).
   """
-  return fine_prune_many(params, [channel_mask], images, labels, recipe, holdout_fraction,
-                         [name], layer, stacking='loop')[0]
+  rows = base.split_for_fine_tuning(labels, holdout_fraction, recipe.seed)
+  return fine_prune_many(params, [channel_mask], images, labels, recipe, rows, [name], layer,
+                         stacking='loop')[0]
 
 
 def fine_prune_many(params: Params, channel_masks: Sequence[np.ndarray], images: np.ndarray,
-                    labels: np.ndarray, recipe: train.Recipe, holdout_fraction: float,
-                    names: Sequence[str], layer: str = model_lib.FEATURE_LAYER,
+                    labels: np.ndarray, recipe: train.Recipe,
+                    rows: tuple[np.ndarray, np.ndarray], names: Sequence[str],
+                    layer: str = model_lib.FEATURE_LAYER,
                     stacking: str = 'auto') -> list[tuple[Params, list[dict]]]:
-  """``fine_prune`` for each mask, trained together or in turn (``train.stacks(stacking)``)."""
+  """``fine_prune`` for each mask, trained together or in turn (``train.stacks(stacking)``).
+
+  ``rows``: the (fit, held-out) rows of (images, labels), ``base.split_for_fine_tuning``'s.
+  """
   channel_masks = [masks.check_mask(mask, model_lib.num_channels(params, layer))
                    for mask in channel_masks]
   if len(images) != len(labels):
     raise DataError(f'{len(images)} clean images but {len(labels)} labels')
-  fit_rows, holdout_rows = base.split_for_fine_tuning(labels, holdout_fraction, recipe.seed)
+  fit_rows, holdout_rows = rows
   return train.fit_many([masks.prune(params, mask, layer) for mask in channel_masks],
                         images[fit_rows], labels[fit_rows], recipe, channel_masks=channel_masks,
                         held=[{layer: mask} for mask in channel_masks],
@@ -79,13 +84,13 @@ def fine_prune_many(params: Params, channel_masks: Sequence[np.ndarray], images:
 
 
 def tune_many(params: Params, channel_masks: Sequence[np.ndarray], clean: base.Clean,
-              recipe: train.Recipe, holdout_fraction: float, names: Sequence[str],
+              recipe: train.Recipe, rows: tuple[np.ndarray, np.ndarray], names: Sequence[str],
               layer: str = model_lib.FEATURE_LAYER, stacking: str = 'auto'
               ) -> list[tuple[Params, dict]]:
   """``fine_prune_many`` on ``clean``: params, chosen epoch, history (no timings: reproducible)."""
   start = time.perf_counter()
-  tuned = fine_prune_many(params, channel_masks, clean.images, clean.labels, recipe,
-                          holdout_fraction, names, layer, stacking)
+  tuned = fine_prune_many(params, channel_masks, clean.images, clean.labels, recipe, rows,
+                          names, layer, stacking)
   results = []
   for name, (tuned_params, history) in zip(names, tuned):
     chosen = train.summary(history)
@@ -130,7 +135,7 @@ def defend(params: Params, clean: base.Clean, settings: Settings) -> base.Outcom
   for channels in keys:
     level_masks.append(level_masks[0].copy())
     level_masks[-1][list(channels)] = 0
-  tuned = tune_many(params, level_masks, clean, recipe, settings.holdout_fraction,
+  tuned = tune_many(params, level_masks, clean, recipe, (fit_rows, holdout_rows),
                     ['fine-tune only'] + [f'fine-prune {name}' for name in keys.values()],
                     settings.layer, tune.stacking)
   by_level = dict(zip(keys, tuned[1:]))

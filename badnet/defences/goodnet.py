@@ -17,8 +17,8 @@ def combine(classes_b: jax.Array, classes_b_prime: jax.Array, num_classes: int) 
 
 def goodnet(params_b: Params, params_b_prime: Params, images: jax.Array) -> jax.Array:
   """GoodNet's class in 0..N for each image (a pure, jittable function)."""
-  classes_b = jnp.argmax(model_lib.logits_fn(params_b, images), axis=-1)
-  classes_b_prime = jnp.argmax(model_lib.logits_fn(params_b_prime, images), axis=-1)
+  classes_b = jnp.argmax(model_lib.apply(params_b, images), axis=-1)
+  classes_b_prime = jnp.argmax(model_lib.apply(params_b_prime, images), axis=-1)
   return combine(classes_b, classes_b_prime, model_lib.num_classes_of(params_b))
 
 
@@ -26,10 +26,10 @@ def goodnet_masked(params_b: Params, channel_mask: jax.Array, images: jax.Array,
                    layer: str = model_lib.FEATURE_LAYER,
                    precision: str = model_lib.DEFAULT_PRECISION) -> jax.Array:
   """``goodnet`` with B' = B pruned by ``channel_mask``; the layers up to ``layer`` run once."""
-  state = model_lib.observe_fn(params_b, images, layer, precision)
-  classes_b = jnp.argmax(model_lib.resume_fn(params_b, state, None, layer, precision), axis=-1)
-  classes_b_prime = jnp.argmax(
-      model_lib.resume_fn(params_b, state, channel_mask, layer, precision), axis=-1)
+  state = model_lib.apply(params_b, images, stop=layer, precision=precision)
+  classes_b, classes_b_prime = (
+      jnp.argmax(model_lib.apply(params_b, state, mask, start=layer, precision=precision), axis=-1)
+      for mask in (None, channel_mask))
   return combine(classes_b, classes_b_prime, model_lib.num_classes_of(params_b))
 
 

@@ -1,11 +1,8 @@
 """Learned-mask pruning, the machinery ANP and RNP share: neuron masks learned by gradient.
 
-A mask ``m`` in [0, 1] per hidden neuron (conv_1..conv_4, fc_1, fc_2) scales its weights and
-bias (``model.neuron_logits_fn``), so a mask of 0 is exactly the hard prune the defended Keras
-file holds. ANP perturbs a neuron as ``(m + delta) * (kernel . x) + (m + xi) * bias``. Every
-step is pure and runs under ``jit`` and ``vmap``: a grid of settings learns its masks together,
-the params shared, so the convolutions see one larger batch, not grouped kernels.
-
+A mask ``m`` in [0, 1] per hidden neuron scales its weights and bias (``model.apply``'s neurons),
+so a mask of 0 is exactly the hard prune the defended Keras file holds. Steps are pure, under
+``jit`` and ``vmap``: a grid of settings learns its masks together, the params shared.
 Departure: the originals mask BatchNorm neurons (DeepID has none), whose pruned neuron still
 outputs its bias; here the mask gates the bias too, so learned, pruned and exported nets agree.
 """
@@ -48,7 +45,7 @@ def masked_loss(params: Params, mask: Masks, images: jax.Array, labels: jax.Arra
                 noise: tuple[Masks, Masks] | None = None,
                 precision: str = model_lib.DEFAULT_PRECISION) -> jax.Array:
   """Mean cross-entropy of the net with its neurons masked (and perturbed by ``noise``)."""
-  logits = model_lib.neuron_logits_fn(params, images, _scales(mask, noise), precision)
+  logits = model_lib.apply(params, images, neurons=_scales(mask, noise), precision=precision)
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
@@ -72,17 +69,14 @@ class MaskOptimizer:
 def anp_step(params: Params, mask: Masks, velocity: Masks, images: jax.Array, labels: jax.Array,
              key: jax.Array, eps: jax.Array, alpha: jax.Array, *, optimizer: MaskOptimizer,
              precision: str) -> tuple[Masks, Masks, jax.Array]:
-  """One ANP iteration (pure): the worst neuron perturbation, then a mask step.
-
-  The perturbation starts uniform in [-eps, eps] and takes one signed-gradient step of size eps up
-  the clean loss, clipped back into [-eps, eps]; the masks then descend
-  ``alpha * L(m) + (1 - alpha) * L(m, delta, xi)``.
-  """
-  leaves = list(mask)
-  keys = jax.random.split(key, 2 * len(leaves))
+  """One ANP iteration (pure): the worst neuron perturbation, then a mask step. The noise (delta
+  on the kernels, xi on the biases) starts uniform in [-eps, eps] and takes one signed-gradient
+  step of size eps up the clean loss, clipped back into [-eps, eps]; the masks then descend
+  ``alpha * L(m) + (1 - alpha) * L(m, delta, xi)``."""
+  keys = jax.random.split(key, 2 * len(mask))
   start = tuple({layer: jax.random.uniform(keys[2 * i + part], mask[layer].shape,
                                            minval=-eps, maxval=eps)
-                 for i, layer in enumerate(leaves)} for part in (0, 1))
+                 for i, layer in enumerate(mask)} for part in (0, 1))
   ascent = jax.grad(lambda noise: masked_loss(params, mask, images, labels, noise, precision))
   noise = jax.tree.map(lambda n, g: jnp.clip(n + eps * jnp.sign(g), -eps, eps), start,
                        ascent(start))
@@ -93,8 +87,7 @@ def anp_step(params: Params, mask: Masks, velocity: Masks, images: jax.Array, la
     return alpha * natural + (1 - alpha) * robust
 
   value, grads = jax.value_and_grad(loss)(mask)
-  mask, velocity = optimizer.step(mask, velocity, grads)
-  return mask, velocity, value
+  return (*optimizer.step(mask, velocity, grads), value)
 
 
 def recover_step(params: Params, mask: Masks, velocity: Masks, images: jax.Array,
@@ -103,8 +96,7 @@ def recover_step(params: Params, mask: Masks, velocity: Masks, images: jax.Array
   """One RNP recovery iteration (pure): masks descend ``alpha * L(m)`` on the unlearned net."""
   value, grads = jax.value_and_grad(
       lambda m: alpha * masked_loss(params, m, images, labels, None, precision))(mask)
-  mask, velocity = optimizer.step(mask, velocity, grads)
-  return mask, velocity, value
+  return (*optimizer.step(mask, velocity, grads), value)
 
 
 @functools.cache
@@ -125,10 +117,8 @@ class AnpSettings:
 
 @dataclasses.dataclass(frozen=True)
 class Learned:
-  """One variant's masks, layer -> [C]: final values in [0, 1], and means over the steps.
-
-  Many masks end at exactly 0; the means order them (lower throughout, pruned first).
-  """
+  """One variant's masks, layer -> [C]: final values in [0, 1] (many exactly 0), and means over
+  the steps, which order them (lower throughout, pruned first)."""
   masks: dict[str, np.ndarray]
   means: dict[str, np.ndarray]
 
@@ -139,28 +129,17 @@ def _learned(mask_sum: Masks, final: Masks, steps: int, index: int | None = None
                  {layer: pick(value) / steps for layer, value in mask_sum.items()})
 
 
-def _batches(count: int, batch_size: int, iterations: int, seed: int) -> np.ndarray:
-  """Row indices [iterations, batch], drawn with replacement (ANP's random sampler)."""
-  return np.random.default_rng(seed).integers(0, count, (iterations, batch_size))
-
-
 def learn_anp(params: Params, images: np.ndarray, labels: np.ndarray,
               variants: Sequence[AnpSettings], layers: Sequence[str] = model_lib.NEURON_LAYERS,
               iterations: int = 2000, batch_size: int = 128,
               optimizer: MaskOptimizer = MaskOptimizer(),
-              precision: str = model_lib.DEFAULT_PRECISION, stacked: bool = True
-              ) -> list[Learned]:
-  """ANP's masks for each of ``variants``, learned on clean (images, labels) only.
-
-  ``stacked`` learns every variant in one vmapped step (the params shared), else one after
-  another; both give the same masks to float rounding.
-  """
-  images = np.asarray(images)
-  labels = np.asarray(labels, np.int32)
-  params = evaluate.replicate(params)
-  learn = functools.partial(_learn_anp, params, images, labels, layers=layers,
-                            iterations=iterations, batch_size=batch_size, optimizer=optimizer,
-                            precision=precision)
+              precision: str = model_lib.DEFAULT_PRECISION, stacked: bool = True) -> list[Learned]:
+  """ANP's masks for each of ``variants``, learned on clean (images, labels) only. ``stacked``
+  learns every variant in one vmapped step (the params shared), else one after another; both give
+  the same masks to float rounding."""
+  learn = functools.partial(_learn_anp, evaluate.replicate(params), np.asarray(images),
+                            np.asarray(labels, np.int32), layers=layers, iterations=iterations,
+                            batch_size=batch_size, optimizer=optimizer, precision=precision)
   return learn(variants, stacked=True) if stacked else [
       learn([variant], stacked=False)[0] for variant in variants]
 
@@ -168,30 +147,28 @@ def learn_anp(params: Params, images: np.ndarray, labels: np.ndarray,
 def _learn_anp(params, images, labels, variants, *, layers, iterations, batch_size, optimizer,
                precision, stacked: bool) -> list[Learned]:
   """The ANP loop for ``variants``: one vmapped step for all (``stacked``), else for one."""
-  rows = np.stack([_batches(len(labels), batch_size, iterations, v.seed) for v in variants])
+  # Row indices [variant, iteration, batch], drawn with replacement (ANP's random sampler).
+  rows = np.stack([np.random.default_rng(v.seed).integers(0, len(labels), (iterations, batch_size))
+                   for v in variants])
   keys = jax.vmap(jax.random.key)(jnp.array([v.seed for v in variants]))
   eps = jnp.array([v.eps for v in variants], jnp.float32)
   alpha = jnp.array([v.alpha for v in variants], jnp.float32)
-  mask = jax.tree.map(lambda m: jnp.broadcast_to(m, (len(variants), *m.shape)),
-                      init_masks(params, layers))
-  velocity = jax.tree.map(jnp.zeros_like, mask)
-  mask_sum = jax.tree.map(jnp.zeros_like, mask)
+  mask = init_masks(params, layers)
+  if stacked:
+    mask = jax.tree.map(lambda m: jnp.broadcast_to(m, (len(variants), *m.shape)), mask)
+  velocity = mask_sum = jax.tree.map(jnp.zeros_like, mask)
   step = _anp_steps(optimizer, precision, stacked)
-  first = lambda tree: jax.tree.map(lambda leaf: leaf[0], tree)
-  again = lambda tree: jax.tree.map(lambda leaf: leaf[None], tree)
   for iteration in range(iterations):
     batch = rows[:, iteration]
     step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, iteration)
-    if stacked:
-      mask, velocity, _ = step(params, mask, velocity, images[batch], labels[batch], step_keys,
-                               eps, alpha)
-    else:  # the same step, unbatched: the reference the vmapped grid is tested against
-      one = step(params, first(mask), first(velocity), images[batch[0]], labels[batch[0]],
-                 step_keys[0], eps[0], alpha[0])
-      mask, velocity = again(one[0]), again(one[1])
+    inputs = (images[batch], labels[batch], step_keys, eps, alpha)
+    if not stacked:  # the same step, unbatched: the reference the vmapped grid is tested against
+      inputs = jax.tree.map(lambda leaf: leaf[0], inputs)
+    mask, velocity, _ = step(params, mask, velocity, *inputs)
     mask_sum = jax.tree.map(jnp.add, mask_sum, mask)
   mask, mask_sum = jax.device_get((mask, mask_sum))
-  return [_learned(mask_sum, mask, iterations, i) for i in range(len(variants))]
+  return [_learned(mask_sum, mask, iterations, i if stacked else None)
+          for i in range(len(variants))]
 
 
 def pruning_order(mask: dict[str, np.ndarray], means: dict[str, np.ndarray] | None = None
@@ -213,11 +190,6 @@ def pruned_at(order: list[tuple[str, int]], depth: int) -> dict[str, list[int]]:
   return {layer: sorted(indices) for layer, indices in pruned.items()}
 
 
-def prune(params: Params, order: list[tuple[str, int]], depth: int) -> Params:
-  """B with the first ``depth`` neurons of ``order`` hard-pruned (kernel slices and biases 0)."""
-  return masks.prune_neurons(params, pruned_at(order, depth))
-
-
 @dataclasses.dataclass(frozen=True)
 class RnpSettings:
   """RNP's two stages: unlearn the clean task, then learn masks that recover it."""
@@ -236,7 +208,7 @@ class RnpSettings:
 
 def _ascent_step(params, opt_state, images, labels, *, optimizer, precision):
   def loss_fn(p):
-    logits = model_lib.logits_fn(p, images, precision=precision)
+    logits = model_lib.apply(p, images, precision=precision)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     return loss, (jnp.argmax(logits, -1) == labels).mean()
   (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -247,10 +219,8 @@ def _ascent_step(params, opt_state, images, labels, *, optimizer, precision):
 
 def unlearn(params: Params, images: np.ndarray, labels: np.ndarray, settings: RnpSettings,
             precision: str = model_lib.DEFAULT_PRECISION) -> tuple[Params, list[dict]]:
-  """RNP's first stage: ascend the clean loss until training accuracy is <= ``clean_threshold`` %.
-
-  Returns the params and per-epoch {epoch, loss, train_acc}.
-  """
+  """RNP's first stage: ascend the clean loss until training accuracy is <= ``clean_threshold`` %;
+  the params and per-epoch {epoch, loss, train_acc}."""
   optimizer = optax.chain(optax.clip_by_global_norm(settings.clip_norm),
                           optax.add_decayed_weights(settings.weight_decay),
                           optax.sgd(settings.unlearning_lr, momentum=settings.unlearning_momentum))
@@ -277,8 +247,7 @@ def unlearn(params: Params, images: np.ndarray, labels: np.ndarray, settings: Rn
 
 def learn_rnp(params: Params, images: np.ndarray, labels: np.ndarray, settings: RnpSettings,
               layers: Sequence[str] = model_lib.NEURON_LAYERS,
-              precision: str = model_lib.DEFAULT_PRECISION
-              ) -> tuple[Learned, list[dict]]:
+              precision: str = model_lib.DEFAULT_PRECISION) -> tuple[Learned, list[dict]]:
   """RNP's masks, learned on the unlearned net to recover clean loss; the unlearning's history."""
   labels = np.asarray(labels, np.int32)
   unlearned, history = unlearn(params, images, labels, settings, precision)
@@ -308,12 +277,10 @@ STOP_FRACTION = 0.5
 
 @dataclasses.dataclass(frozen=True)
 class Common:
-  """The settings ANP and RNP share (each defence's ``Settings`` adds its own).
-
-  ``holdout_fraction`` of the clean validation split chooses the depth, which may cost
-  ``max_clean_drop`` points of held-out clean accuracy. ``finetune`` fine-tunes each candidate,
-  its pruned neurons held at zero (epochs 0: pruning alone, as published).
-  """
+  """The settings ANP and RNP share (each defence's ``Settings`` adds its own): the
+  ``holdout_fraction`` of the clean validation split that chooses the depth, which may cost
+  ``max_clean_drop`` points of held-out clean accuracy; ``finetune`` fine-tunes each candidate,
+  its pruned neurons held at zero (epochs 0: pruning alone, as published)."""
   layers: tuple[str, ...] = model_lib.NEURON_LAYERS
   holdout_fraction: float = 0.2
   max_clean_drop: float = 3.0
@@ -350,12 +317,10 @@ def choose(params: Params, clean: base.Clean, fit_rows: np.ndarray, holdout_rows
 
   Neurons are pruned smallest mask first. Fine-tuned depths are tried by bisection, as each costs
   a fine-tuning; without, every depth until held-out accuracy is below ``STOP_FRACTION`` of B's.
-  The recommended one is the deepest (ties: more accurate) within ``max_clean_drop`` of B's.
-  """
-  images, labels = clean.images, clean.labels
-  held_images, held_labels = images[holdout_rows], labels[holdout_rows]
-  accuracy = lambda net: evaluate.accuracy(net, held_images, held_labels, clean.batch_size,
-                                           precision=clean.precision)
+  The recommended one is the deepest (ties: more accurate) within ``max_clean_drop`` of B's."""
+  fit = clean.images[fit_rows], clean.labels[fit_rows]
+  held = clean.images[holdout_rows], clean.labels[holdout_rows]
+  accuracy = lambda net: evaluate.accuracy(net, *held, clean.batch_size, precision=clean.precision)
   b_acc = accuracy(params)
   tune = settings.finetune.epochs > 0
   tried, allowed = [], []  # (variant index, depth, name, candidate)
@@ -371,8 +336,7 @@ def choose(params: Params, clean: base.Clean, fit_rows: np.ndarray, holdout_rows
                  'holdout_clean_acc': accuracy(net)}
       value = figures['holdout_clean_acc']
       if tune and depth:
-        net, figures['fine_tuned'] = fine_tune(net, pruned, images[fit_rows], labels[fit_rows],
-                                               (held_images, held_labels), settings.finetune)
+        net, figures['fine_tuned'] = fine_tune(net, pruned, *fit, held, settings.finetune)
         value = figures['fine_tuned']['holdout_clean_acc']
       name = f'{variant}{depth} neurons'
       tried.append((index, depth, name, base.Candidate(
@@ -394,22 +358,19 @@ def choose(params: Params, clean: base.Clean, fit_rows: np.ndarray, holdout_rows
   tradeoffs = {variant: [{'candidate': name, **candidate.figures}
                          for index, _, name, candidate in tried if index == position]
                for position, variant in enumerate(variant_masks)}
-  recommended = max(allowed)[2] if allowed else None
   return base.Outcome(candidates, {'b_holdout_acc': b_acc, 'holdout_images': len(holdout_rows),
-                                   'tradeoff': tradeoffs}, recommended)
+                                   'tradeoff': tradeoffs}, max(allowed)[2] if allowed else None)
 
 
 def fine_tune(net: Params, pruned: dict[str, list[int]], images: np.ndarray,
               labels: np.ndarray, holdout: tuple[np.ndarray, np.ndarray],
               tuning: base.Tuning) -> tuple[Params, dict]:
   """A pruned net fine-tuned on clean data, its pruned neurons held at 0; best held-out epoch."""
-  held = {}
+  held = {layer: np.ones(net[layer]['bias'].shape, np.float32) for layer in pruned}
   for layer, indices in pruned.items():
-    held[layer] = np.ones(net[layer]['bias'].shape, np.float32)
     held[layer][indices] = 0.0
-  depth = sum(len(indices) for indices in pruned.values())
   tuned, history = train.fit(net, images, labels, tuning.recipe(), holdout=holdout, held=held,
-                             name=f'fine-tune ({depth} neurons pruned)')
+                             name=f'fine-tune ({sum(map(len, pruned.values()))} neurons pruned)')
   return tuned, train.summary(history, 'holdout_clean_acc')
 
 

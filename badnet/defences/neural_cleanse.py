@@ -1,25 +1,14 @@
 """Neural Cleanse (Wang et al., IEEE S&P 2019): reverse-engineered triggers, as a plug-in.
 
-For every label t, find the smallest trigger that sends clean images to t: a mask ``m`` [55, 47]
-in [0, 1] and a pattern ``p`` [55, 47, 3] in [0, 255], stamped as ``x' = (1 - m) * x + m * p``,
-minimising ``CE(B(x'), t) + lambda * |m|_1``. A backdoor's target needs a much smaller mask than
-any other label, so a label whose mask norm lies over ``ANOMALY_THRESHOLD`` MADs below the
-median is flagged. The mitigation (``unlearn``) fine-tunes B on clean data in which some images
-carry a flagged trigger under their true label. The optimisation follows the authors' code
-(bolunwang/backdoor, ``visualizer.py``; see ``Reversal``).
-
-Departures:
-
-- Batches are drawn with replacement, seeded by (seed, step), so that a label's result depends
-  only on (seed, label): labels optimised together equal each alone.
-- The defaults take smaller and fewer steps (``Settings``): the paper's are too slow on a CPU.
-- The tanh-space start is clipped ``TANH_MARGIN`` inside (-1, 1): float32 needs it.
-- The loss is the paper's cross-entropy: the authors' code swaps Keras' arguments (``attack_loss``).
-
-``reverse_engineer`` is a pure ``lax.while_loop`` of ``tick``. ``reverse_engineer_labels`` drives
-the same ``tick`` from the host, vmapped over ``slots`` labels, as XLA on a CPU runs convolutions
-inside a loop slowly (jax-ml/jax#12868); a finished label's slot goes to the next label, so every
-call has the same shapes.
+For every label t, find the smallest trigger (mask m, pattern p) that sends clean images, stamped as
+x' (``stamp``), to t, minimising ``CE(B(x'), t) + lambda * |m|_1``. A backdoor's target needs a much
+smaller mask than any other label, so a label whose mask norm lies over ``ANOMALY_THRESHOLD`` MADs
+below the median is flagged; ``unlearn`` fine-tunes B on clean images, some stamped with a flagged
+trigger under their true label. As the authors' code (bolunwang/backdoor, ``visualizer.py``) but
+for: batches drawn with replacement, seeded by (seed, step), so that labels optimised together equal
+each alone; fewer, smaller steps by default (``Settings``: the paper's are too slow on a CPU); the
+tanh-space start clipped ``TANH_MARGIN`` inside (-1, 1) (float32 needs it); the paper's
+cross-entropy (the authors' code swaps Keras' arguments: ``attack_loss``).
 """
 
 import dataclasses
@@ -49,24 +38,24 @@ NAME = 'neural_cleanse'
 Params = model_lib.Params
 HEIGHT, WIDTH, COLORS = model_lib.IMAGE_SHAPE
 ANOMALY_THRESHOLD = 2.0
-# 1.4826 MAD estimates a normal distribution's standard deviation.
-MAD_SCALE = 1.4826
-# The start in tanh space is arctanh(2 m - 1), clipped this far inside (-1, 1).
-TANH_MARGIN = 1e-6
+MAD_SCALE = 1.4826  # x MAD estimates a normal distribution's standard deviation
+TANH_MARGIN = 1e-6  # the start in tanh space, arctanh(2 m - 1), is clipped this far inside (-1, 1)
 LOSSES = ('cross_entropy', 'original_code')
+NO_LABELS = 'give at least one label, or leave it unset (None) for every label'
+REPORT_FILES = ('clean_test', 'poisoned_valid', 'poisoned_test')
+PRINTED_ROWS = 10  # the flagged labels and the smallest norms
 
 
 @dataclasses.dataclass(frozen=True)
 class Reversal:
-  """The reverse engineering of one label (hashable: one compilation per settings).
+  """The reverse engineering of one label, the paper's defaults (hashable: one compilation).
 
-  Defaults are the paper's. Adam trains the mask and pattern in tanh space; a step is
-  ``batches_per_step`` batches. lambda starts at 0, is set to ``init_cost`` once ``patience`` steps
-  in a row reach ``attack_threshold``, then is multiplied by ``cost_multiplier`` after ``patience``
-  successful steps in a row and divided by ``cost_multiplier ** 1.5`` after as many failed ones.
-  The run stops after ``steps``, or once lambda has gone both ways and the best norm has not
-  dropped below ``early_stop_threshold`` times itself for ``early_stop_patience`` steps (0: never).
-  """
+  Adam trains the mask and pattern in tanh space; a step is ``batches_per_step`` batches. lambda
+  starts at 0, is set to ``init_cost`` once ``patience`` steps in a row reach ``attack_threshold``,
+  then is multiplied by ``cost_multiplier`` after ``patience`` successful steps in a row and
+  divided by ``cost_multiplier ** 1.5`` after as many failed ones. The run stops after ``steps``,
+  or once lambda has gone both ways and the best norm has not dropped below
+  ``early_stop_threshold`` times itself for ``early_stop_patience`` steps (0: never)."""
   steps: int = 1000
   batch_size: int = 32
   batches_per_step: int = 31
@@ -87,17 +76,13 @@ class Reversal:
 
 
 class Trigger(NamedTuple):
-  """A reversed trigger (for a batch of labels, every field has a leading label axis).
-
-  ``mask`` [55, 47] in [0, 1], ``pattern`` [55, 47, 3] in [0, 255], ``l1`` the mask's sum,
-  ``found``: some step reached the attack threshold (else the last trigger); ``cost``: lambda.
-  """
-  mask: jax.Array
-  pattern: jax.Array
-  l1: jax.Array
-  found: jax.Array
+  """A reversed trigger (for a batch of labels, every field has a leading label axis)."""
+  mask: jax.Array     # [55, 47] in [0, 1]
+  pattern: jax.Array  # [55, 47, 3] in [0, 255]
+  l1: jax.Array       # the mask's sum
+  found: jax.Array    # some step reached the attack threshold (else: the last trigger)
   steps: jax.Array
-  cost: jax.Array
+  cost: jax.Array     # lambda
 
 
 class _State(NamedTuple):
@@ -133,8 +118,7 @@ def stamp(images: jax.Array, mask: jax.Array, pattern: jax.Array) -> jax.Array:
   return (1 - mask) * jnp.asarray(images, jnp.float32) + mask * pattern
 
 
-def initial_trigger(seed: int | jax.Array, label: int | jax.Array
-                    ) -> tuple[jax.Array, jax.Array]:
+def initial_trigger(seed: int | jax.Array, label: int | jax.Array) -> tuple[jax.Array, jax.Array]:
   """``label``'s uniform random start in tanh space; it depends on (seed, label) only."""
   mask_key, pattern_key = jax.random.split(
       jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 1), label))
@@ -153,11 +137,8 @@ def batch_rows(seed: int | jax.Array, step: jax.Array, batch: jax.Array, count: 
 
 def attack_loss(logits: jax.Array, label: int | jax.Array, kind: str = 'cross_entropy'
                 ) -> jax.Array:
-  """The mean loss of sending every row of ``logits`` to ``label`` (one of ``LOSSES``).
-
-  'original_code' is what the authors' Keras code computes, its arguments swapped:
-  ``-log(1e-7) (1 - p_t) - log(1 - 1e-7) p_t``, linear in the label's probability.
-  """
+  """The mean loss of sending every row of ``logits`` to ``label`` (``kind``: one of ``LOSSES``);
+  'original_code' is what the authors' Keras code computes, its arguments swapped: linear in p_t."""
   targets = jnp.full(logits.shape[0], label)
   if kind == 'cross_entropy':
     return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
@@ -168,7 +149,7 @@ def attack_loss(logits: jax.Array, label: int | jax.Array, kind: str = 'cross_en
 
 def _loss(theta, params, images, label, cost, precision, kind):
   mask, pattern = to_image_space(theta)
-  logits = model_lib.logits_fn(params, stamp(images, mask, pattern), precision=precision)
+  logits = model_lib.apply(params, stamp(images, mask, pattern), precision=precision)
   norm = jnp.sum(mask)
   hits = jnp.sum(jnp.argmax(logits, -1) == label)
   return attack_loss(logits, label, kind) + cost * norm, (hits, norm)
@@ -197,11 +178,9 @@ def tick(state: _State, params: Params, images: jax.Array, label: int | jax.Arra
                                                       state.cost, precision, settings.loss)
   updates, opt = settings.optimizer().update(grads, state.opt, state.theta)
   moved = state._replace(theta=optax.apply_updates(state.theta, updates), opt=opt,
-                         batch=state.batch + 1, hits=state.hits + hits,
-                         norms=state.norms + norm)
-  stepped = _end_of_step(moved, settings)
+                         batch=state.batch + 1, hits=state.hits + hits, norms=state.norms + norm)
   new = jax.tree.map(lambda end, mid: jnp.where(moved.batch == settings.batches_per_step, end,
-                                                mid), stepped, moved)
+                                                mid), _end_of_step(moved, settings), moved)
   return jax.tree.map(lambda old, now: jnp.where(done(state, settings), old, now), state, new)
 
 
@@ -245,8 +224,7 @@ def _end_of_step(state: _State, settings: Reversal) -> _State:
       down_count=jnp.where(down, 0, down_count),
       went_up=(state.went_up & ~set_now) | up, went_down=(state.went_down & ~set_now) | down,
       best=best, best_norm=best_norm, stale=stale,
-      stale_norm=jnp.minimum(best_norm, state.stale_norm), step=state.step + 1,
-      stopped=stopped)
+      stale_norm=jnp.minimum(best_norm, state.stale_norm), step=state.step + 1, stopped=stopped)
 
 
 def result(state: _State) -> Trigger:
@@ -274,25 +252,20 @@ def _compiled(settings: Reversal, precision: str):
                    in_axes=(0, None, None, 0, None))
   inits = jax.vmap(functools.partial(init_state, settings=settings), in_axes=(0, None))
   finished = jax.vmap(functools.partial(done, settings=settings))
-  jit = backend.jit
-  return jit(ticks), jit(inits), jit(finished), jit(jax.vmap(result))
+  return tuple(backend.jit(fn) for fn in (ticks, inits, finished, jax.vmap(result)))
 
 
 def reverse_engineer_labels(params: Params, images: np.ndarray, labels: Sequence[int],
-                            seed: int = 0, settings: Reversal = Reversal(),
-                            slots: int = 1, precision: str = model_lib.DEFAULT_PRECISION
-                            ) -> dict[str, np.ndarray]:
-  """Triggers for ``labels``, ``slots`` at a time; each equals ``reverse_engineer``'s alone.
-
-  Returns:
-    Trigger's fields as numpy arrays, a leading axis over ``labels`` in their order.
-  """
+                            seed: int = 0, settings: Reversal = Reversal(), slots: int = 1,
+                            precision: str = model_lib.DEFAULT_PRECISION) -> dict[str, np.ndarray]:
+  """Triggers for ``labels`` (Trigger's fields in numpy, a leading axis over them), ``slots`` at a
+  time vmapped from the host, as XLA on a CPU runs convolutions in a loop slowly (jax-ml/jax#12868);
+  a finished label's slot goes to the next label. Each equals ``reverse_engineer``'s alone."""
   labels = np.asarray(labels, np.int32)
   if not len(labels):
     raise ValueError('no labels to reverse engineer')
   ticks, inits, finished, results = _compiled(settings, precision)
-  images = jax.device_put(np.asarray(images))
-  params = jax.device_put(params)
+  images, params = jax.device_put((np.asarray(images), params))
   slots = min(slots, len(labels))
   slot_labels = labels[:slots].copy()
   slot_rows = np.arange(slots)  # which entry of ``labels`` each slot holds
@@ -304,9 +277,8 @@ def reverse_engineer_labels(params: Params, images: np.ndarray, labels: Sequence
     state = ticks(state, params, images, jnp.asarray(slot_labels), seed)
     ended = np.flatnonzero(np.asarray(finished(state)))
     fresh = [slot for slot in ended if slot_rows[slot] not in outputs]
-    if not fresh:
-      continue
-    triggers = jax.device_get(results(state))
+    if fresh:
+      triggers = jax.device_get(results(state))
     for slot in fresh:
       outputs[int(slot_rows[slot])] = jax.tree.map(lambda leaf, s=slot: leaf[s], triggers)
       if waiting:  # the next label takes the slot
@@ -341,15 +313,12 @@ def trigger_success(params: Params, images: np.ndarray, true_labels: np.ndarray,
                     labels: Sequence[int], masks: np.ndarray, patterns: np.ndarray,
                     batch_size: int = evaluate.DEFAULT_BATCH_SIZE,
                     precision: str = model_lib.DEFAULT_PRECISION) -> np.ndarray:
-  """Each trigger's attack success (%) [L] on the images whose true label is not its own.
-
-  ``masks`` is [L, 55, 47], ``patterns`` [L, 55, 47, 3]; the images should be held out.
-  """
+  """Each trigger's attack success (%) [L] on the (held-out) images whose true label is not its
+  own; ``masks`` [L, 55, 47], ``patterns`` [L, 55, 47, 3]."""
   step = cache.bind(_stamped_classes, precision=precision)
   success = []
   for label, mask, pattern in zip(labels, masks, patterns, strict=True):
-    others = true_labels != label
-    classes = evaluate.map_batches(step, (params, mask, pattern), (images[others],),
+    classes = evaluate.map_batches(step, (params, mask, pattern), (images[true_labels != label],),
                                    batch_size, fixed_batch=True)
     success.append(evaluate.percent(classes == label))
   return np.asarray(success)
@@ -357,37 +326,23 @@ def trigger_success(params: Params, images: np.ndarray, true_labels: np.ndarray,
 
 def _stamped_classes(net_and_trigger, images, *, precision):
   params, mask, pattern = net_and_trigger
-  logits = model_lib.logits_fn(params, stamp(images, mask, pattern), precision=precision)
+  logits = model_lib.apply(params, stamp(images, mask, pattern), precision=precision)
   return jnp.argmax(logits, -1)
-
-
-def stamp_some(images: np.ndarray, masks: np.ndarray, patterns: np.ndarray, fraction: float,
-               seed: int) -> tuple[np.ndarray, np.ndarray]:
-  """``images`` (float32), a ``fraction`` stamped with random triggers; and bool [N]: which."""
-  rng = np.random.default_rng(seed)
-  chosen = rng.choice(len(images), int(round(fraction * len(images))), replace=False)
-  which = rng.integers(0, len(masks), len(chosen))
-  images = np.asarray(images, np.float32).copy()
-  images[chosen] = np.asarray(stamp(images[chosen], masks[which], patterns[which]))
-  stamped = np.zeros(len(images), bool)
-  stamped[chosen] = True
-  return images, stamped
 
 
 def unlearn(params: Params, images: np.ndarray, labels: np.ndarray, masks: np.ndarray,
             patterns: np.ndarray, holdout: tuple[np.ndarray, np.ndarray],
             tune: 'Unlearning') -> tuple[Params, dict]:
-  """NC's mitigation: fine-tuning with flagged triggers on some images, true labels kept.
-
-  Returns the params of the best held-out epoch, and {chosen_epoch, holdout_clean_acc,
-  stamped_images, history}.
-  """
-  stamped_images, stamped = stamp_some(images, masks, patterns, tune.trigger_fraction, tune.seed)
-  recipe = tune.recipe()
-  tuned, history = train.fit(params, stamped_images, labels, recipe, holdout=holdout,
+  """NC's mitigation: fine-tuning with random flagged triggers on some images, true labels kept;
+  the best held-out epoch's params, and {chosen_epoch, holdout_clean_acc, stamped_images, ...}."""
+  rng = np.random.default_rng(tune.seed)
+  chosen = rng.choice(len(images), int(round(tune.trigger_fraction * len(images))), replace=False)
+  which = rng.integers(0, len(masks), len(chosen))
+  images = np.asarray(images, np.float32).copy()
+  images[chosen] = np.asarray(stamp(images[chosen], masks[which], patterns[which]))
+  tuned, history = train.fit(params, images, labels, tune.recipe(), holdout=holdout,
                              name='unlearning')
-  return tuned, {**train.summary(history, 'holdout_clean_acc'),
-                 'stamped_images': int(stamped.sum())}
+  return tuned, {**train.summary(history, 'holdout_clean_acc'), 'stamped_images': len(chosen)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -411,28 +366,18 @@ class Unlearning(base.Tuning):
 @dataclasses.dataclass(frozen=True)
 class Settings(Reversal):
   """Neural Cleanse's settings (config block ``neural_cleanse``): ``Reversal``'s, with smaller
-  steps (one batch of 32; paper: 31) and fewer of them (at most 200; paper: 1000), and
-
-  Attributes:
-    labels: the labels to reverse engineer (None: all); the anomaly index needs many.
-    holdout_fraction: clean validation images held out (trigger success, the unlearning's epoch).
-    seed: the held-out split, the batches, the triggers' starts.
-    slots: labels optimised together in one vmapped batch (raise it on an accelerator).
-    anomaly_threshold: labels this many MADs below the median norm are flagged.
-    unlearning: the mitigation (epochs 0: detection only).
-  """
+  steps (one batch of 32; paper: 31) and fewer of them (at most 200; paper: 1000), and the job's."""
   steps: int = 200
   batches_per_step: int = 1
-  labels: tuple[int, ...] | None = None
-  holdout_fraction: float = 0.2
-  seed: int = 0
-  slots: int = 1
-  anomaly_threshold: float = ANOMALY_THRESHOLD
-  unlearning: Unlearning = Unlearning()
+  labels: tuple[int, ...] | None = None  # to reverse engineer (None: all); the index needs many
+  holdout_fraction: float = 0.2  # clean images held out: trigger success, the unlearning's epoch
+  seed: int = 0                  # the held-out split, the batches, the triggers' starts
+  slots: int = 1                 # labels optimised together, vmapped (raise it on an accelerator)
+  anomaly_threshold: float = ANOMALY_THRESHOLD  # labels this many MADs below the median: flagged
+  unlearning: Unlearning = Unlearning()         # the mitigation (epochs 0: detection only)
 
   FIELDS: ClassVar[config_lib.Fields] = {
-      'labels': _Labels(config_lib.Integer(0), empty='give at least one label, or leave it '
-                        'unset (None) for every label'),
+      'labels': _Labels(config_lib.Integer(0), empty=NO_LABELS),
       'holdout_fraction': config_lib.Number(0, 1, low_open=True, high_open=True),
       'seed': config_lib.Integer(),
       'steps': config_lib.Integer(1),
@@ -471,8 +416,7 @@ def labels_of(settings: Settings, num_classes: int) -> np.ndarray:
     return np.arange(num_classes)
   labels = config_lib.values(settings.labels)
   if not labels:
-    raise ConfigError('config.neural_cleanse.labels is empty; give at least one label, or '
-                      'leave it unset (None) for every label')
+    raise ConfigError(f'config.neural_cleanse.labels is empty; {NO_LABELS}')
   outside = [label for label in labels if not 0 <= label < num_classes]
   if outside:
     raise ConfigError(f'config.neural_cleanse.labels: {outside[0]!r} is not a label of the net '
@@ -497,8 +441,6 @@ def defend(params: Params, clean: base.Clean, settings: Settings) -> base.Outcom
   flagged = flag(index, settings.anomaly_threshold)
   success = trigger_success(params, held_images, held_labels, labels, triggers['mask'],
                             triggers['pattern'], clean.batch_size, clean.precision)
-  accuracy = lambda net: evaluate.accuracy(net, held_images, held_labels, clean.batch_size,
-                                           precision=clean.precision)
   by_label = lambda values: {str(label): value for label, value in zip(labels, values)}  # JSON
   figures = {
       'labels': [int(label) for label in labels],
@@ -511,25 +453,20 @@ def defend(params: Params, clean: base.Clean, settings: Settings) -> base.Outcom
       'steps_run': by_label(triggers['steps'].astype(int).tolist()),
       'final_cost': by_label(triggers['cost'].astype(float)),
       'optimisation_images': len(fit_rows), 'holdout_images': len(holdout_rows),
-      'b_holdout_acc': accuracy(params),
+      'b_holdout_acc': evaluate.accuracy(params, held_images, held_labels, clean.batch_size,
+                                         precision=clean.precision),
       'triggers': {'labels': labels, 'masks': triggers['mask'], 'patterns': triggers['pattern']},
   }
-  candidates, recommended = {}, None
-  if flagged.any() and settings.unlearning.epochs > 0:
-    masks, patterns = triggers['mask'][flagged], triggers['pattern'][flagged]
-    unlearned, tuned = unlearn(params, clean.images[fit_rows], clean.labels[fit_rows], masks,
-                               patterns, (held_images, held_labels), settings.unlearning)
-    after = trigger_success(unlearned, held_images, held_labels, labels[flagged], masks,
-                            patterns, clean.batch_size, clean.precision)
-    tuned['trigger_success'] = {str(label): float(value)
-                                for label, value in zip(labels[flagged], after)}
-    candidates['unlearned'] = base.Candidate(unlearned, {}, tuned)
-    recommended = 'unlearned'
-  return base.Outcome(candidates, figures, recommended)
-
-
-REPORT_FILES = ('clean_test', 'poisoned_valid', 'poisoned_test')
-PRINTED_ROWS = 10  # the flagged labels and the smallest norms
+  if not (flagged.any() and settings.unlearning.epochs > 0):
+    return base.Outcome({}, figures, None)
+  masks, patterns = triggers['mask'][flagged], triggers['pattern'][flagged]
+  unlearned, tuned = unlearn(params, clean.images[fit_rows], clean.labels[fit_rows], masks,
+                             patterns, (held_images, held_labels), settings.unlearning)
+  after = trigger_success(unlearned, held_images, held_labels, labels[flagged], masks, patterns,
+                          clean.batch_size, clean.precision)
+  tuned['trigger_success'] = {str(label): float(value)
+                              for label, value in zip(labels[flagged], after)}
+  return base.Outcome({'unlearned': base.Candidate(unlearned, {}, tuned)}, figures, 'unlearned')
 
 
 def report(outcome: base.Outcome, scorer, settings: Settings, out: pathlib.Path | None) -> dict:
@@ -567,11 +504,10 @@ def report(outcome: base.Outcome, scorer, settings: Settings, out: pathlib.Path 
 
 
 def _write(out: pathlib.Path, results: dict, triggers: dict, example: np.ndarray) -> None:
-  """triggers.npz, results.json, results.md and the two plots."""
+  """triggers.npz and the two plots."""
   labels = np.asarray(triggers['labels'])
   norms = np.array([results['l1_norms'][str(label)] for label in labels])
-  index = np.array([np.nan if results['anomaly_index'][str(label)] is None
-                    else results['anomaly_index'][str(label)] for label in labels])
+  index = np.array([results['anomaly_index'][str(label)] for label in labels], float)  # None: nan
   flagged = np.isin(labels, results['flagged'])
   with workdir.atomic_path(out / results['triggers_file']) as tmp, open(tmp, 'wb') as handle:
     np.savez(handle, labels=labels, masks=triggers['masks'], patterns=triggers['patterns'],
@@ -586,9 +522,7 @@ def _write(out: pathlib.Path, results: dict, triggers: dict, example: np.ndarray
 
 def markdown(results: dict, printed: bool = False) -> str:
   """The results as text: the flags, the labels by norm (``PRINTED_ROWS`` printed), the nets'."""
-  limit = PRINTED_ROWS if printed else None
-  flagged = results['flagged']
-  index = results['anomaly_index']
+  flagged, index = results['flagged'], results['anomaly_index']
   named = ', '.join(f'{label} (anomaly index {fmt(index[str(label)])})' for label in flagged)
   lines = ['# Neural Cleanse results', '',
            f'Model: `{results["model"]}`' + (' (shipped synthetic benchmark)'
@@ -601,8 +535,8 @@ def markdown(results: dict, printed: bool = False) -> str:
            f'on {results["holdout_images"]} others. The poisoned files\' target (reporting '
            f'only): {", ".join(map(str, results["poisoned_targets"]))}.', '']
   by_norm = sorted(results['labels'], key=lambda label: results['l1_norms'][str(label)])
-  shown = by_norm if limit is None else by_norm[:max(limit, len(flagged))]
-  lines += [('Every label' if limit is None else f'The {len(shown)} smallest norms') +
+  shown = by_norm[:max(PRINTED_ROWS, len(flagged))] if printed else by_norm
+  lines += [(f'The {len(shown)} smallest norms' if printed else 'Every label') +
             ', smallest first:', '',
             *tables.markdown(
                 ['label', 'L1 norm', 'anomaly index', 'flagged', 'trigger success % (held-out)',

@@ -95,11 +95,6 @@ def label(x: float) -> str:
   return f'{x:g}'
 
 
-def select_levels(clean_acc: np.ndarray, settings: Settings) -> dict[float, int | None]:
-  """X -> the level B'_X prunes to (None: never reached), for the settings' thresholds."""
-  return {x: select_level(clean_acc, x, settings.relative) for x in thresholds(settings)}
-
-
 def level_accuracy(classes: np.ndarray, labels: np.ndarray) -> np.ndarray:
   """Percent of rows whose class equals the label, at each level (classes [N, L])."""
   return 100.0 * (classes == labels[:, None]).mean(axis=0)
@@ -116,7 +111,7 @@ def defend(params: Params, clean: base.Clean, settings: Settings) -> base.Outcom
   classes = clean.gather(sweep.prefix_classes(params, features, order, None, clean.batch_size,
                                               clean.precision))
   clean_acc = level_accuracy(classes, clean.labels)
-  levels = select_levels(clean_acc, settings)
+  levels = {x: select_level(clean_acc, x, settings.relative) for x in thresholds(settings)}
   for x, level in levels.items():
     if level is None:
       logging.warning('No pruning level drops clean accuracy by %s points.', label(x))

@@ -1,10 +1,9 @@
 """RNP, Reconstructive Neuron Pruning (Li et al., ICML 2023), as a plug-in.
 
-Unlearn by gradient ascent on the clean loss until clean accuracy falls to
-``clean_threshold`` percent, then learn per-neuron masks in [0, 1] on the unlearned net
-that recover the clean loss: neurons whose masks stay low carry the backdoor and are
-pruned from the original net. The depth is chosen on held-out clean data.
-"""
+Unlearn by gradient ascent on the clean loss until clean accuracy falls to ``clean_threshold``
+percent, then learn per-neuron masks in [0, 1] on the unlearned net that recover the clean loss:
+neurons whose masks stay low carry the backdoor and are pruned from the original net. The depth is
+chosen on held-out clean data."""
 
 import dataclasses
 from typing import ClassVar
@@ -22,9 +21,8 @@ report, markdown = learned_masks.report, learned_masks.markdown
 
 @dataclasses.dataclass(frozen=True)
 class Settings(learned_masks.RnpSettings, learned_masks.Common):
-  """Config block ``rnp``: ``learned_masks.Common``'s and ``RnpSettings``' settings.
-
-  ``seed`` seeds both the held-out split and the unlearning's shuffles."""
+  """Config block ``rnp``: ``learned_masks.Common``'s and ``RnpSettings``' settings; ``seed``
+  seeds both the held-out split and the unlearning's shuffles."""
   FIELDS: ClassVar[config_lib.Fields] = {
       **learned_masks.Common.FIELDS,
       'unlearning_lr': config_lib.Number(0, 10, low_open=True),

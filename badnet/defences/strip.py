@@ -93,7 +93,6 @@ class Blending:
   precision: str = model_lib.DEFAULT_PRECISION
 
 
-
 def superimpose(images: jax.Array, overlays: jax.Array, blend: str) -> jax.Array:
   """``images`` with ``overlays`` superimposed (broadcast against each other), float32 0..255."""
   images, overlays = jnp.asarray(images, jnp.float32), jnp.asarray(overlays, jnp.float32)
@@ -120,15 +119,8 @@ def entropy(params: Params, images: jax.Array, overlays: jax.Array, blend: str =
   count = images.shape[0]
   overlays = jnp.broadcast_to(overlays, (count, *overlays.shape[-4:]))
   blends = superimpose(images[:, None], overlays, blend)  # [B, N, H, W, C]
-  terms = _conv_1_linear(params, blends.reshape(-1, *blends.shape[2:]), precision)
+  terms = model_lib.linear(params, 'conv_1', blends.reshape(-1, *blends.shape[2:]), precision)
   return _mean_entropy(params, terms, count, precision)
-
-
-def _conv_1_linear(params: Params, images: jax.Array, precision: str) -> jax.Array:
-  """conv_1 without its bias: the linear part, as ``model.DeepID`` applies it (VALID, stride 1)."""
-  return jax.lax.conv_general_dilated(
-      jnp.asarray(images, jnp.float32), params['conv_1']['kernel'], (1, 1), 'VALID',
-      dimension_numbers=('NHWC', 'HWIO', 'NHWC'), precision=precision)
 
 
 def _mean_entropy(params: Params, terms: jax.Array, count: int, precision: str) -> jax.Array:
@@ -137,13 +129,14 @@ def _mean_entropy(params: Params, terms: jax.Array, count: int, precision: str) 
   The bias and ReLU follow the pooling: both commute with the maximum, on a quarter the values.
   """
   pooled = nn.relu(model_lib.max_pool(terms) + params['conv_1']['bias'])
-  logits = model_lib.resume_fn(params, {'activation': pooled}, None, 'conv_1', precision)
+  logits = model_lib.apply(params, {'activation': pooled}, start='conv_1', precision=precision)
   return prediction_entropy(logits).reshape(count, -1).mean(axis=1)
 
 
 def averaged_entropy(params: Params, image_terms: jax.Array, overlay_terms: jax.Array,
                      precision: str = model_lib.DEFAULT_PRECISION) -> jax.Array:
-  """``entropy(..., blend='average')`` from ``_conv_1_linear`` of images and their overlays.
+  """``entropy(..., blend='average')`` from conv_1's linear parts (``model.linear``) of images and
+  their overlays.
 
   conv_1 is linear before its bias, so the average of two images gives the average of their conv_1
   outputs: each image and overlay goes through conv_1 once, not once per blend. ``image_terms`` is
@@ -159,13 +152,13 @@ def _entropy_step(params_and_pool: tuple[Params, jax.Array], images: jax.Array,
   # Overlays are gathered on the device from the replicated pool: only indices travel.
   params, pool = params_and_pool
   if blend == 'average':
-    return averaged_entropy(params, _conv_1_linear(params, images, precision), pool[draws],
-                            precision)
+    return averaged_entropy(params, model_lib.linear(params, 'conv_1', images, precision),
+                            pool[draws], precision)
   return entropy(params, images, pool[draws], blend, precision)
 
 
 def _conv_1_step(params: Params, images: jax.Array, *, precision: str) -> jax.Array:
-  return _conv_1_linear(params, images, precision)
+  return model_lib.linear(params, 'conv_1', images, precision)
 
 
 def draw_overlays(count: int, pool_size: int, overlays: int, seed: int) -> np.ndarray:

@@ -14,12 +14,11 @@ changing a single prediction:
 Each class is the head applied to exactly what the naive zero-the-channel-and-predict loop feeds
 it, so the classes equal that loop's image by image: no incremental sums, no tolerance (the
 conv_4 product and the narrow heads sum the same non-zero terms in another order). Pruning
-conv_1, conv_2 or conv_4 (``layer=``) works the same through ``model.observe_fn`` and
-``model.resume_fn``; ``masked_logits`` is the pure, traceable form.
+conv_1, conv_2 or conv_4 (``layer=``) works the same through ``model.apply``'s ``stop`` and
+``start``; ``masked_logits`` is the pure, traceable form.
 """
 
 import dataclasses
-import functools
 from collections.abc import Sequence
 
 from absl import logging
@@ -36,7 +35,7 @@ Params = model_lib.Params
 @dataclasses.dataclass(frozen=True)
 class Features:
   """What one pass of the layers up to the pruned one gives, per image."""
-  state: dict[str, np.ndarray]  # model.observe_fn's output: 'activation' (and 'fc_1')
+  state: dict[str, np.ndarray]  # model.apply(stop=layer)'s output: 'activation' (and 'fc_1')
   channel_means: np.ndarray     # float32 [N, C]: each image's mean over H and W
   layer: str = model_lib.FEATURE_LAYER
 
@@ -62,7 +61,7 @@ class Features:
 
 def _features_step(params: Params, images: jax.Array, *, layer: str, precision: str
                    ) -> tuple[dict[str, jax.Array], jax.Array]:
-  state = model_lib.observe_fn(params, images, layer, precision)
+  state = model_lib.apply(params, images, stop=layer, precision=precision)
   return state, state['activation'].mean(axis=(1, 2))
 
 
@@ -97,8 +96,9 @@ def masked_logits(params: Params, images: jax.Array, masks: jax.Array,
 
   Pure: the layers before the mask run once, the rest of the net vmapped over the masks.
   """
-  state = model_lib.observe_fn(params, images, layer, precision)
-  return jax.vmap(lambda mask: model_lib.resume_fn(params, state, mask, layer, precision))(masks)
+  state = model_lib.apply(params, images, stop=layer, precision=precision)
+  return jax.vmap(lambda mask: model_lib.apply(params, state, mask, start=layer,
+                                               precision=precision))(masks)
 
 
 def masked_classes(params: Params, images: jax.Array, masks: jax.Array,
@@ -134,40 +134,16 @@ class _GatheredRows:
     return self.base[self.index[rows]]
 
 
-def head_logits(params: Params, pool_3: jax.Array, channel_mask: jax.Array,
-                precision: str = model_lib.DEFAULT_PRECISION) -> jax.Array:
-  """``model.resume_fn`` (conv_3) with conv_4 as one matrix product over its 2 x 2 patches.
-
-  On a CPU, XLA runs this small convolution well below its matrix-multiply rate; the product of
-  the [N, 4, 3, 4C] patches with the [4C, 80] kernel is the same sum in another order.
-  ``pool_3`` is [N, 5, 4, C]; ``channel_mask`` [N, C] or [C].
-  """
-  mask = jnp.asarray(channel_mask, pool_3.dtype)
-  pool_3 = pool_3 * (mask[:, None, None, :] if mask.ndim == 2 else mask)
-  dot = functools.partial(jnp.dot, precision=precision)
-  fc_1 = dot(pool_3.reshape(len(pool_3), -1), params['fc_1']['kernel']) + params['fc_1']['bias']
-  kernel = params['conv_4']['kernel']  # [2, 2, C, 80]
-  taps_h, taps_w, channels, filters = kernel.shape
-  out_h, out_w = pool_3.shape[1] - taps_h + 1, pool_3.shape[2] - taps_w + 1
-  # Patch channels in the kernel's (tap row, tap column, channel) order.
-  patches = jnp.concatenate([pool_3[:, i:i + out_h, j:j + out_w, :]
-                             for i in range(taps_h) for j in range(taps_w)], axis=-1)
-  conv_4 = (dot(patches, kernel.reshape(taps_h * taps_w * channels, filters))
-            + params['conv_4']['bias'])
-  fc_2 = (dot(jax.nn.relu(conv_4).reshape(len(pool_3), -1), params['fc_2']['kernel'])
-          + params['fc_2']['bias'])
-  return dot(jax.nn.relu(fc_1 + fc_2), params['output']['kernel']) + params['output']['bias']
-
-
 def state_classes(params: Params, state: dict[str, jax.Array], channel_mask: jax.Array,
                   layer: str = model_lib.FEATURE_LAYER,
                   precision: str = model_lib.DEFAULT_PRECISION) -> jax.Array:
-  """Classes from ``features``' state, ``layer``'s channels masked ([C] or [N, C])."""
-  if layer == 'conv_3':
-    logits = head_logits(params, state['activation'], channel_mask, precision)
-  else:
-    logits = model_lib.resume_fn(params, state, channel_mask, layer, precision)
-  return jnp.argmax(logits, axis=-1)
+  """Classes from ``features``' state, ``layer``'s channels masked ([C] or [N, C]).
+
+  After conv_3, conv_4 runs as a matrix product: on a CPU XLA runs that small convolution
+  well below its matrix-multiply rate.
+  """
+  return jnp.argmax(model_lib.apply(params, state, channel_mask, start=layer, precision=precision,
+                                    conv_4_as_matmul=layer == 'conv_3'), axis=-1)
 
 
 def _head_classes(params_and_masks: tuple[Params, jax.Array], *rows: jax.Array,
@@ -276,7 +252,7 @@ def _narrow_head_classes(params: Params, pool_3: jax.Array, first_kept: jax.Arra
                          precision: str) -> jax.Array:
   """Classes from pool_3 rows [B, H, W, w] that keep their channels ``first_kept`` [B] .. w - 1."""
   mask = jnp.arange(pool_3.shape[-1]) >= first_kept[:, None]
-  return jnp.argmax(head_logits(params, pool_3, mask, precision), axis=-1)
+  return state_classes(params, {'activation': pool_3}, mask, 'conv_3', precision)
 
 
 def _narrow_head(params: Params, pool_3: np.ndarray, order: np.ndarray, live_in_order: np.ndarray,

@@ -1,10 +1,8 @@
 """Loading and writing CSAW data files and face images, validated.
 
-CSAW HDF5 files hold ``data`` (N x 3 x 55 x 47 or N x 55 x 47 x 3, raw pixels
-in [0, 255], any numeric dtype) and ``label`` (N). Images are read in chunks
-and kept as NHWC uint8, or float32 when a value is fractional (a blended
-trigger): the file's values in less memory than float64.
-"""
+CSAW HDF5 files hold ``data`` (N x 3 x 55 x 47 or N x 55 x 47 x 3, raw pixels in [0, 255], any
+numeric dtype) and ``label`` (N). Images are read in chunks and kept as NHWC uint8, or float32
+when a value is fractional (a blended trigger): the file's values in less memory than float64."""
 
 import dataclasses
 import operator
@@ -51,33 +49,18 @@ def _layout(path: str, shape: tuple[int, ...]) -> str:
   if len(shape) != 4:
     raise DataError(f'{path}: dataset "data" has rank {len(shape)} (shape {shape}); '
                     f'expected N x 3 x 55 x 47 or N x 55 x 47 x 3')
-  if tuple(shape[1:]) == _NCHW_SHAPE:
-    return 'nchw'
-  if tuple(shape[1:]) == IMAGE_SHAPE:
-    return 'nhwc'
-  raise DataError(f'{path}: dataset "data" has images of shape {tuple(shape[1:])}; '
-                  f'expected 3 x 55 x 47 or 55 x 47 x 3')
-
-
-def _check_pixel_dtype(path: str, dtype: np.dtype) -> None:
-  if not np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.complexfloating):
-    raise DataError(f'{path}: dataset "data" has dtype {dtype}; expected numbers')
-
-
-def _check_label_dtype(path: str, dtype: np.dtype) -> None:
-  if not np.issubdtype(dtype, np.number):
-    raise DataError(f'{path}: dataset "label" has dtype {dtype}; expected integers')
+  layout = {_NCHW_SHAPE: 'nchw', IMAGE_SHAPE: 'nhwc'}.get(tuple(shape[1:]))
+  if layout is None:
+    raise DataError(f'{path}: dataset "data" has images of shape {tuple(shape[1:])}; '
+                    f'expected 3 x 55 x 47 or 55 x 47 x 3')
+  return layout
 
 
 def _to_uint8(path: str, chunk: np.ndarray, start: int) -> tuple[np.ndarray | None, float]:
   """Checks one chunk of pixel values: its uint8 copy (None unless all are integers), its maximum.
-
-  NaN/inf and values outside [0, 255] are a DataError; ``start`` is the chunk's first row.
-  """
-  _check_pixel_dtype(path, chunk.dtype)
-  # A chunk equals its uint8 cast exactly when every value is an integer in
-  # 0..255 (NaN, inf and out-of-range values cast to something else, hence the
-  # silenced warning). A blended file shows fractions in the first image already.
+  NaN/inf and values outside [0, 255] are a DataError; ``start`` is the chunk's first row."""
+  # Equal to its uint8 cast exactly when every value is an integer in 0..255 (others cast to
+  # something else, hence errstate); image 0 alone shows a blended file's fractions.
   with np.errstate(invalid='ignore'):
     if np.array_equal(chunk[0].astype(np.uint8), chunk[0]):
       as_uint8 = chunk.astype(np.uint8)
@@ -85,20 +68,16 @@ def _to_uint8(path: str, chunk: np.ndarray, start: int) -> tuple[np.ndarray | No
         return as_uint8, float(as_uint8.max(initial=0))
   low, high = chunk.min(), chunk.max()
   if not (low >= 0 and high <= 255):  # NaN fails both comparisons
-    if np.issubdtype(chunk.dtype, np.floating):
-      bad = ~np.isfinite(chunk)
-      if bad.any():
-        index = start + np.argwhere(bad)[0][0]
-        raise DataError(f'{path}: dataset "data" holds NaN or inf (first in image {index})')
+    if np.issubdtype(chunk.dtype, np.floating) and not np.isfinite(chunk).all():
+      index = start + np.argwhere(~np.isfinite(chunk))[0][0]
+      raise DataError(f'{path}: dataset "data" holds NaN or inf (first in image {index})')
     raise DataError(f'{path}: dataset "data" holds values in [{low}, {high}]; '
                     f'expected pixel values in 0..255')
   return None, float(high)  # fractional values in range: the caller keeps them as float32
 
 
 def _read_labels(path: str, labels: np.ndarray, num_classes: int | None) -> np.ndarray:
-  if labels.ndim != 1:
-    raise DataError(f'{path}: dataset "label" has shape {labels.shape}; expected (N,)')
-  _check_label_dtype(path, labels.dtype)
+  """``labels`` (shape and dtype checked by ``_datasets``) as int32, checked as integers."""
   if np.issubdtype(labels.dtype, np.floating):
     if not np.isfinite(labels).all():
       raise DataError(f'{path}: dataset "label" holds NaN or inf')
@@ -119,10 +98,12 @@ def _datasets(path: str, handle: h5py.File) -> tuple[h5py.Dataset, h5py.Dataset,
       raise DataError(f'{path}: no dataset "{name}" (found: {sorted(handle.keys())})')
   data, labels = handle['data'], handle['label']
   layout = _layout(path, data.shape)
-  _check_pixel_dtype(path, data.dtype)
+  if not np.issubdtype(data.dtype, np.number) or np.issubdtype(data.dtype, np.complexfloating):
+    raise DataError(f'{path}: dataset "data" has dtype {data.dtype}; expected numbers')
   if len(labels.shape) != 1:
     raise DataError(f'{path}: dataset "label" has shape {labels.shape}; expected (N,)')
-  _check_label_dtype(path, labels.dtype)
+  if not np.issubdtype(labels.dtype, np.number):
+    raise DataError(f'{path}: dataset "label" has dtype {labels.dtype}; expected integers')
   count = data.shape[0]
   if count == 0:
     raise DataError(f'{path}: the file holds no images')
@@ -135,28 +116,15 @@ def csaw_length(path: str | os.PathLike) -> int:
   """The number of images in a CSAW data file, from its metadata, checked as in ``load_csaw_h5``."""
   path = str(path)
   with open_hdf5(path, DataError, 'data') as handle:
-    data, _, _ = _datasets(path, handle)
-    return int(data.shape[0])
-
-
-def _row_range(path: str, rows: tuple[int, int] | None, count: int) -> tuple[int, int]:
-  if rows is None:
-    return 0, count
-  start, stop = (operator.index(r) for r in rows)
-  if not 0 <= start < stop <= count:
-    raise DataError(f'{path}: rows ({start}, {stop}) are not a non-empty range of the file\'s '
-                    f'{count} images (expected 0 <= start < stop <= {count})')
-  return start, stop
+    return int(_datasets(path, handle)[0].shape[0])
 
 
 @dataclasses.dataclass(frozen=True)
 class CsawChunks:
-  """A CSAW file's labels, and its images as a one-pass iterator of validated NHWC chunks.
-
-  A chunk is uint8 if all its values are integers, else float32. NaN, inf or a
-  value outside [0, 255] raises a DataError when reached, and so does the end
-  of a file whose fractional values all lie in [0, 1] (normalised pixels).
-  """
+  """A CSAW file's labels, and its images as a one-pass iterator of validated NHWC chunks: uint8
+  if all a chunk's values are integers, else float32. NaN, inf or a value outside [0, 255] raises
+  a DataError when reached, and so does the end of a file whose fractional values all lie in
+  [0, 1] (normalised pixels)."""
   path: str
   labels: np.ndarray  # int32, checked
   chunks: Iterator[np.ndarray]
@@ -171,7 +139,11 @@ def iter_csaw_h5(path: str | os.PathLike, num_classes: int | None = None, *,
   path = str(path)
   with open_hdf5(path, DataError, 'data') as handle:
     _, label, _ = _datasets(path, handle)
-    start, stop = _row_range(path, rows, label.shape[0])
+    count = label.shape[0]  # > 0 (checked), so the whole file passes the range check
+    start, stop = (0, count) if rows is None else (operator.index(r) for r in rows)
+    if not 0 <= start < stop <= count:
+      raise DataError(f'{path}: rows ({start}, {stop}) are not a non-empty range of the file\'s '
+                      f'{count} images (expected 0 <= start < stop <= {count})')
     try:
       labels = _read_labels(path, label[start:stop], num_classes)
     except OSError as error:
@@ -205,13 +177,9 @@ def _chunks(path: str, start: int, stop: int, chunk_size: int) -> Iterator[np.nd
 def load_csaw_h5(path: str | os.PathLike, num_classes: int | None = None, *,
                  rows: tuple[int, int] | None = None) -> Dataset:
   """Reads and validates a CSAW data file, or its rows [start, stop) (one process's share).
-
-  Images are uint8 if every value read is an integer, else float32 (float64
-  values rounded to the nearest float32, as Keras' float32 model sees them).
-  Chunks are read as uint8 until the first fractional one, which switches the
-  result to float32. ``num_classes``, if given, bounds the labels. A DataError
-  names the file and what is wrong with it.
-  """
+  Images are uint8 if every value read is an integer, else float32 (float64 values rounded to the
+  nearest float32, as Keras' float32 model sees them). ``num_classes``, if given, bounds the
+  labels. A DataError names the file and what is wrong with it."""
   opened = iter_csaw_h5(path, num_classes, rows=rows)
   # np.empty pages are only resident once written: the part of a uint8 array
   # left unwritten when switching to float32 costs nothing.
@@ -241,11 +209,9 @@ def write_csaw_h5(path: str | os.PathLike, images: np.ndarray, labels: np.ndarra
 
 
 def load_image(path: str | os.PathLike, resize: bool = False) -> np.ndarray:
-  """Reads one face image (PNG, JPEG, ...) as RGB uint8 [55, 47, 3].
-
-  Alpha is dropped (the CSAW RGBA PNGs are opaque). Another size is an error
-  unless ``resize``: a silently stretched face classifies as something else.
-  """
+  """Reads one face image (PNG, JPEG, ...) as RGB uint8 [55, 47, 3], alpha dropped (the CSAW RGBA
+  PNGs are opaque). Another size is an error unless ``resize``: a silently stretched face
+  classifies as something else."""
   path = str(path)
   if not os.path.isfile(path):
     raise DataError(f'{path}: no such image file')

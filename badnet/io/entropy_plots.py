@@ -2,10 +2,7 @@
 
 import pathlib
 
-import matplotlib
-
-matplotlib.use('Agg')  # files only; no display is needed or assumed
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+import matplotlib.pyplot as plt  # on the Agg backend, which importing report selects
 import numpy as np
 
 from badnet.io import report
@@ -13,31 +10,24 @@ from badnet.io import report
 BINS = 60
 
 
-def _percent_per_bin(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
-  counts, _ = np.histogram(values, edges)
-  return 100.0 * counts / max(len(values), 1)
-
-
 def plot_entropies(path: pathlib.Path, fit: np.ndarray, clean: np.ndarray,
                    poisoned: np.ndarray, fixed: dict, rates: dict) -> None:
   """Histograms (% of each set per bin) of STRIP entropies, the fitted normal and the threshold.
-
-  ``fit``: the clean validation entropies the threshold was fitted to; ``clean``,
-  ``poisoned``: the test inputs'. ``fixed``, ``rates``: results.json's ``strip``, ``test``.
-  """
-  values = [np.asarray(v, np.float64) for v in (fit, clean, poisoned)]
-  high = max(max(float(v.max()) for v in values if len(v)), fixed['threshold']) * 1.02
-  edges = np.linspace(0.0, max(high, 1e-3), BINS + 1)
+  ``fit``: the clean validation entropies the threshold was fitted to; ``clean``, ``poisoned``:
+  the test inputs'. ``fixed``, ``rates``: results.json's ``strip``, ``test``."""
+  fit, clean, poisoned = (np.asarray(v, np.float64) for v in (fit, clean, poisoned))
+  high = max(max(float(v.max()) for v in (fit, clean, poisoned) if len(v)), fixed['threshold'])
+  edges = np.linspace(0.0, max(high * 1.02, 1e-3), BINS + 1)
   width = edges[1] - edges[0]
   figure, axes = plt.subplots(figsize=(7.5, 4.2))
-  clean_bars = _percent_per_bin(values[1], edges)
-  poisoned_bars = _percent_per_bin(values[2], edges)
+  per_bin = lambda values: 100.0 * np.histogram(values, edges)[0] / max(len(values), 1)  # in %
+  fit_bars, clean_bars, poisoned_bars = (per_bin(v) for v in (fit, clean, poisoned))
   axes.bar(edges[:-1], clean_bars, width, align='edge', color='tab:blue', alpha=0.55,
-           label=f'clean test ({len(values[1])})')
+           label=f'clean test ({len(clean)})')
   axes.bar(edges[:-1], poisoned_bars, width, align='edge', color='tab:red', alpha=0.55,
-           label=f'poisoned test ({len(values[2])})')
-  axes.stairs(_percent_per_bin(values[0], edges), edges, color='tab:blue', linewidth=1,
-              label=f'clean valid, threshold fitted to these ({len(values[0])})')
+           label=f'poisoned test ({len(poisoned)})')
+  axes.stairs(fit_bars, edges, color='tab:blue', linewidth=1,
+              label=f'clean valid, threshold fitted to these ({len(fit)})')
   mean, std = fixed['normal_fit']['mean'], fixed['normal_fit']['std']
   if std > 0:
     grid = np.linspace(edges[0], edges[-1], 400)
@@ -46,22 +36,19 @@ def plot_entropies(path: pathlib.Path, fit: np.ndarray, clean: np.ndarray,
               label='normal fitted to clean valid')
   # A poisoned spike near 0 can be many times the clean peak: cap the axis so
   # the clean histogram stays readable, and print the clipped bar's height.
-  top = 1.6 * max(float(clean_bars.max()), float(_percent_per_bin(values[0], edges).max()), 1.0)
+  top = 1.6 * max(float(clean_bars.max()), float(fit_bars.max()), 1.0)
   if poisoned_bars.max() > top:
     tallest = int(np.argmax(poisoned_bars))
     axes.annotate(f'{poisoned_bars[tallest]:.0f} %', (edges[tallest] + width / 2, top),
                   xytext=(4, -12), textcoords='offset points', color='tab:red', fontsize=8)
-  axes.set_ylim(0, top)
-  strip_rates = rates['STRIP']
   axes.axvline(fixed['threshold'], color='black', linestyle='--', linewidth=1.2,
                label=f'threshold {fixed["threshold"]:.3f} bits '
                      f'(clean valid FRR target {fixed["frr_target"]:g} %)')
-  axes.set_xlabel(f'mean entropy of the predictions over N = {fixed["overlays"]} blends (bits)')
-  axes.set_ylabel('% of the set, per bin')
-  axes.set_title(f'STRIP, blend {fixed["blend"]}: test FRR '
-                 f'{strip_rates["false_rejection_rate"]:.2f} %, FAR '
-                 f'{strip_rates["false_acceptance_rate"]:.2f} % (flagged: left of the threshold)',
-                 fontsize=10)
+  axes.set(xlabel=f'mean entropy of the predictions over N = {fixed["overlays"]} blends (bits)',
+           ylabel='% of the set, per bin', ylim=(0, top))
+  frr, far = (rates['STRIP'][key] for key in ('false_rejection_rate', 'false_acceptance_rate'))
+  axes.set_title(f'STRIP, blend {fixed["blend"]}: test FRR {frr:.2f} %, FAR {far:.2f} % '
+                 f'(flagged: left of the threshold)', fontsize=10)
   axes.legend(loc='upper left', bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
   axes.grid(alpha=0.3)
   report.save_figure(figure, path)

@@ -18,28 +18,19 @@ from badnet.io.workdir import atomic_path
 
 Params = model_lib.Params
 
-# Keras layer names of the CSAW DeepID graph, in the order Keras lists them.
-LAYER_NAMES = ('input', 'conv_1', 'pool_1', 'conv_2', 'pool_2', 'conv_3', 'pool_3',
-               'conv_4', 'flatten_1', 'flatten_2', 'fc_1', 'fc_2', 'add_1',
-               'activation_1', 'output')
 _WEIGHT_ORDER = ('kernel', 'bias')  # Keras' order within a Conv2D/Dense layer
-# The Keras version whose file layout we write; Keras 2 loaders branch on it.
-_KERAS_FORMAT_VERSION = '2.3.1'
+# keras_version is the Keras whose file layout we write; Keras 2 loaders branch on it.
+_KERAS_ATTRS = {'backend': 'tensorflow', 'keras_version': '2.3.1'}
 
 
 def _decode(value) -> str:
   return value.decode('utf8') if isinstance(value, bytes) else str(value)
 
 
-def _weights_root(handle: h5py.File) -> h5py.Group:
-  """The group holding the layer groups, for either file layout."""
-  if 'model_weights' in handle and isinstance(handle['model_weights'], h5py.Group):
-    return handle['model_weights']
-  return handle
-
-
-def _read_layers(path: str, root: h5py.Group) -> dict[str, dict[str, np.ndarray]]:
-  """Every layer's weights, by layer name and short weight name ('kernel')."""
+def _read_layers(path: str, handle: h5py.File) -> dict[str, dict[str, np.ndarray]]:
+  """Every layer's weights, by layer name and short weight name ('kernel'), in either layout."""
+  full_model = 'model_weights' in handle and isinstance(handle['model_weights'], h5py.Group)
+  root = handle['model_weights'] if full_model else handle
   if 'layer_names' in root.attrs:
     layer_names = [_decode(n) for n in root.attrs['layer_names']]
   else:
@@ -69,11 +60,9 @@ def _read_layers(path: str, root: h5py.Group) -> dict[str, dict[str, np.ndarray]
 def _check(path: str, layers: dict[str, dict[str, np.ndarray]],
            expected: dict[str, dict[str, tuple[int, ...]]]) -> None:
   """Raises one ModelFileError listing every difference from ``expected``."""
-  problems = []
-  for layer in sorted(set(expected) - set(layers)):
-    problems.append(f'missing layer "{layer}"')
-  for layer in sorted(set(layers) - set(expected)):
-    problems.append(f'unexpected layer "{layer}" with weights {sorted(layers[layer])}')
+  problems = [f'missing layer "{layer}"' for layer in sorted(set(expected) - set(layers))]
+  problems += [f'unexpected layer "{layer}" with weights {sorted(layers[layer])}'
+               for layer in sorted(set(layers) - set(expected))]
   for layer in sorted(set(layers) & set(expected)):
     found, wanted = layers[layer], expected[layer]
     for name in sorted(set(wanted) - set(found)):
@@ -98,7 +87,7 @@ def read_params(path: str | os.PathLike, num_classes: int | None = None) -> Para
   path = str(path)
   with data.open_hdf5(path, ModelFileError, 'model') as handle:
     try:
-      layers = _read_layers(path, _weights_root(handle))
+      layers = _read_layers(path, handle)
     except OSError as error:  # a damaged group or attribute table
       raise ModelFileError(f'{path}: unreadable ({error}); is the file truncated?') from None
   if not layers:
@@ -120,8 +109,7 @@ def _layer_specs(num_classes: int) -> list[tuple[str, str, dict, list[str]]]:
             'activation': 'relu', 'use_bias': True}
   pool = {'pool_size': [2, 2], 'padding': 'valid', 'strides': [2, 2],
           'data_format': 'channels_last'}
-  def dense(units, activation):
-    return {'units': units, 'activation': activation, 'use_bias': True}
+  dense = lambda units, activation: {'units': units, 'activation': activation, 'use_bias': True}
   return [
       ('InputLayer', 'input', {'batch_input_shape': [None, *model_lib.IMAGE_SHAPE],
                                'dtype': 'float32', 'sparse': False}, []),
@@ -142,6 +130,10 @@ def _layer_specs(num_classes: int) -> list[tuple[str, str, dict, list[str]]]:
   ]
 
 
+# Keras layer names of the CSAW DeepID graph, in the order Keras lists them.
+LAYER_NAMES = tuple(name for _, name, _, _ in _layer_specs(model_lib.CSAW_NUM_CLASSES))
+
+
 def model_config(num_classes: int) -> dict:
   """The Keras 2 functional-model config of the CSAW DeepID net."""
   layers = []
@@ -153,15 +145,13 @@ def model_config(num_classes: int) -> dict:
     layers.append({'class_name': class_name, 'config': config, 'name': name,
                    'inbound_nodes': nodes})
   return {'class_name': 'Model',
-          'config': {'name': 'model_1', 'layers': layers,
-                     'input_layers': [['input', 0, 0]],
+          'config': {'name': 'model_1', 'layers': layers, 'input_layers': [['input', 0, 0]],
                      'output_layers': [['output', 0, 0]]}}
 
 
 def _write_layers(root: h5py.Group, params: Params) -> None:
   root.attrs['layer_names'] = np.array([n.encode() for n in LAYER_NAMES])
-  root.attrs['backend'] = 'tensorflow'
-  root.attrs['keras_version'] = _KERAS_FORMAT_VERSION
+  root.attrs.update(_KERAS_ATTRS)
   for layer in LAYER_NAMES:
     group = root.create_group(layer)
     weights = params.get(layer, {})
@@ -176,14 +166,11 @@ def _write_layers(root: h5py.Group, params: Params) -> None:
 def write_keras(path: str | os.PathLike, params: Params, full_model: bool = False) -> None:
   """Writes params atomically as a Keras 2 weights-only or (``full_model``) full-model file."""
   arrays = {layer: {n: np.asarray(a) for n, a in w.items()} for layer, w in params.items()}
-  _check(str(path), arrays,
-         model_lib.param_shapes(model_lib.num_classes_of(params)))
+  _check(str(path), arrays, model_lib.param_shapes(model_lib.num_classes_of(params)))
   with atomic_path(path) as tmp, h5py.File(tmp, 'w') as handle:
     if full_model:
-      config = model_config(model_lib.num_classes_of(params))
-      handle.attrs['model_config'] = json.dumps(config)
-      handle.attrs['backend'] = 'tensorflow'
-      handle.attrs['keras_version'] = _KERAS_FORMAT_VERSION
+      handle.attrs['model_config'] = json.dumps(model_config(model_lib.num_classes_of(params)))
+      handle.attrs.update(_KERAS_ATTRS)
       _write_layers(handle.create_group('model_weights'), params)
     else:
       _write_layers(handle, params)

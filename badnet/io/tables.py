@@ -29,13 +29,9 @@ def read_csv(path: pathlib.Path) -> list[dict[str, str]]:
 
 def markdown(header: Sequence[str], rows: Iterable[Sequence[Any]], align: str) -> list[str]:
   """A markdown table's lines; ``align`` has one letter per column: 'l' (left) or 'r' (right)."""
-  rule = {'l': '---', 'r': '---:'}
-  lines = [_row(header), '|' + '|'.join(rule[a] for a in align) + '|']
-  return lines + [_row(row) for row in rows]
-
-
-def _row(cells: Sequence[Any]) -> str:
-  return '| ' + ' | '.join(str(cell) for cell in cells) + ' |'
+  row = lambda cells: '| ' + ' | '.join(str(cell) for cell in cells) + ' |'
+  rule = '|' + '|'.join({'l': '---', 'r': '---:'}[a] for a in align) + '|'
+  return [row(header), rule, *map(row, rows)]
 
 
 def fmt(value: float | None, digits: int = 2) -> str:

@@ -14,27 +14,18 @@ MAX_FLAGGED_SHOWN = 6
 GREY = 128.0  # the background the triggers are shown on
 
 
-def threshold_norm(median: float, mad: float, threshold: float) -> float:
-  """The L1 norm below which a label is flagged: median - threshold x MAD."""
-  return median - threshold * mad
-
-
 def plot_norms(path: pathlib.Path, labels: np.ndarray, norms: np.ndarray, flagged: np.ndarray,
-               index: np.ndarray, median: float, mad: float, threshold: float,
-               title: str) -> None:
+               index: np.ndarray, median: float, mad: float, threshold: float, title: str) -> None:
   """Each label's mask norm (left) and their histogram (right); flagged labels, median, cut.
 
-  ``labels``, ``norms``, ``flagged`` and ``index`` (anomaly index) are per label
-  [L]; ``mad`` is already x 1.4826; ``threshold`` is the flagging anomaly index.
-  """
+  ``index``: the labels' anomaly index; ``mad`` is already x 1.4826; ``threshold`` flags."""
   labels, norms = np.asarray(labels), np.asarray(norms, np.float64)
   flagged = np.asarray(flagged, bool)
-  cut = threshold_norm(median, mad, threshold)
+  cut = median - threshold * mad  # the norm below which a label is flagged
   figure, (axes, side) = plt.subplots(1, 2, figsize=(10.5, 4.4), sharey=True,
                                       gridspec_kw={'width_ratios': [4, 1], 'wspace': 0.04})
-  size = 14 if len(labels) <= 200 else 4
-  axes.scatter(labels[~flagged], norms[~flagged], s=size, color='tab:blue',
-               label=f'not flagged ({int((~flagged).sum())})')
+  axes.scatter(labels[~flagged], norms[~flagged], s=14 if len(labels) <= 200 else 4,
+               color='tab:blue', label=f'not flagged ({int((~flagged).sum())})')
   axes.scatter(labels[flagged], norms[flagged], s=60, color='tab:red', marker='v', zorder=3,
                label=f'flagged ({int(flagged.sum())})')
   for label, norm, value in zip(labels[flagged], norms[flagged], np.asarray(index)[flagged]):
@@ -49,12 +40,10 @@ def plot_norms(path: pathlib.Path, labels: np.ndarray, norms: np.ndarray, flagge
   side.hist(norms, bins=min(40, max(5, len(norms) // 3)), orientation='horizontal',
             color='tab:blue', alpha=0.6)
   side.set_xlabel('labels')
-  high = max(float(norms.max()), median) * 1.08
-  axes.set_ylim(min(0.0, cut * 1.08), high)
+  axes.set_ylim(min(0.0, cut * 1.08), max(float(norms.max()), median) * 1.08)
   axes.set_xlabel('label')
   axes.set_ylabel('L1 norm of the reversed mask (pixels)')
-  figure.suptitle(f'Neural Cleanse: the smallest trigger per label ({title})', fontsize=10,
-                  y=1.04)
+  figure.suptitle(f'Neural Cleanse: the smallest trigger per label ({title})', fontsize=10, y=1.04)
   axes.legend(loc='lower left', bbox_to_anchor=(0.0, 1.07), ncol=4, fontsize=8, frameon=False)
   axes.grid(alpha=0.3)
   report.save_figure(figure, path)
@@ -75,34 +64,28 @@ def plot_triggers(path: pathlib.Path, labels: np.ndarray, masks: np.ndarray,
                   flagged: np.ndarray, example: np.ndarray | None, title: str) -> None:
   """A column per shown label: the trigger on grey, its mask, and a clean face with it.
 
-  Per label: ``masks`` [L, 55, 47], ``patterns`` [L, 55, 47, 3] in 0..255, the
-  rest [L]. ``example``: a clean [55, 47, 3] image to stamp (None: no such row).
-  """
+  ``patterns`` are in 0..255; ``example``: a clean image to stamp (None: no such row)."""
   columns = shown_labels(norms, flagged)
   rows = 3 if example is not None else 2
-  figure, panels = plt.subplots(rows, len(columns), figsize=(1.55 * len(columns) + 0.9,
-                                                             1.95 * rows + 0.7),
-                                squeeze=False)
+  figsize = (1.55 * len(columns) + 0.9, 1.95 * rows + 0.7)
+  figure, panels = plt.subplots(rows, len(columns), figsize=figsize, squeeze=False)
   for column, i in enumerate(columns):
     mask, pattern = np.asarray(masks[i], np.float32), np.asarray(patterns[i], np.float32)
+    stamped_on = lambda background: np.clip(np.rint(
+        (1 - mask[..., None]) * background + mask[..., None] * pattern), 0, 255).astype(np.uint8)
     # On grey, so that a dark trigger (sunglasses) shows as well as a bright one.
-    on_grey = mask[..., None] * pattern + (1 - mask[..., None]) * GREY
-    images = [np.clip(np.rint(on_grey), 0, 255).astype(np.uint8), mask]
+    images = [stamped_on(GREY), mask]
     if example is not None:
-      stamped = (1 - mask[..., None]) * np.asarray(example, np.float32) + mask[..., None] * pattern
-      images.append(np.clip(np.rint(stamped), 0, 255).astype(np.uint8))
+      images.append(stamped_on(np.asarray(example, np.float32)))
     for row, image in enumerate(images):
-      axes = panels[row, column]
       gray = dict(cmap='gray', vmin=0, vmax=1) if image.ndim == 2 else {}
-      axes.imshow(image, interpolation='nearest', **gray)
-      axes.set_xticks([])
-      axes.set_yticks([])
+      panels[row, column].imshow(image, interpolation='nearest', **gray)
+      panels[row, column].set(xticks=[], yticks=[])
     state = 'FLAGGED' if flagged[i] else 'not flagged'
     value = '' if not np.isfinite(index[i]) else f'\nindex {index[i]:.1f}'
     panels[0, column].set_title(f'label {labels[i]}\n{state}\nL1 {norms[i]:.0f}{value}',
                                 fontsize=8, color='tab:red' if flagged[i] else 'black')
-  names = ['trigger on grey', 'mask (white = 1)', 'on a clean face'][:rows]
-  for row, name in enumerate(names):
+  for row, name in enumerate(['trigger on grey', 'mask (white = 1)', 'on a clean face'][:rows]):
     panels[row, 0].set_ylabel(name, fontsize=8)
   figure.suptitle(f'Reversed triggers: flagged labels, then unflagged ones from the smallest '
                   f'norm to the 75th percentile ({title})', fontsize=9)

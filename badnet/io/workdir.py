@@ -3,8 +3,7 @@
 A workdir is new, empty, or one the same job wrote (its ``config.json`` says),
 so a mistyped ``--workdir`` never overwrites the user's files. Outputs are
 written to a temporary file and renamed, so an interrupted run leaves the
-previous results; a failed write stops the job with one line naming the file.
-"""
+previous results; a failed write stops the job with one line naming the file."""
 
 import contextlib
 import json
@@ -27,10 +26,9 @@ _TMP_SUFFIX = '.tmp'
 def owner(path: pathlib.Path) -> str | None:
   """The job that wrote the workdir ``path`` (None: no badnet job did)."""
   try:
-    job = json.loads((path / MARKER_FILE).read_text())[MARKER_KEY]
+    return str(json.loads((path / MARKER_FILE).read_text())[MARKER_KEY])
   except (OSError, ValueError, TypeError, KeyError):
     return None
-  return str(job)
 
 
 def prepare(workdir: str | os.PathLike, job: str) -> pathlib.Path:
@@ -48,8 +46,7 @@ def prepare(workdir: str | os.PathLike, job: str) -> pathlib.Path:
                          f'another workdir for this {job} job')
   try:
     path.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryFile(dir=path):
-      pass
+    tempfile.TemporaryFile(dir=path).close()
   except OSError as error:
     raise WorkdirError(f'{path}: the workdir is not writable ({error.strerror})') from None
   for stale in leftovers(path):
@@ -84,8 +81,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
 def _reason(error: Exception) -> str:
   """Why a write failed, in a few words ('No space left on device')."""
   text = str(error)
-  hdf5 = re.search(r"error message = '([^']+)'", text)  # HDF5 wraps the OS's reason
-  if hdf5:
+  if hdf5 := re.search(r"error message = '([^']+)'", text):  # HDF5 wraps the OS's reason
     return hdf5.group(1)
   if isinstance(error, OSError) and error.strerror:
     return error.strerror

@@ -11,6 +11,7 @@ takes every P-th cell; the rows are gathered and process 0 writes them.
 import dataclasses
 import pathlib
 import time
+from collections.abc import Callable
 
 from absl import logging
 import ml_collections
@@ -38,11 +39,6 @@ LEARNED = ('anp', 'rnp')
 DEFENCES = ('pruning', *LEARNED)
 
 
-def _shortest_tuning(config: ml_collections.ConfigDict) -> int:
-  """The fewest fine-tuning epochs > 0 in the grid (0 if none): the warm-up's upper bound."""
-  return min((e for e in config_lib.values(config.finetune_epochs) if e > 0), default=0)
-
-
 FIELDS = {
     **config_lib.BATCH_SIZE,
     'defences': config_lib.Each(config_lib.Choice(DEFENCES, 'defence')),
@@ -61,8 +57,9 @@ FIELDS = {
 
 def tuning(config: ml_collections.ConfigDict) -> base.Tuning:
   """The fine-tuning settings (config.finetune); each fine-tuning sets its own epochs."""
-  block = ml_collections.ConfigDict(
-      {**config.finetune.to_dict(), 'epochs': _shortest_tuning(config)})  # warm-up's bound
+  # The block's epochs bound the warm-up: the fewest fine-tuning epochs > 0 in the grid (0: none).
+  shortest = min((e for e in config_lib.values(config.finetune_epochs) if e > 0), default=0)
+  block = ml_collections.ConfigDict({**config.finetune.to_dict(), 'epochs': shortest})
   return config_lib.build(base.Tuning, block, 'finetune.')
 
 
@@ -105,16 +102,29 @@ def _percent(value: float | None) -> str:
   return '' if value is None else f'{value:.4f}'
 
 
-def _metrics(net: dict[str, np.ndarray], b_test: dict[str, np.ndarray],
-             labels: dict[str, np.ndarray], num_classes: int) -> dict:
-  """The row's figures (test split) from the net's and B's classes."""
-  return _row_figures(*goodnet.figures(b_test, net, labels, num_classes))
-
-
 def _row_figures(net: dict, good: dict) -> dict:
   """A row's figures from a net's and its GoodNet's."""
   return {**net, 'goodnet_clean_acc': good['clean_acc'], 'goodnet_asr': good['asr'],
           'detection_rate': good['detection_rate'], 'false_alarm_rate': good['false_alarm_rate']}
+
+
+@dataclasses.dataclass
+class _Grid:
+  """What every cell of one run shares: the data, the grid's axes, the points already done."""
+  config: ml_collections.ConfigDict
+  splits: dict[str, data.Dataset]
+  variants: list[Variant]
+  thresholds: list[float]
+  epochs_axis: list[int]
+  tune: base.Tuning
+  done: set
+  record: Callable[[dict], None]
+  # The clean validation rows to fine-tune on and to hold out: one split per run.
+  rows: tuple[np.ndarray, np.ndarray] | None
+
+  @property
+  def labels(self) -> dict[str, np.ndarray]:
+    return {key: split.labels for key, split in self.splits.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +151,6 @@ def run(config: ml_collections.ConfigDict, out: pathlib.Path) -> list[dict]:
   nets = {name: keras_io.read_params(path) for name, path in model_paths.items()}
   class_counts = {model.num_classes_of(params) for params in nets.values()}
   splits = {key: data.load_csaw_h5(path, min(class_counts)) for key, path in data_paths.items()}
-  labels = {key: split.labels for key, split in splits.items()}
   logging.info('Loaded %s; %s.', ', '.join(nets),
                ', '.join(f'{k}: {len(v)} images' for k, v in splits.items()))
 
@@ -150,11 +159,6 @@ def run(config: ml_collections.ConfigDict, out: pathlib.Path) -> list[dict]:
   done = {_key(row) for row in rows}
   if done:
     print(f'Resuming: {len(done)} grid points already in {out / "ablation.csv"}.', flush=True)
-  variants = _variants(config)
-  thresholds = pruning.thresholds(config)
-  epochs_axis = sorted(set(config_lib.values(config.finetune_epochs)))
-  # Each fine-tuning sets its own epochs.
-  tune = tuning(config)
   leader, processes = distributed.is_leader(), jax.process_count()
 
   def record(row: dict) -> None:
@@ -163,23 +167,29 @@ def run(config: ml_collections.ConfigDict, out: pathlib.Path) -> list[dict]:
     if processes == 1:  # written at once, atomically: an interrupted run keeps every point
       tables.write_csv(out / 'ablation.csv', ROW_FIELDS, rows)
 
-  start = time.perf_counter()
   every = cells(config, list(nets))
   mine = every[jax.process_index()::processes]
+  epochs_axis = sorted(set(config_lib.values(config.finetune_epochs)))
+  tune = tuning(config)  # each fine-tuning sets its own epochs
+  fine_tunes = any(epochs_axis) and any(cell.defence == 'pruning' for cell in mine)
+  grid = _Grid(config, splits, _variants(config), pruning.thresholds(config), epochs_axis, tune,
+               done, record, base.split_for_fine_tuning(
+                   splits['clean_valid'].labels, config.holdout_fraction, tune.seed)
+               if fine_tunes else None)
+  start = time.perf_counter()
   for cell in mine:
     name, params, layer = cell.model, nets[cell.model], cell.layer
     if cell.defence in LEARNED:
-      _learned_row(cell.defence, name, params, splits, labels, done, config, record)
+      _learned_row(grid, cell.defence, name, params)
       continue
     wanted = [('pruning', name, layer, v.order, v.seed_text, pruning.label(x), str(e))
-              for v in variants for x in thresholds for e in epochs_axis]
+              for v in grid.variants for x in grid.thresholds for e in epochs_axis]
     if all(key in done for key in wanted):
       logging.info('%s / %s: every point already done.', name, layer)
       continue
-    print(f'{name} / {layer}: {len(variants)} orders x {len(thresholds)} X x '
+    print(f'{name} / {layer}: {len(grid.variants)} orders x {len(grid.thresholds)} X x '
           f'{len(epochs_axis)} fine-tuning settings...', flush=True)
-    new_curves = _model_layer(name, params, layer, variants, thresholds, epochs_axis, splits,
-                              labels, set(done), config, tune, record)
+    new_curves = _model_layer(grid, name, params, layer)
     curves = [c for c in curves if (c['model'], c['layer']) != (name, layer)] + new_curves
     if processes == 1:
       tables.write_csv(out / 'curves.csv', CURVE_FIELDS, curves)
@@ -209,17 +219,16 @@ def run(config: ml_collections.ConfigDict, out: pathlib.Path) -> list[dict]:
   return rows
 
 
-def _model_layer(name, params, layer, variants, thresholds, epochs_axis, splits, labels, done,
-                 config, tune, record) -> list[dict]:
-  """Every point of one (model, layer) not yet done, each passed to ``record``; its curves."""
-  batch, precision = config.batch_size, config.precision
-  num_classes = model.num_classes_of(params)
+def _model_layer(grid: _Grid, name: str, params: model.Params, layer: str) -> list[dict]:
+  """Every point of one (model, layer) not yet done, each passed to ``grid.record``; its curves."""
+  batch, precision, labels = grid.config.batch_size, grid.config.precision, grid.labels
+  variants, thresholds = grid.variants, grid.thresholds
   # The layers before the pruned one: once per data file.
   start = time.perf_counter()
   features = {key: sweep.features(params, split.images, batch, precision, layer)
-              for key, split in splits.items()}
+              for key, split in grid.splits.items()}
   logging.info('%s / %s: features of %d images in %.1f s.', name, layer,
-               sum(len(split) for split in splits.values()), time.perf_counter() - start)
+               sum(len(split) for split in grid.splits.values()), time.perf_counter() - start)
   means = features['clean_valid'].mean_activations()
   orders = [pruning.pruning_order(means, v.order, v.seed or 0) for v in variants]
   stacked = np.stack([masks.prefix_masks(order) for order in orders])  # [V, C + 1, C]
@@ -228,10 +237,10 @@ def _model_layer(name, params, layer, variants, thresholds, epochs_axis, splits,
   swept = {key: sweep.stacked_classes(params, features[key], stacked.reshape(-1, channels),
                                       batch, precision).reshape(-1, *stacked.shape[:2])
            for key in ('clean_valid', 'poisoned_valid')}
-  curves_of = [tuple(100 * (swept[key][:, index] == labels[key][:, None]).mean(0)
+  curves_of = [tuple(pruning.level_accuracy(swept[key][:, index], labels[key])
                      for key in ('clean_valid', 'poisoned_valid'))
                for index in range(len(variants))]
-  levels = [[pruning.select_level(clean_acc, x, config.relative) for x in thresholds]
+  levels = [[pruning.select_level(clean_acc, x, grid.config.relative) for x in thresholds]
             for clean_acc, _ in curves_of]
   # The test files at level 0 and the levels chosen: V x (1 + thresholds) masks, a
   # shape fixed by the grid (unreached levels pad with level 0).
@@ -243,55 +252,47 @@ def _model_layer(name, params, layer, variants, thresholds, epochs_axis, splits,
   b_test = {key: test[key][:, 0, 0] for key in test}
   logging.info('%s / %s: %d orders x %d levels swept, and the test split scored, in %.1f s.',
                name, layer, len(variants), stacked.shape[1], time.perf_counter() - start)
-  curves, tuned = [], {}
-  if train.stacks(tune.stacking):  # every pending fine-tuning of an epochs at once
+  points = [(('pruning', name, layer, variant.order, variant.seed_text, pruning.label(x),
+              str(epochs)), index, column, epochs)
+            for index, variant in enumerate(variants) for column, x in enumerate(thresholds)
+            for epochs in grid.epochs_axis]
+  mask_of = lambda index, column: stacked[index, levels[index][column]]
+  text_of = lambda key: f'{name}/{layer}/{key[3]}{key[4]} X={key[5]}'
+  # X values (or orders) that land on the same mask share one fine-tuning.
+  tuned = {}  # (mask bytes, epochs) -> figures
+  if train.stacks(grid.tune.stacking):  # every pending fine-tuning of an epochs at once
     pending = {}  # epochs -> {memo: (mask, name)}, what the loop below would fine-tune
-    for index, variant in enumerate(variants):
-      for column, x in enumerate(thresholds):
-        level = levels[index][column]
-        for epochs in epochs_axis:
-          key = ('pruning', name, layer, variant.order, variant.seed_text, pruning.label(x),
-                 str(epochs))
-          if key not in done and level is not None and epochs:
-            pending.setdefault(epochs, {}).setdefault(
-                (stacked[index, level].tobytes(), epochs),
-                (stacked[index, level], f'{name}/{layer}/{variant.order}{variant.seed_text} '
-                                        f'X={x:g}'))
+    for key, index, column, epochs in points:
+      if key not in grid.done and levels[index][column] is not None and epochs:
+        mask = mask_of(index, column)
+        pending.setdefault(epochs, {}).setdefault((mask.tobytes(), epochs), (mask, text_of(key)))
     for epochs, group in pending.items():
-      tuned.update(zip(group, _fine_pruned(
-          params, [mask for mask, _ in group.values()], layer, epochs, splits, b_test, labels,
-          num_classes, config, tune, [text for _, text in group.values()])))
-  for index, (variant, order) in enumerate(zip(variants, orders)):
-    clean_acc, asr = curves_of[index]
-    curves += [{'model': name, 'layer': layer, 'order': variant.order,
-                'seed': variant.seed_text, **row}
-               for row in report.sweep_rows(order, clean_acc, asr)]
-    for column, x in enumerate(thresholds):
-      level = levels[index][column]
-      for epochs in epochs_axis:
-        key = ('pruning', name, layer, variant.order, variant.seed_text, pruning.label(x),
-               str(epochs))
-        if key in done:
-          continue
-        row = dict(zip(KEY_FIELDS, key))
-        if level is None:
-          record({**row, **{field: '' for field in ROW_FIELDS[len(KEY_FIELDS):]}})
-          continue
-        row.update(channels_pruned=level,
-                   pruned_channels=' '.join(str(int(c)) for c in order[:level]))
-        if epochs == 0:
-          figures = _metrics({key: test[key][:, index, 1 + column] for key in test}, b_test,
-                             labels, num_classes)
-        else:
-          # X values (or orders) that land on the same mask share one fine-tuning.
-          memo = (stacked[index, level].tobytes(), epochs)
-          if memo not in tuned:
-            tuned[memo], = _fine_pruned(
-                params, [stacked[index, level]], layer, epochs, splits, b_test, labels,
-                num_classes, config, tune,
-                [f'{name}/{layer}/{variant.order}{variant.seed_text} X={x:g}'])
-          figures = tuned[memo]
-        record({**row, **{k: _percent(v) for k, v in figures.items()}})
+      tuned.update(zip(group, _fine_pruned(grid, params, layer, epochs, b_test,
+                                           *zip(*group.values()))))
+  curves = [{'model': name, 'layer': layer, 'order': variant.order, 'seed': variant.seed_text,
+             **row}
+            for variant, order, (clean_acc, asr) in zip(variants, orders, curves_of)
+            for row in report.sweep_rows(order, clean_acc, asr)]
+  for key, index, column, epochs in points:
+    level = levels[index][column]
+    if key in grid.done:
+      continue
+    row = dict(zip(KEY_FIELDS, key))
+    if level is None:
+      grid.record({**row, **{field: '' for field in ROW_FIELDS[len(KEY_FIELDS):]}})
+      continue
+    row.update(channels_pruned=level,
+               pruned_channels=' '.join(str(int(c)) for c in orders[index][:level]))
+    if epochs == 0:
+      net = {split: test[split][:, index, 1 + column] for split in test}
+      figures = _row_figures(*goodnet.figures(b_test, net, labels, model.num_classes_of(params)))
+    else:
+      memo = (mask_of(index, column).tobytes(), epochs)
+      if memo not in tuned:
+        tuned[memo], = _fine_pruned(grid, params, layer, epochs, b_test,
+                                    [mask_of(index, column)], [text_of(key)])
+      figures = tuned[memo]
+    grid.record({**row, **{k: _percent(v) for k, v in figures.items()}})
   return curves
 
 
@@ -301,48 +302,51 @@ def layers_text(layers: tuple[str, ...]) -> str:
           if tuple(layers) == model.NEURON_LAYERS else '+'.join(layers))
 
 
-def _learned_row(defence_name, name, params, splits, labels, done, config, record) -> None:
+def _learned_row(grid: _Grid, defence_name: str, name: str, params: model.Params) -> None:
   """The row of a learned-mask defence on one model: its chosen net on the test split."""
+  config = grid.config
   defence, settings = defences.get(defence_name), defend.settings_of(config, defence_name)
   layers = config_lib.values(settings.layers)
   key = (defence.NAME, name, layers_text(layers), '', '', pruning.label(settings.max_clean_drop),
          str(settings.finetune.epochs))
-  if key in done:
+  if key in grid.done:
     logging.info('%s / %s: already done.', name, defence.NAME)
     return
   print(f'{name} / {defence.NAME}: masks on clean data, depth on held-out clean data...',
         flush=True)
   start = time.perf_counter()
   # The defence sees the clean validation split only, as in its own job.
-  clean = splits['clean_valid']
+  clean = grid.splits['clean_valid']
   outcome = defence.defend(params, base.Clean(clean.labels, clean.images, config.batch_size,
                                               config.precision), settings)
   chosen = outcome.candidates[outcome.recommended]
-  scorer = defend.Scorer(params, model.num_classes_of(params), labels, splits, {},
+  scorer = defend.Scorer(params, model.num_classes_of(params), grid.labels, grid.splits, {},
                          config.batch_size, config.precision, lambda key, rows: rows)
   net, good = scorer.figures(scorer.classes(chosen.params))
   logging.info('%s / %s: %s chosen in %.1f s.', name, defence.NAME, outcome.recommended,
                time.perf_counter() - start)
-  record({**dict(zip(KEY_FIELDS, key)),
-          'channels_pruned': str(chosen.figures['neurons_pruned']),
-          'pruned_channels': ' '.join(f'{layer}:{int(i)}' for layer in layers
-                                      for i in chosen.pruned.get(layer, ())),
-          **{k: _percent(v) for k, v in _row_figures(net, good).items()}})
+  grid.record({**dict(zip(KEY_FIELDS, key)),
+               'channels_pruned': str(chosen.figures['neurons_pruned']),
+               'pruned_channels': ' '.join(f'{layer}:{int(i)}' for layer in layers
+                                           for i in chosen.pruned.get(layer, ())),
+               **{k: _percent(v) for k, v in _row_figures(net, good).items()}})
 
 
-def _fine_pruned(params, level_masks, layer, epochs, splits, b_test, labels, num_classes,
-                 config, tune, names) -> list[dict]:
-  """Each mask's net fine-pruned for ``epochs`` (together where ``tune.stacking`` stacks)."""
-  clean = splits['clean_valid']
-  tuned = fine_pruning.fine_prune_many(params, level_masks, clean.images, clean.labels,
-                                       tune.recipe(epochs), config.holdout_fraction, names,
-                                       layer, tune.stacking)
+def _fine_pruned(grid: _Grid, params: model.Params, layer: str, epochs: int,
+                 b_test: dict[str, np.ndarray], level_masks, names) -> list[dict]:
+  """Each mask's net fine-pruned for ``epochs`` (together where the tuning stacks); its row's
+  figures."""
+  clean, config = grid.splits['clean_valid'], grid.config
+  tuned = fine_pruning.fine_prune_many(params, list(level_masks), clean.images, clean.labels,
+                                       grid.tune.recipe(epochs), grid.rows, list(names), layer,
+                                       grid.tune.stacking)
   figures = []
   for net, _ in tuned:
-    classes = {key: evaluate.predict(net, splits[key].images, config.batch_size,
+    classes = {key: evaluate.predict(net, grid.splits[key].images, config.batch_size,
                                      precision=config.precision)
                for key in ('clean_test', 'poisoned_test')}
-    figures.append(_metrics(classes, b_test, labels, num_classes))
+    figures.append(_row_figures(*goodnet.figures(b_test, classes, grid.labels,
+                                                 model.num_classes_of(params))))
   return figures
 
 

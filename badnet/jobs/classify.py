@@ -69,6 +69,7 @@ def nets_of_run(config: ml_collections.ConfigDict) -> tuple[pathlib.Path, pathli
     raise ConfigError(f'config.run: {run} has no readable results.json (did that run '
                       f'finish?)') from None
   reached = [x for x, entry in results['thresholds'].items() if entry['reached']]
+  listed = ', '.join(reached) or '(none reached)'
   if config.x:
     try:
       x = f'{float(config.x):g}'  # as the run's results name its X
@@ -77,11 +78,9 @@ def nets_of_run(config: ml_collections.ConfigDict) -> tuple[pathlib.Path, pathli
   else:
     x = (results.get('recommended') or {}).get('x')
     if x is None:
-      raise ConfigError(f'config.x is needed: the X of {run} to use, one of '
-                        f'{", ".join(reached) or "(none reached)"}')
+      raise ConfigError(f'config.x is needed: the X of {run} to use, one of {listed}')
   if x not in reached:
-    raise ConfigError(f'config.x: {run} has no repaired net at X={x}; it has X = '
-                      f'{", ".join(reached) or "(none reached)"}')
+    raise ConfigError(f'config.x: {run} has no repaired net at X={x}; it has X = {listed}')
   entry = results['thresholds'][x]
   net = config.net or ('fine_pruned' if entry.get('fine_pruned_model_file') else 'repaired')
   key = 'fine_pruned_model_file' if net == 'fine_pruned' else 'model_file'

@@ -21,7 +21,6 @@ def check(config: ml_collections.ConfigDict) -> None:
 
 
 def run(config: ml_collections.ConfigDict, out: pathlib.Path) -> dict[str, float]:
-  """Evaluates ``config.model`` on ``config.data``; writes results.json to ``out``."""
   model_path, clean_path, poisoned_path = config.model, config.data.clean, config.data.poisoned
   if not model_path and not clean_path and not poisoned_path:
     model_path, data_dir = inputs.shipped_benchmark()
@@ -29,9 +28,8 @@ def run(config: ml_collections.ConfigDict, out: pathlib.Path) -> dict[str, float
     poisoned_path = data_dir / inputs.CSAW_FILES['poisoned_test']
   params = keras_io.read_params(model_path)
   num_classes = model.num_classes_of(params)
-  results = {'model': str(model_path)}
   used = {'clean_test': clean_path, **({'poisoned_test': poisoned_path} if poisoned_path else {})}
-  results['data'] = inputs.recorded(used)
+  results = {'model': str(model_path), 'data': inputs.recorded(used)}
   clean = data.load_csaw_h5(clean_path, num_classes)
   results['clean_acc'] = evaluate.accuracy(params, clean.images, clean.labels, config.batch_size)
   print(f'clean accuracy: {results["clean_acc"]:.2f} % ({len(clean)} images, {clean_path})')

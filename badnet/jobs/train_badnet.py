@@ -17,7 +17,6 @@ from badnet.errors import ConfigError
 from badnet import inputs
 from badnet.io import keras_io, workdir
 
-ATTACKS = ('badnets', 'pruning_aware')
 FIELDS = {
     'data.seed': config_lib.Integer(),
     'data.num_identities': config_lib.Integer(2),
@@ -25,7 +24,7 @@ FIELDS = {
     'data.trigger': config_lib.Choice(tuple(triggers.TRIGGERS), 'trigger'),
     'data.target': config_lib.Integer(0, lambda config: config.data.num_identities - 1,
                                       what='a class in 0..{high}'),
-    'attack': config_lib.Choice(ATTACKS, 'attack'),
+    'attack': config_lib.Choice(('badnets', 'pruning_aware'), 'attack'),
     'poison_rate': config_lib.Number(0, 1),
     'epochs': config_lib.Integer(1),
     'batch_size': config_lib.Integer(1),
@@ -41,11 +40,10 @@ FIELDS = {
 
 
 def _train(config: ml_collections.ConfigDict, spec: shipped.BenchmarkSpec, images, labels):
-  recipe = train.Recipe(optimizer='adam', learning_rate=config.learning_rate,
-                        warmup_epochs=config.warmup_epochs, epochs=config.epochs,
-                        batch_size=config.batch_size, seed=config.seed)
   common = dict(trigger=spec.trigger, target=spec.target, poison_rate=config.poison_rate,
-                recipe=recipe)
+                recipe=train.Recipe(optimizer='adam', learning_rate=config.learning_rate,
+                                    warmup_epochs=config.warmup_epochs, epochs=config.epochs,
+                                    batch_size=config.batch_size, seed=config.seed))
   if config.attack == 'badnets':
     return attacks.train_badnets(images, labels, spec.num_identities, **common)
   return attacks.train_pruning_aware(
