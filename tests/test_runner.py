@@ -17,9 +17,9 @@ import pytest
 from PIL import Image
 
 from badnet import runner
-from badnet.core import masks, train
+from badnet.core import evaluate, masks, train
 from badnet.defences import fine_pruning, goodnet
-from badnet.errors import DataError, WorkdirError
+from badnet.errors import DataError, TrainingError, WorkdirError
 from badnet.io import keras_io, workdir
 from configs import fine_prune as fine_prune_config
 from configs import prune as prune_config
@@ -154,20 +154,46 @@ def test_temporary_files_of_a_killed_run_are_removed_by_the_next(world, tmp_path
 
 
 def test_a_diverging_fine_tuning_stops_with_one_line(world, tmp_path):
-  """SGD at BackdoorBench's rate on raw 0..255 pixels wrecks the net in its first epoch."""
+  """SGD at BackdoorBench's rate on raw 0..255 pixels wrecks the net in its first epoch (on
+  enough held-out images to judge: train.COLLAPSE_HOLDOUT_IMAGES)."""
   root, _ = world
   result = _main('--config=configs/fine_prune.py', *_world_flags(root),
                  '--config.fine_pruning.thresholds=(2.0,)',
+                 '--config.fine_pruning.holdout_fraction=0.9',
                  '--config.fine_pruning.finetune.optimizer=sgd',
                  '--config.fine_pruning.finetune.learning_rate=0.01',
                  '--config.fine_pruning.finetune.epochs=30',
                  f'--workdir={tmp_path / "run"}')
   assert result.returncode == 1
   line = _one_error_line(result)
-  assert re.match(r'error: fine-tune only: training diverged in epoch \d+ of 30 \((held-out '
-                  r'clean accuracy fell from [\d.]+ % to [\d.]+ %, chance level, for 2 epochs|'
+  assert re.match(r'error: fine-(tune only|prune X=2): training diverged in epoch \d+ of 30 '
+                  r'\((held-out clean accuracy fell from [\d.]+ % to [\d.]+ %, chance level, '
+                  r'for 2 epochs|'
                   r'the loss is nan)\) with sgd at learning rate 0.01; stopped. Try a lower '
                   r'learning rate', line), line
+
+
+@pytest.mark.parametrize('held_out', [train.COLLAPSE_HOLDOUT_IMAGES, 24])
+def test_the_guard_stops_a_collapse_only_on_enough_held_out_images(held_out):
+  """A net wrecked to one class for two epochs: stopped where the held-out set can tell chance
+  from a dip, trained on where it holds a couple of dozen images (a dip of a few images)."""
+  params = helpers.random_params(11, seed=5)
+  images = helpers.varied_images(held_out, seed=2)
+  labels = evaluate.predict(params, images)  # B scores 100 %
+  assert len(np.unique(labels)) > 3
+  one_class = {**params, 'output': {'kernel': np.zeros_like(params['output']['kernel']),
+                                    'bias': np.eye(11, dtype=np.float32)[0]}}
+  assert train.collapsed(evaluate.accuracy(one_class, images, labels), 100.0, 11)
+  recipe = train.Recipe(epochs=3)
+  tracker = train._Tracker('tune', recipe, (images, labels), 'conv_3',  # pylint: disable=protected-access
+                           np.ones(60, np.float32), params)
+  tracker.end_epoch(1, np.ones(2), np.ones(2), one_class, 1.0)  # one epoch can be a dip
+  if held_out < train.COLLAPSE_HOLDOUT_IMAGES:
+    tracker.end_epoch(2, np.ones(2), np.ones(2), one_class, 1.0)
+    return
+  with pytest.raises(TrainingError, match=r'tune: training diverged in epoch 2 of 3 \(held-out '
+                     r'clean accuracy fell from 100.00 % to [\d.]+ %, chance level, for 2 epochs'):
+    tracker.end_epoch(2, np.ones(2), np.ones(2), one_class, 1.0)
 
 
 def test_collapse_means_chance_level_far_below_the_start():

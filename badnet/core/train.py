@@ -116,6 +116,10 @@ def stacks(stacking: str) -> bool:
 # One such epoch can be a dip; two in a row, or never climbing out, a collapse.
 COLLAPSE_POINTS = 10.0
 COLLAPSE_EPOCHS = 2
+# Fewer held-out images cannot tell a collapse from a dip: at 100, an accuracy's standard error
+# is at most 5 points (sqrt(0.25 / 100)), half of COLLAPSE_POINTS. Below it only a non-finite
+# loss stops training.
+COLLAPSE_HOLDOUT_IMAGES = 100
 
 
 def collapsed(holdout_acc: float, start_acc: float, num_classes: int) -> bool:
@@ -141,7 +145,8 @@ def fit(params: Params, images: np.ndarray, labels: np.ndarray, recipe: Recipe, 
   images: uint8 [N, 55, 47, 3]; channel_mask: [C], 0 where a channel of ``layer`` is held out of the
   forward pass; held: as in ``train_step``; holdout: clean (images, labels) scored each epoch, the
   best epoch's params returned (ties: the later). Raises TrainingError on a non-finite epoch loss,
-  or held-out accuracy ``collapsed`` for ``COLLAPSE_EPOCHS`` epochs in a row (or at the end)."""
+  or held-out accuracy (of at least ``COLLAPSE_HOLDOUT_IMAGES`` images) ``collapsed`` for
+  ``COLLAPSE_EPOCHS`` epochs in a row (or at the end)."""
   return fit_many([params], images, labels, recipe, channel_masks=[channel_mask],
                   holdout=holdout, names=[name], layer=layer, held=[held], stacking='loop')[0]
 
@@ -240,8 +245,8 @@ class _Tracker:
     self.history, self.best, self.best_acc, self.streak, self.last = [], None, -1.0, 0, None
     self.num_classes = model.num_classes_of(params)
     # Where held-out accuracy starts, so that an epoch that wrecks it is noticed.
-    self.start_acc = None if holdout is None else evaluate.accuracy(
-        params, *holdout, channel_mask=mask, layer=layer)
+    self.start_acc = None if holdout is None or len(holdout[1]) < COLLAPSE_HOLDOUT_IMAGES else (
+        evaluate.accuracy(params, *holdout, channel_mask=mask, layer=layer))
 
   def end_epoch(self, epoch: int, losses: np.ndarray, accuracies: np.ndarray, params: Params,
                 seconds: float) -> None:
