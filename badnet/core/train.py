@@ -116,9 +116,8 @@ def stacks(stacking: str) -> bool:
 # One such epoch can be a dip; two in a row, or never climbing out, a collapse.
 COLLAPSE_POINTS = 10.0
 COLLAPSE_EPOCHS = 2
-# Fewer held-out images cannot tell a collapse from a dip: at 100, an accuracy's standard error
-# is at most 5 points (sqrt(0.25 / 100)), half of COLLAPSE_POINTS. Below it only a non-finite
-# loss stops training.
+# Fewer held-out images cannot tell a collapse from a dip (at 100 an accuracy's standard error is
+# at most sqrt(0.25 / 100) = 5 points, half COLLAPSE_POINTS): then only a non-finite loss stops.
 COLLAPSE_HOLDOUT_IMAGES = 100
 
 

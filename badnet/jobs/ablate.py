@@ -334,8 +334,7 @@ def _learned_row(grid: _Grid, defence_name: str, name: str, params: model.Params
 
 def _fine_pruned(grid: _Grid, params: model.Params, layer: str, epochs: int,
                  b_test: dict[str, np.ndarray], level_masks, names) -> list[dict]:
-  """Each mask's net fine-pruned for ``epochs`` (together where the tuning stacks); its row's
-  figures."""
+  """Each mask's net fine-pruned for ``epochs`` (stacked where the tuning stacks): row figures."""
   clean, config = grid.splits['clean_valid'], grid.config
   tuned = fine_pruning.fine_prune_many(params, list(level_masks), clean.images, clean.labels,
                                        grid.tune.recipe(epochs), grid.rows, list(names), layer,
