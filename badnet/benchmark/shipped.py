@@ -62,8 +62,11 @@ def write_csaw_dir(data_dir: pathlib.Path, spec: BenchmarkSpec
 
 def _digests(data_dir: pathlib.Path) -> dict[str, str]:
   """sha256 of each data file (what a reuse checks), by CSAW-layout path."""
-  return {relative: hashlib.sha256((data_dir / relative).read_bytes()).hexdigest()
-          for relative in CSAW_FILES.values()}
+  digests = {}
+  for relative in CSAW_FILES.values():
+    with open(data_dir / relative, 'rb') as handle:  # streamed: never a whole file in memory
+      digests[relative] = hashlib.file_digest(handle, 'sha256').hexdigest()
+  return digests
 
 
 def _has_data(data_dir: pathlib.Path, spec: BenchmarkSpec) -> bool:

@@ -131,12 +131,11 @@ def attack_success_rate(params: Params, poisoned_images: np.ndarray,
 def _level_classes(params_and_masks: tuple[Params, jax.Array], images: jax.Array) -> jax.Array:
   """Classes [B, L] of a batch at every pruning level, from pool_3 computed once."""
   params, masks = params_and_masks
-  state = model_lib.apply(params, images, stop=model_lib.FEATURE_LAYER)
+  state = model_lib.apply(params, images, stop='conv_3')
 
   def one_level(carry, mask):
     # A scan keeps only one level's [B, classes] logits alive at a time.
-    return carry, jnp.argmax(model_lib.apply(params, state, mask, start=model_lib.FEATURE_LAYER),
-                            axis=-1)
+    return carry, jnp.argmax(model_lib.apply(params, state, mask, start='conv_3'), axis=-1)
 
   _, classes = jax.lax.scan(one_level, None, masks)
   return classes.T

@@ -128,8 +128,7 @@ def apply(params: Params, inputs: jax.Array | dict[str, jax.Array],
     conv_4_as_matmul: see ``linear``.
   """
   layer = check_layer(layer or start or stop or FEATURE_LAYER)
-  if stop is not None:
-    check_layer(stop)
+  check_layer(stop or layer)
   if start is not None and layer != start:
     raise ValueError(f'a mask on {layer} cannot apply to a net started after {start}')
   neurons = neurons or {}

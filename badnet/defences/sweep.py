@@ -137,11 +137,8 @@ class _GatheredRows:
 def state_classes(params: Params, state: dict[str, jax.Array], channel_mask: jax.Array,
                   layer: str = model_lib.FEATURE_LAYER,
                   precision: str = model_lib.DEFAULT_PRECISION) -> jax.Array:
-  """Classes from ``features``' state, ``layer``'s channels masked ([C] or [N, C]).
-
-  After conv_3, conv_4 runs as a matrix product: on a CPU XLA runs that small convolution
-  well below its matrix-multiply rate.
-  """
+  """Classes from ``features``' state, ``layer``'s channels masked ([C] or [N, C]); after conv_3,
+  conv_4 runs as a matrix product, which XLA's CPU code runs faster than that small convolution."""
   return jnp.argmax(model_lib.apply(params, state, channel_mask, start=layer, precision=precision,
                                     conv_4_as_matmul=layer == 'conv_3'), axis=-1)
 

@@ -304,10 +304,12 @@ def plot_mask_tradeoff(path: pathlib.Path, results: dict) -> None:
   for row in results['tradeoff']:
     by_variant.setdefault(row['candidate'].rpartition(': ')[0], []).append(row)
   chosen = results.get('defended')
-  for index, (variant, mine) in enumerate(by_variant.items()):
+  # The legend names the chosen variant (else the first); the others are drawn faded.
+  shown = chosen['candidate'].rpartition(': ')[0] if chosen else next(iter(by_variant), '')
+  for variant, mine in by_variant.items():
     depth = [row['neurons_pruned'] for row in mine]
-    label = lambda text: None if index else text + (f' ({variant})' if variant else '')
-    alpha = 1.0 if not chosen or chosen['candidate'].rpartition(': ')[0] == variant else 0.35
+    label = lambda text: text + (f' ({variant})' if variant else '') if variant == shown else None
+    alpha = 1.0 if not chosen or variant == shown else 0.35
     style = dict(marker='o', markersize=3, alpha=alpha, linewidth=1.2)
     axes.plot(depth, [r['holdout_clean_acc'] for r in mine], color='tab:blue', linestyle=':',
               label=label('clean, held-out valid, pruned'), **style)

@@ -20,7 +20,7 @@ import numpy as np
 
 from badnet import config as config_lib
 from badnet import defences, defend, inputs
-from badnet.core import distributed, evaluate, masks, model, train
+from badnet.core import distributed, masks, model, train
 from badnet.defences import base, goodnet, sweep
 from badnet.io import data, keras_io, report, tables, workdir
 
@@ -125,6 +125,10 @@ class _Grid:
   @property
   def labels(self) -> dict[str, np.ndarray]:
     return {key: split.labels for key, split in self.splits.items()}
+
+  def scorer(self, params: model.Params) -> defend.Scorer:  # the one path's, on this run's files
+    return defend.Scorer(params, model.num_classes_of(params), self.labels, self.splits, {},
+                         self.config.batch_size, self.config.precision, lambda key, rows: rows)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -320,8 +324,7 @@ def _learned_row(grid: _Grid, defence_name: str, name: str, params: model.Params
   outcome = defence.defend(params, base.Clean(clean.labels, clean.images, config.batch_size,
                                               config.precision), settings)
   chosen = outcome.candidates[outcome.recommended]
-  scorer = defend.Scorer(params, model.num_classes_of(params), grid.labels, grid.splits, {},
-                         config.batch_size, config.precision, lambda key, rows: rows)
+  scorer = grid.scorer(params)
   net, good = scorer.figures(scorer.classes(chosen.params))
   logging.info('%s / %s: %s chosen in %.1f s.', name, defence.NAME, outcome.recommended,
                time.perf_counter() - start)
@@ -335,18 +338,13 @@ def _learned_row(grid: _Grid, defence_name: str, name: str, params: model.Params
 def _fine_pruned(grid: _Grid, params: model.Params, layer: str, epochs: int,
                  b_test: dict[str, np.ndarray], level_masks, names) -> list[dict]:
   """Each mask's net fine-pruned for ``epochs`` (stacked where the tuning stacks): row figures."""
-  clean, config = grid.splits['clean_valid'], grid.config
+  clean = grid.splits['clean_valid']
   tuned = fine_pruning.fine_prune_many(params, list(level_masks), clean.images, clean.labels,
                                        grid.tune.recipe(epochs), grid.rows, list(names), layer,
                                        grid.tune.stacking)
-  figures = []
-  for net, _ in tuned:
-    classes = {key: evaluate.predict(net, grid.splits[key].images, config.batch_size,
-                                     precision=config.precision)
-               for key in ('clean_test', 'poisoned_test')}
-    figures.append(_row_figures(*goodnet.figures(b_test, classes, grid.labels,
-                                                 model.num_classes_of(params))))
-  return figures
+  scorer = grid.scorer(params)
+  return [_row_figures(*goodnet.figures(b_test, scorer.classes(net), grid.labels,
+                                        scorer.num_classes)) for net, _ in tuned]
 
 
 def _markdown(rows: list[dict], shipped: bool) -> str:
