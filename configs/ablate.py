@@ -23,9 +23,10 @@ and prints one markdown table; it writes
 `defences` adds learned-mask pruning to the grid: 'anp' and 'rnp' each run
 on every net as configs/anp.py and configs/rnp.py do (their settings in the
 same blocks, `config.anp` and `config.rnp`),
-one row each for the net they choose on held-out clean data: defence 'anp'
-or 'rnp', layer the masked layers ('conv_1-fc_2' for all), x their
-`max_clean_drop`, finetune_epochs their `finetune.epochs`, pruned_channels
+one row each for the net they choose: defence 'anp' or 'rnp', layer the
+masked layers ('conv_1-conv_4' by default), x their 'mask<=threshold' (or
+`max_clean_drop` with selection='holdout'), finetune_epochs their
+`finetune.epochs`, pruned_channels
 'layer:neuron' pairs. 'pruning' is the channel grid above (fine-pruning where
 finetune_epochs > 0); every row's first column names its defence. To compare
 all four on the shipped nets (the default grid, plus one ANP and one RNP run

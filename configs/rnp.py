@@ -2,13 +2,14 @@
 
     python main.py --config=configs/rnp.py --workdir=workdir/rnp
 
-Inputs as in configs/prune.py. On part of the clean validation split it
-unlearns (gradient ascent on the clean loss until clean accuracy falls to
-rnp.clean_threshold percent), learns masks that recover the clean task on the
-unlearned net, then prunes B's neurons with the smallest masks (each candidate
-fine-tuned as in configs/anp.py), and keeps the deepest candidate whose held-out clean
-accuracy stays within `rnp.max_clean_drop` points of B's. It prints and writes
-what configs/anp.py does (results.json also holds the unlearning epochs).
+Inputs as in configs/prune.py. The published method by default: on 80 % of
+the clean validation split it unlearns (gradient ascent on the clean loss
+until training accuracy falls to rnp.clean_threshold percent), learns masks
+on the unlearned net's conv neurons that recover the clean task, and prunes
+B's neurons whose mask is at most rnp.threshold (0.2), kernel slice zeroed,
+bias kept; no fine-tuning. It prints and writes what configs/anp.py does
+(results.json also holds the unlearning epochs), with the same options
+(rnp.selection='holdout', rnp.finetune.epochs).
 """
 
 import ml_collections

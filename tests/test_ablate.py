@@ -245,10 +245,10 @@ def test_anp_and_rnp_rows_equal_their_own_jobs(world, tmp_path):
                                     if name.split('.')[0] == defence})
     results = runner.run(job_config, str(tmp_path / defence))
     row = _row(rows, defence=defence)
-    assert row['layer'] == 'conv_1-fc_2' and row['x'] == '3' and row['finetune_epochs'] == '1'
+    assert (row['layer'], row['x'], row['finetune_epochs']) == ('conv_1-conv_4', 'mask<=0.2', '1')
     assert int(row['channels_pruned']) == results['defended']['neurons_pruned']
     assert row['pruned_channels'].split() == [
-        f'{layer}:{i}' for layer in model.NEURON_LAYERS for i in results['pruned'].get(layer, [])]
+        f'{layer}:{i}' for layer in model.PRUNABLE_LAYERS for i in results['pruned'].get(layer, [])]
     test, good = results['defended']['test'], results['goodnet']['test']
     for column, value in (('clean_acc', test['clean_acc']), ('asr', test['asr']),
                           ('goodnet_clean_acc', good['clean_acc']), ('goodnet_asr', good['asr']),
@@ -296,6 +296,17 @@ def test_stacked_fine_tunings_give_the_rows_of_fine_tunings_in_turn(world, tmp_p
   distinct = len({r['pruned_channels'] for r in rows['loop'] if r['pruned_channels']})
   assert distinct > 2
   assert calls == [distinct] + [1] * distinct  # stacked: one call; in turn: one a mask
-  assert rows['vmap'] == rows['loop']
+  # A vmapped step adds in another order than the loop's, so on another CPU a net's class may
+  # flip on a near tie: each figure may differ by one image of the world's 120-image files
+  # (0.83 points); the keys and pruned channels must not.
+  figures = ('clean_acc', 'asr', 'goodnet_clean_acc', 'goodnet_asr', 'detection_rate',
+             'false_alarm_rate')
+  assert len(rows['vmap']) == len(rows['loop'])
+  for ours, theirs in zip(rows['vmap'], rows['loop']):
+    assert {k: v for k, v in ours.items() if k not in figures} == (
+        {k: v for k, v in theirs.items() if k not in figures})
+    for field in figures:
+      assert ours[field] == theirs[field] == '' or (
+          abs(float(ours[field]) - float(theirs[field])) <= 100 / 120), (field, ours, theirs)
   # The masks' nets differ, so a row given another mask's net would show.
   assert len({r['clean_acc'] for r in rows['loop']}) > 2

@@ -152,8 +152,6 @@ def test_fine_tuning_lowers_the_training_loss(net):
   assert float(before) - after > first_order / 2, (float(before), after, first_order)
 
 
-@pytest.mark.xfail(strict=True, reason='issue 25: the mask still gates the bias '
-                   '(learned_masks._scales)')
 def test_a_masked_neuron_with_a_positive_bias_has_a_mask_gradient(net):
   """ANP and RNP (as published) scale a neuron's weights by its mask, not its bias: at m = 0 the
   neuron outputs relu(b) = b > 0, ReLU's linear part, and m still moves it by its weighted input,

@@ -105,13 +105,16 @@ def test_fine_prune_keeps_pruned_channels_zero_and_returns_the_best_epoch(optimi
   assert scored == max(epoch['holdout_acc'] for epoch in history)
 
 
-def test_recommend_takes_the_deepest_x_within_the_clean_drop():
-  # name -> ((channels pruned, X), held-out clean accuracy); X=95 was never reached.
-  results = {'2': ((40, 2.0), 99.0), '30': ((45, 30.0), 97.5), '85': ((49, 85.0), 96.9)}
-  assert fine_pruning.recommend(results, 99.5, 3.0) == '85'  # 96.9 >= 96.5
-  assert fine_pruning.recommend(results, 99.5, 2.0) == '30'  # 96.9 < 97.5 <= 97.5
-  assert fine_pruning.recommend(results, 99.5, 0.5) == '2'   # 99.0 >= 99.0
-  assert fine_pruning.recommend(results, 99.5, 0.4) is None
+def test_recommend_takes_the_deepest_x_within_the_clean_drop_in_whole_images():
+  # name -> ((channels pruned, X), held-out clean accuracy) on 200 images (one is 0.5 points);
+  # B: 199 right. X=95 was never reached.
+  results = {'2': ((40, 2.0), 99.0), '30': ((45, 30.0), 97.5), '85': ((49, 85.0), 96.5)}
+  assert fine_pruning.recommend(results, 99.5, 3.0, 200) == '85'  # 6 lost of 6 allowed
+  assert fine_pruning.recommend(results, 99.5, 2.9, 200) == '30'  # 5 allowed: 4 lost
+  assert fine_pruning.recommend(results, 99.5, 0.5, 200) == '2'   # 1 allowed: 1 lost
+  assert fine_pruning.recommend(results, 99.5, 0.4, 200) is None  # 0.8 of an image: none
+  # Figures off the image grid (float rounding) count as the nearest whole image.
+  assert fine_pruning.recommend({'2': ((40, 2.0), 99.0 - 1e-9)}, 99.5, 0.5, 200) == '2'
 
 
 def _config(world_root, workdir_poisoned=None, **finetune) -> 'ml_collections.ConfigDict':

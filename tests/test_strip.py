@@ -50,7 +50,8 @@ def test_a_net_of_known_logits_gives_its_entropy_on_every_path(blend):
 def test_superimposing_by_hand():
   image = np.array([[200, 100, 0]], np.uint8)
   overlay = np.array([[100, 50, 30]], np.uint8)
-  np.testing.assert_array_equal(strip.superimpose(image, overlay, 'add'), [[255, 150, 30]])
+  np.testing.assert_array_equal(strip.superimpose(image, overlay, 'add'), [[300, 150, 30]])
+  np.testing.assert_array_equal(strip.superimpose(image, overlay, 'saturate'), [[255, 150, 30]])
   np.testing.assert_array_equal(strip.superimpose(image, overlay, 'average'), [[150, 75, 15]])
   with pytest.raises(ValueError, match="unknown blend 'max'"):
     strip.superimpose(image, overlay, 'max')
@@ -103,8 +104,9 @@ def test_the_averaged_path_equals_the_direct_one_and_works_under_vmap(net):
   direct = jax.jit(jax.vmap(lambda x, o: strip.entropy(params, x, o, 'average')))(
       inputs, overlays)
   terms = lambda x: model.linear(params, 'conv_1', x)
-  averaged = jax.jit(jax.vmap(lambda x, o: strip.averaged_entropy(
-      params, terms(x), jnp.broadcast_to(terms(o), (3, *terms(o).shape)))))(inputs, overlays)
+  averaged = jax.jit(jax.vmap(lambda x, o: strip.linear_blend_entropy(
+      params, terms(x), jnp.broadcast_to(terms(o), (3, *terms(o).shape)), 'average')))(
+          inputs, overlays)
   np.testing.assert_allclose(averaged, direct, atol=2e-5)
   for stack in range(2):
     np.testing.assert_allclose(direct[stack], strip.entropy(params, inputs[stack],
@@ -241,7 +243,7 @@ def test_two_runs_give_identical_results(world, strip_run, tmp_path):
     ('strip.frr', 0.0, r'config.strip.frr must be in \(0, 100\), got 0.0'),
     ('strip.frr', 100.0, r'config.strip.frr must be in \(0, 100\), got 100.0'),
     ('strip.blend', 'multiply', "config.strip.blend: unknown blend 'multiply'; expected one of "
-                                'add, average'),
+                                'add, saturate, average'),
     ('strip.threshold', 'median', "config.strip.threshold: unknown threshold rule 'median'"),
     ('strip.overlay_fraction', 1.0, r'config.strip.overlay_fraction must be in \(0, 1\)'),
     ('strip.goodnet_x', -1.0, r'config.strip.goodnet_x must be in \[0, 100\], got -1.0'),

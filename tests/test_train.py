@@ -9,6 +9,7 @@ import pytest
 from badnet.benchmark import attacks, faces, triggers
 from badnet.core import evaluate, masks, model, train
 from badnet.defences import pruning
+from tests import helpers
 
 K = 4
 
@@ -82,6 +83,25 @@ def variants(task):
   return params, channel_masks, recipe, kwargs, alone
 
 
+def test_held_neurons_keep_their_bias_only_where_asked_and_the_last_epoch_is_kept(task):
+  """ANP's and RNP's pruned neurons keep their bias (BatchNorm's beta); fine-pruning's do not.
+  ``best_epoch=False``: the net returned is the last epoch's, whatever the held-out figures."""
+  train_images, train_labels, test_images, test_labels = task
+  params = helpers.random_params(K, seed=2)  # non-zero biases, so a zeroed one shows
+  pruned = np.array([1, 5, 6])
+  mask = np.ones(40, np.float32)
+  mask[pruned] = 0
+  recipe = train.Recipe(epochs=2, batch_size=32, learning_rate=1e-3, seed=0)
+  for keep_bias in (False, True):
+    tuned, history = train.fit(params, train_images, train_labels, recipe, held={'conv_2': mask},
+                               held_keep_bias=keep_bias, holdout=(test_images, test_labels),
+                               best_epoch=False)
+    assert not tuned['conv_2']['kernel'][..., pruned].any()
+    assert (tuned['conv_2']['bias'][pruned] != 0).all() == keep_bias
+    assert evaluate.accuracy(tuned, test_images, test_labels) == history[-1]['holdout_acc']
+  assert (tuned['conv_2']['bias'][pruned] != params['conv_2']['bias'][pruned]).any()  # trained
+
+
 def test_nets_fitted_in_turn_equal_each_net_fitted_alone(task, variants):
   params, channel_masks, recipe, kwargs, alone = variants
   together = train.fit_many([params] * 3, *task[:2], recipe, channel_masks=channel_masks,
@@ -99,10 +119,12 @@ def test_nets_fitted_in_turn_equal_each_net_fitted_alone(task, variants):
 def test_stacked_nets_give_each_net_fitted_alone(task, variants, optimizer):
   """One vmapped step for all three nets: each net's params up to float rounding.
 
-  vmapped convolutions add in another order. With SGD a rounding difference
-  stays one; Adam turns one in a near-zero gradient into a step of up to the
-  learning rate, so with Adam (the jobs' recipe) the nets must give the same
-  classes and the same chosen epochs.
+  vmapped convolutions add in another order, and how differs between CPUs. With
+  SGD a rounding difference stays one: the params agree within ten float32 ulps of
+  these weights (|w| <= 0.02) after 14 steps. Adam turns one in a near-zero
+  gradient into a step of up to the learning rate, so with Adam (the jobs' recipe)
+  the nets may differ by a near-tie class: at most one of the 40 test images, each
+  epoch's held-out accuracy within one image.
   """
   params, channel_masks, recipe, kwargs, alone = variants
   if optimizer == 'sgd':  # a rate that raw 0..255 pixels take without diverging
@@ -113,20 +135,22 @@ def test_stacked_nets_give_each_net_fitted_alone(task, variants, optimizer):
   stacked = train.fit_many([params] * 3, *task[:2], recipe, channel_masks=channel_masks,
                            stacking='vmap', **kwargs)
   test_images = task[2]
+  one_image = 100 / len(test_images)
   for i, ((ours, our_history), mask) in enumerate(zip(stacked, channel_masks)):
     theirs, their_history = alone[i]
-    np.testing.assert_array_equal(evaluate.predict(ours, test_images, channel_mask=mask),
-                                  evaluate.predict(theirs, test_images, channel_mask=mask))
+    classes = [evaluate.predict(net, test_images, channel_mask=mask) for net in (ours, theirs)]
+    assert (classes[0] != classes[1]).sum() <= 1
     if optimizer == 'adam':
-      best = lambda history: max(history, key=lambda e: (e['holdout_acc'], e['epoch']))['epoch']
-      assert best(our_history) == best(their_history)
+      assert [e['epoch'] for e in our_history] == [e['epoch'] for e in their_history]
+      for our_epoch, their_epoch in zip(our_history, their_history):
+        assert abs(our_epoch['holdout_acc'] - their_epoch['holdout_acc']) <= one_image + 1e-9
       continue
     moved = max(np.abs(theirs[layer]['kernel'] - params[layer]['kernel']).max()
                 for layer in params)
-    assert moved > 1e-6  # training moved the params far more than the tolerance
+    assert moved > 1e-6  # training moved the params 50 times the tolerance or more
     for layer in ours:
       for name in ours[layer]:
-        np.testing.assert_allclose(ours[layer][name], theirs[layer][name], rtol=0, atol=1e-9,
+        np.testing.assert_allclose(ours[layer][name], theirs[layer][name], rtol=0, atol=2e-8,
                                    err_msg=f'net {i}: {layer}/{name}')
 
 

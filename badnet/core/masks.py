@@ -1,7 +1,9 @@
 """Hard pruning: channel c of a layer pruned by zeroing its ``kernel[..., c]`` and ``bias[c]``.
 
 As in the Keras notebooks; the same as a 0 in a mask on the layer's output
-(``model.apply``), because relu(0) = 0 and max-pooling zeros gives zero.
+(``model.apply``), because relu(0) = 0 and max-pooling zeros gives zero. ANP and RNP
+zero the kernel slice only (``keep_bias``), as their originals zero BatchNorm's gamma and
+keep beta: the neuron then outputs its bias, exactly what their learned mask of 0 gives.
 """
 
 import jax
@@ -25,14 +27,16 @@ def prune(params: Params, channel_mask: jax.Array,
 
 
 def prune_layer(weights: dict[str, jax.Array], channel_mask: jax.Array,
-                layer: str = model_lib.FEATURE_LAYER) -> dict[str, jax.Array]:
-  """One layer's {'kernel', 'bias'} with the masked output channels zeroed."""
+                layer: str = model_lib.FEATURE_LAYER, keep_bias: bool = False
+                ) -> dict[str, jax.Array]:
+  """One layer's {'kernel', 'bias'} with the masked output channels zeroed (kernel only where
+  ``keep_bias``)."""
   keep = jnp.asarray(channel_mask) != 0
   if keep.shape[-1:] != weights['bias'].shape:
     raise ValueError(f'channel mask of shape {keep.shape} for a {layer} with '
                      f'{weights["bias"].shape[0]} channels')
   return {'kernel': jnp.where(keep, weights['kernel'], 0.0),
-          'bias': jnp.where(keep, weights['bias'], 0.0)}
+          'bias': weights['bias'] if keep_bias else jnp.where(keep, weights['bias'], 0.0)}
 
 
 def prefix_masks(order: np.ndarray) -> np.ndarray:
@@ -60,11 +64,13 @@ def pruned_channels(channel_mask: np.ndarray) -> np.ndarray:
   return np.flatnonzero(np.asarray(channel_mask) == 0)
 
 
-def prune_neurons(params: Params, pruned: dict[str, np.ndarray]) -> Params:
-  """Params with the neurons ``pruned[layer]`` (indices) of several layers zeroed (kernel, bias)."""
+def prune_neurons(params: Params, pruned: dict[str, np.ndarray], keep_bias: bool = False
+                  ) -> Params:
+  """Params with the neurons ``pruned[layer]`` (indices) of several layers zeroed (kernel, and
+  bias unless ``keep_bias``)."""
   pruned_params = dict(params)
   for layer, indices in pruned.items():
     mask = np.ones(params[layer]['bias'].shape, np.float32)
     mask[np.asarray(indices, np.int64)] = 0.0
-    pruned_params[layer] = prune_layer(params[layer], mask, layer)
+    pruned_params[layer] = prune_layer(params[layer], mask, layer, keep_bias)
   return pruned_params

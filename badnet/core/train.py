@@ -75,28 +75,32 @@ def loss_fn(params: Params, images: jax.Array, labels: jax.Array, channel_mask: 
 
 def train_step(params: Params, opt_state: optax.OptState, images: jax.Array, labels: jax.Array,
                channel_mask: jax.Array, held: dict[str, jax.Array] | None = None, *,
-               optimizer: optax.GradientTransformation, layer: str = model.FEATURE_LAYER
+               optimizer: optax.GradientTransformation, layer: str = model.FEATURE_LAYER,
+               held_keep_bias: bool = False
                ) -> tuple[Params, optax.OptState, jax.Array, jax.Array]:
   """One optimiser step (pure): new params and state, the loss and accuracy. ``channel_mask``
   silences ``layer``'s channels in the forward pass only (the pruning-aware attack's decoys keep
   their weights). ``held`` ({layer: 0/1 mask}, any hidden layers) zeroes those neurons' weights
   after the update, so momentum or weight decay cannot revive them: the one way a pruned net is
-  trained (fine-pruning, learned-mask candidates)."""
+  trained (fine-pruning, learned-mask candidates); their biases too unless ``held_keep_bias``."""
   (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       params, images, labels, channel_mask, layer)
   updates, opt_state = optimizer.update(grads, opt_state, params)
   params = optax.apply_updates(params, updates)
   for held_layer, held_mask in (held or {}).items():  # any hidden layer, dense ones too
-    params = {**params, held_layer: masks.prune_layer(params[held_layer], held_mask, held_layer)}
+    params = {**params, held_layer: masks.prune_layer(params[held_layer], held_mask, held_layer,
+                                                      held_keep_bias)}
   return params, opt_state, loss, accuracy
 
 
 @functools.cache
 def _compiled_step(recipe: Recipe, steps_per_epoch: int, layer: str = model.FEATURE_LAYER,
-                   stacked: bool = False) -> tuple[optax.GradientTransformation, Callable]:
+                   stacked: bool = False, held_keep_bias: bool = False
+                   ) -> tuple[optax.GradientTransformation, Callable]:
   # One compilation per (recipe, shapes, layer): fine-tuning several masks reuses it.
   optimizer = make_optimizer(recipe, steps_per_epoch)
-  step = functools.partial(train_step, optimizer=optimizer, layer=layer)
+  step = functools.partial(train_step, optimizer=optimizer, layer=layer,
+                           held_keep_bias=held_keep_bias)
   if stacked:  # nets stacked on a leading axis (params, state, masks); one batch for all
     step = jax.vmap(step, in_axes=(0, 0, None, None, 0, 0))
   return optimizer, backend.jit(step, donate_argnums=(0, 1))
@@ -138,16 +142,20 @@ def fit(params: Params, images: np.ndarray, labels: np.ndarray, recipe: Recipe, 
         channel_mask: np.ndarray | None = None,
         holdout: tuple[np.ndarray, np.ndarray] | None = None,
         name: str = 'train', layer: str = model.FEATURE_LAYER,
-        held: dict[str, np.ndarray] | None = None) -> tuple[Params, list[dict]]:
+        held: dict[str, np.ndarray] | None = None, held_keep_bias: bool = False,
+        best_epoch: bool = True) -> tuple[Params, list[dict]]:
   """Trains ``params`` on (images, labels) with ``recipe``: the params (numpy) and epoch stats.
 
   images: uint8 [N, 55, 47, 3]; channel_mask: [C], 0 where a channel of ``layer`` is held out of the
-  forward pass; held: as in ``train_step``; holdout: clean (images, labels) scored each epoch, the
-  best epoch's params returned (ties: the later). Raises TrainingError on a non-finite epoch loss,
-  or held-out accuracy (of at least ``COLLAPSE_HOLDOUT_IMAGES`` images) ``collapsed`` for
-  ``COLLAPSE_EPOCHS`` epochs in a row (or at the end)."""
+  forward pass; held, held_keep_bias: as in ``train_step``; holdout: clean (images, labels) scored
+  each epoch, the best epoch's params returned (ties: the later) if ``best_epoch``, else the last
+  epoch's (then the held-out figure is not a maximum, and can be compared with a budget).
+  Raises TrainingError on a non-finite epoch loss, or held-out accuracy (of at least
+  ``COLLAPSE_HOLDOUT_IMAGES`` images) ``collapsed`` for ``COLLAPSE_EPOCHS`` epochs in a row (or
+  at the end)."""
   return fit_many([params], images, labels, recipe, channel_masks=[channel_mask],
-                  holdout=holdout, names=[name], layer=layer, held=[held], stacking='loop')[0]
+                  holdout=holdout, names=[name], layer=layer, held=[held],
+                  held_keep_bias=held_keep_bias, best_epoch=best_epoch, stacking='loop')[0]
 
 
 def fit_many(params: Sequence[Params], images: np.ndarray, labels: np.ndarray, recipe: Recipe,
@@ -155,6 +163,7 @@ def fit_many(params: Sequence[Params], images: np.ndarray, labels: np.ndarray, r
              holdout: tuple[np.ndarray, np.ndarray] | None = None,
              names: Sequence[str] | None = None, layer: str = model.FEATURE_LAYER,
              held: Sequence[dict[str, np.ndarray] | None] | None = None,
+             held_keep_bias: bool = False, best_epoch: bool = True,
              stacking: str = 'auto') -> list[tuple[Params, list[dict]]]:
   """``fit`` for several nets of the same shapes on the same batches; a (params, history) each.
   Net i starts from ``params[i]`` with ``channel_masks[i]`` and ``held[i]`` (the same layers for
@@ -174,8 +183,8 @@ def fit_many(params: Sequence[Params], images: np.ndarray, labels: np.ndarray, r
   batch_size = evaluate.global_batch_size(min(recipe.batch_size, len(labels)), mesh)
   rows, replicated = NamedSharding(mesh, P('data')), NamedSharding(mesh, P())
   steps = len(labels) // batch_size
-  optimizer, step = _compiled_step(recipe, steps, layer, stacked)
-  starts, masks_, held_ = zip(*[_start(p, m, h, layer)
+  optimizer, step = _compiled_step(recipe, steps, layer, stacked, held_keep_bias)
+  starts, masks_, held_ = zip(*[_start(p, m, h, layer, held_keep_bias)
                                 for p, m, h in zip(params, channel_masks, held)])
   states = [jax.tree.map(jnp.array, net) for net in starts]
   stack = lambda trees: [jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)]
@@ -184,7 +193,7 @@ def fit_many(params: Sequence[Params], images: np.ndarray, labels: np.ndarray, r
       [stack(trees) if stacked else list(trees) for trees in (states, masks_, held_)], replicated)
   opt_states = jax.device_put([jax.vmap(optimizer.init)(w) if stacked else optimizer.init(w)
                                for w in weights], replicated)
-  trackers = [_Tracker(name, recipe, holdout, layer, mask, net)
+  trackers = [_Tracker(name, recipe, holdout, layer, mask, net, best_epoch)
               for name, mask, net in zip(names, masks_, starts)]
   label = names[0] if count == 1 else f'{names[0]} (+{count - 1})'
   rng = np.random.default_rng(recipe.seed)
@@ -217,20 +226,23 @@ def fit_many(params: Sequence[Params], images: np.ndarray, labels: np.ndarray, r
 
 
 def _start(params: Params, channel_mask: np.ndarray | None, held: dict | None,
-           layer: str) -> tuple[Params, np.ndarray, dict | None]:
+           layer: str, keep_bias: bool) -> tuple[Params, np.ndarray, dict | None]:
   """A net's starting params (pruned where held at zero), its mask and held masks (float32)."""
   mask = np.ones(model.num_channels(params, layer), np.float32) if channel_mask is None else (
       np.asarray(channel_mask, np.float32))
   held = None if held is None else {k: np.asarray(v, np.float32) for k, v in held.items()}
   for held_layer, held_mask in (held or {}).items():
-    params = {**params, held_layer: masks.prune_layer(params[held_layer], held_mask, held_layer)}
+    params = {**params, held_layer: masks.prune_layer(params[held_layer], held_mask, held_layer,
+                                                      keep_bias)}
   return params, mask, held
 
 
-def summary(history: list[dict], name: str = 'holdout_acc') -> dict:
-  """The epoch chosen on held-out accuracy (ties: the later), that accuracy (as ``name``) and
-  the history without timings (so results files are reproducible)."""
-  best = max(history, key=lambda epoch: (epoch['holdout_acc'], epoch['epoch']))
+def summary(history: list[dict], name: str = 'holdout_acc', best_epoch: bool = True) -> dict:
+  """The epoch chosen on held-out accuracy (ties: the later; the last if not ``best_epoch``),
+  its accuracy (as ``name``) and the history without timings (so results files are
+  reproducible)."""
+  best = max(history, key=lambda epoch: (epoch['holdout_acc'], epoch['epoch'])) if best_epoch else (
+      history[-1])
   return {'chosen_epoch': best['epoch'], name: best['holdout_acc'],
           'history': [{k: v for k, v in epoch.items() if k != 'seconds'} for epoch in history]}
 
@@ -239,8 +251,9 @@ class _Tracker:
   """One net's epochs: its history, the best held-out epoch's params, and collapse checks."""
 
   def __init__(self, name: str, recipe: Recipe, holdout: tuple[np.ndarray, np.ndarray] | None,
-               layer: str, mask: np.ndarray, params: Params):
+               layer: str, mask: np.ndarray, params: Params, best_epoch: bool = True):
     self.name, self.recipe, self.holdout, self.layer, self.mask = name, recipe, holdout, layer, mask
+    self.best_epoch = best_epoch
     self.history, self.best, self.best_acc, self.streak, self.last = [], None, -1.0, 0, None
     self.num_classes = model.num_classes_of(params)
     # Where held-out accuracy starts, so that an epoch that wrecks it is noticed.
@@ -259,7 +272,8 @@ class _Tracker:
                                                layer=self.layer)
       message = f', holdout acc {stats["holdout_acc"]:.2f} %'
       if stats['holdout_acc'] >= self.best_acc:
-        self.best_acc, self.best = stats['holdout_acc'], jax.device_get(params)
+        self.best_acc = stats['holdout_acc']
+        self.best = jax.device_get(params) if self.best_epoch else None
     stats['seconds'] = seconds
     self.history.append(stats)
     logging.info('%s: epoch %d/%d loss %.4f train acc %.2f %%%s (%.1f s)', self.name, epoch,
@@ -277,5 +291,6 @@ class _Tracker:
                         f'{"s" if self.streak > 1 else ""}')
 
   def result(self) -> tuple[Params, list[dict]]:
-    final = self.best if self.holdout is not None else jax.device_get(self.last)
+    final = self.best if self.holdout is not None and self.best_epoch else (
+        jax.device_get(self.last))
     return jax.tree.map(np.asarray, final), self.history

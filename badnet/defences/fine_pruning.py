@@ -1,11 +1,14 @@
 """Fine-pruning (Liu, Dolan-Gavitt and Garg, RAID 2018): prune, then fine-tune on clean data.
 
-Prunes as the pruning defence does, then trains each B'_X (and B alone, the baseline) on
-clean data with the pruned channels held at exactly zero. A held-out part of the clean
-data chooses the epoch and the recommended X, so no poisoned input informs a choice.
+Prunes as the pruning defence does (by default once, to the paper's 4-point drop of clean
+validation accuracy), then trains each B'_X (and B alone, the baseline) on clean data for a fixed
+number of epochs with the pruned channels held at exactly zero. A held-out part of the clean data
+watches the training and, where several X are given, chooses the recommended one (in whole
+held-out images), so no poisoned input informs a choice.
 """
 
 import dataclasses
+import math
 import pathlib
 from collections.abc import Sequence
 import time
@@ -31,11 +34,12 @@ BASELINE = 'fine-tuned only'  # the candidate of B fine-tuned alone, nothing pru
 class Settings(pruning.Settings):
   """Config block ``fine_pruning``: pruning's settings, then the fine-tuning.
 
-  The default thresholds are deeper: fine-tuning wins back the clean accuracy they cost.
-  ``finetune`` is the same for every X and the baseline; ``holdout_fraction`` of the clean
-  split chooses the epoch; ``max_clean_drop`` (points) bounds the recommended X.
+  ``thresholds``: the paper prunes until clean validation accuracy has dropped 4 points, once.
+  ``finetune`` is the same for every X and the baseline, its last epoch kept;
+  ``holdout_fraction`` of the clean split is held out; ``max_clean_drop`` (points) bounds the
+  recommended X.
   """
-  thresholds: tuple[float, ...] = (2.0, 30.0, 85.0, 90.0)
+  thresholds: tuple[float, ...] = (4.0,)
   finetune: base.Tuning = base.Tuning()
   holdout_fraction: float = 0.2
   max_clean_drop: float = 3.0
@@ -50,23 +54,23 @@ class Settings(pruning.Settings):
 
 def fine_prune(params: Params, channel_mask: np.ndarray, images: np.ndarray,
                labels: np.ndarray, recipe: train.Recipe, holdout_fraction: float,
-               name: str = 'fine-prune',
-               layer: str = model_lib.FEATURE_LAYER) -> tuple[Params, list[dict]]:
+               name: str = 'fine-prune', layer: str = model_lib.FEATURE_LAYER,
+               best_epoch: bool = True) -> tuple[Params, list[dict]]:
   """B pruned by ``channel_mask`` [C] (1 keeps), fine-tuned on clean data, pruned channels at 0.
 
-  ``holdout_fraction`` of (images, labels) is held out to choose the epoch. Returns the
-  params and the per-epoch history (with ``holdout_acc``).
+  ``holdout_fraction`` of (images, labels) is held out, to choose the epoch if ``best_epoch``
+  (else the last is kept). Returns the params and the per-epoch history (with ``holdout_acc``).
   """
   rows = base.split_for_fine_tuning(labels, holdout_fraction, recipe.seed)
   return fine_prune_many(params, [channel_mask], images, labels, recipe, rows, [name], layer,
-                         stacking='loop')[0]
+                         stacking='loop', best_epoch=best_epoch)[0]
 
 
 def fine_prune_many(params: Params, channel_masks: Sequence[np.ndarray], images: np.ndarray,
                     labels: np.ndarray, recipe: train.Recipe,
                     rows: tuple[np.ndarray, np.ndarray], names: Sequence[str],
-                    layer: str = model_lib.FEATURE_LAYER,
-                    stacking: str = 'auto') -> list[tuple[Params, list[dict]]]:
+                    layer: str = model_lib.FEATURE_LAYER, stacking: str = 'auto',
+                    best_epoch: bool = True) -> list[tuple[Params, list[dict]]]:
   """``fine_prune`` for each mask, trained together or in turn (``train.stacks(stacking)``).
 
   ``rows``: the (fit, held-out) rows of (images, labels), ``base.split_for_fine_tuning``'s.
@@ -80,22 +84,23 @@ def fine_prune_many(params: Params, channel_masks: Sequence[np.ndarray], images:
                         images[fit_rows], labels[fit_rows], recipe, channel_masks=channel_masks,
                         held=[{layer: mask} for mask in channel_masks],
                         holdout=(images[holdout_rows], labels[holdout_rows]), names=names,
-                        layer=layer, stacking=stacking)
+                        layer=layer, stacking=stacking, best_epoch=best_epoch)
 
 
 def tune_many(params: Params, channel_masks: Sequence[np.ndarray], clean: base.Clean,
               recipe: train.Recipe, rows: tuple[np.ndarray, np.ndarray], names: Sequence[str],
               layer: str = model_lib.FEATURE_LAYER, stacking: str = 'auto'
               ) -> list[tuple[Params, dict]]:
-  """``fine_prune_many`` on ``clean``: params, chosen epoch, history (no timings: reproducible)."""
+  """``fine_prune_many`` on ``clean``, each net's last epoch kept: params, that epoch, history
+  (no timings: reproducible)."""
   start = time.perf_counter()
   tuned = fine_prune_many(params, channel_masks, clean.images, clean.labels, recipe, rows,
-                          names, layer, stacking)
+                          names, layer, stacking, best_epoch=False)
   results = []
   for name, (tuned_params, history) in zip(names, tuned):
-    chosen = train.summary(history)
-    logging.info('%s: %d epochs; epoch %d chosen (held-out clean accuracy %.2f %%).', name,
-                 len(history), chosen['chosen_epoch'], chosen['holdout_acc'])
+    chosen = train.summary(history, best_epoch=False)
+    logging.info('%s: %d epochs; held-out clean accuracy %.2f %% after the last.', name,
+                 len(history), chosen['holdout_acc'])
     results.append((tuned_params, chosen))
   logging.info('Fine-tuned %d net%s in %.1f s (%s).', len(names), 's' * (len(names) > 1),
                time.perf_counter() - start,
@@ -104,14 +109,16 @@ def tune_many(params: Params, channel_masks: Sequence[np.ndarray], clean: base.C
 
 
 def recommend(holdout_accs: dict[str, tuple[tuple, float]], b_holdout_acc: float,
-              max_clean_drop: float) -> str | None:
-  """The deepest candidate whose held-out clean accuracy is within ``max_clean_drop`` of B's.
+              max_clean_drop: float, images: int) -> str | None:
+  """The deepest candidate that loses at most ``max_clean_drop`` points of B's held-out clean
+  accuracy, counted in whole images of the ``images`` held out (one is 100 / images points).
 
   ``holdout_accs``: name -> (depth, a tuple compared in order; held-out clean accuracy).
   Clean data only, so a defender without poisoned data can choose; None if none qualifies.
   """
+  allowed = math.floor(max_clean_drop * images / 100 + 1e-9)
   qualified = [(depth, name) for name, (depth, acc) in holdout_accs.items()
-               if acc >= b_holdout_acc - max_clean_drop]
+               if round((b_holdout_acc - acc) * images / 100) <= allowed]
   return max(qualified)[1] if qualified else None
 
 
@@ -127,7 +134,7 @@ def defend(params: Params, clean: base.Clean, settings: Settings) -> base.Outcom
                       ) from None
   recipe = tune.recipe()
   pruning.say(f'Fine-tuning on {len(fit_rows)} clean validation images ({len(holdout_rows)} '
-              f'held out to choose the epoch): B alone, then B\'_X for each X reached...')
+              f'held out): B alone, then B\'_X for each X reached...')
   keys = {}  # channels -> the first candidate's name: a level shares one fine-tuning
   for name, candidate in pruned.candidates.items():
     keys.setdefault(tuple(candidate.pruned[settings.layer]), name)
@@ -150,7 +157,7 @@ def defend(params: Params, clean: base.Clean, settings: Settings) -> base.Outcom
   chosen = recommend({name: ((c.figures['channels_pruned'], c.figures['drop']),
                              c.figures['holdout_acc'])
                       for name, c in candidates.items() if name != BASELINE},
-                     b_holdout_acc, settings.max_clean_drop)
+                     b_holdout_acc, settings.max_clean_drop, len(holdout_rows))
   figures = {**pruned.figures, 'b_holdout_acc': b_holdout_acc,
              'finetune': {**dataclasses.asdict(recipe),
                           'holdout_fraction': settings.holdout_fraction,

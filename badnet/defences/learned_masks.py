@@ -1,14 +1,15 @@
 """Learned-mask pruning, the machinery ANP and RNP share: neuron masks learned by gradient.
 
-A mask ``m`` in [0, 1] per hidden neuron scales its weights and bias (``model.apply``'s neurons),
-so a mask of 0 is exactly the hard prune the defended Keras file holds. Steps are pure, under
-``jit`` and ``vmap``: a grid of settings learns its masks together, the params shared.
-Departure: the originals mask BatchNorm neurons (DeepID has none), whose pruned neuron still
-outputs its bias; here the mask gates the bias too, so learned, pruned and exported nets agree.
+A mask ``m`` in [0, 1] per conv neuron scales its weight product and leaves its bias
+(``model.apply``'s neurons): the originals mask BatchNorm's gamma and leave beta, and DeepID has
+no BatchNorm, so its weight product plays gamma and its bias beta. A pruned neuron has its kernel
+slice zeroed and keeps its bias, exactly a mask of 0, so learned, pruned and exported nets agree.
+Steps are pure, under ``jit`` and ``vmap``: a grid of settings learns its masks together.
 """
 
 import dataclasses
 import functools
+import math
 import pathlib
 from collections.abc import Callable, Sequence
 from typing import ClassVar
@@ -22,6 +23,7 @@ from badnet import config as config_lib
 from badnet.core import backend, evaluate, masks, train
 from badnet.core import model as model_lib
 from badnet.defences import base
+from badnet.errors import TrainingError
 from badnet.io import keras_io, report as report_io
 
 Params = model_lib.Params
@@ -35,10 +37,12 @@ def init_masks(params: Params, layers: Sequence[str]) -> Masks:
 
 
 def _scales(mask: Masks, noise: tuple[Masks, Masks] | None = None) -> model_lib.NeuronScales:
+  # ANP's NoisyBatchNorm2d: weight = gamma * (m + delta), bias = beta * (1 + xi)
+  # (anp_batchnorm.py:77-82,88); unperturbed, beta * 1. RNP's MaskBatchNorm2d is the same.
   if noise is None:
-    return {layer: (m, m) for layer, m in mask.items()}
+    return {layer: (m, jnp.ones_like(m)) for layer, m in mask.items()}
   weight_noise, bias_noise = noise
-  return {layer: (m + weight_noise[layer], m + bias_noise[layer]) for layer, m in mask.items()}
+  return {layer: (m + weight_noise[layer], 1 + bias_noise[layer]) for layer, m in mask.items()}
 
 
 def masked_loss(params: Params, mask: Masks, images: jax.Array, labels: jax.Array,
@@ -70,16 +74,15 @@ def anp_step(params: Params, mask: Masks, velocity: Masks, images: jax.Array, la
              key: jax.Array, eps: jax.Array, alpha: jax.Array, *, optimizer: MaskOptimizer,
              precision: str) -> tuple[Masks, Masks, jax.Array]:
   """One ANP iteration (pure): the worst neuron perturbation, then a mask step. The noise (delta
-  on the kernels, xi on the biases) starts uniform in [-eps, eps] and takes one signed-gradient
-  step of size eps up the clean loss, clipped back into [-eps, eps]; the masks then descend
-  ``alpha * L(m) + (1 - alpha) * L(m, delta, xi)``."""
+  on the weight products, xi on the biases) starts uniform in [-eps, eps] and takes one
+  signed-gradient step of size eps up the clean loss, unclipped as in the original (so within
+  [-2 eps, 2 eps]); the masks then descend ``alpha * L(m) + (1 - alpha) * L(m, delta, xi)``."""
   keys = jax.random.split(key, 2 * len(mask))
   start = tuple({layer: jax.random.uniform(keys[2 * i + part], mask[layer].shape,
                                            minval=-eps, maxval=eps)
                  for i, layer in enumerate(mask)} for part in (0, 1))
   ascent = jax.grad(lambda noise: masked_loss(params, mask, images, labels, noise, precision))
-  noise = jax.tree.map(lambda n, g: jnp.clip(n + eps * jnp.sign(g), -eps, eps), start,
-                       ascent(start))
+  noise = jax.tree.map(lambda n, g: n + eps * jnp.sign(g), start, ascent(start))
 
   def loss(m: Masks) -> jax.Array:
     natural = masked_loss(params, m, images, labels, None, precision)
@@ -130,7 +133,7 @@ def _learned(mask_sum: Masks, final: Masks, steps: int, index: int | None = None
 
 
 def learn_anp(params: Params, images: np.ndarray, labels: np.ndarray,
-              variants: Sequence[AnpSettings], layers: Sequence[str] = model_lib.NEURON_LAYERS,
+              variants: Sequence[AnpSettings], layers: Sequence[str] = model_lib.PRUNABLE_LAYERS,
               iterations: int = 2000, batch_size: int = 128,
               optimizer: MaskOptimizer = MaskOptimizer(),
               precision: str = model_lib.DEFAULT_PRECISION, stacked: bool = True) -> list[Learned]:
@@ -192,13 +195,18 @@ def pruned_at(order: list[tuple[str, int]], depth: int) -> dict[str, list[int]]:
 
 @dataclasses.dataclass(frozen=True)
 class RnpSettings:
-  """RNP's two stages: unlearn the clean task, then learn masks that recover it."""
+  """RNP's two stages: unlearn the clean task, then learn masks that recover it, with the
+  original's values (bboylyg/RNP main.py; its epochs run 0..20, 21 at most) but one: its
+  gradient clip (norm 20) is called before the backward pass, a no-op, where here it clips
+  (``clip_norm``; 0: none), because DeepID's ascent on raw pixels, without BatchNorm, overflows
+  to NaN within an epoch unclipped."""
   unlearning_lr: float = 0.01
   unlearning_momentum: float = 0.9
   weight_decay: float = 5e-4
-  clip_norm: float = 20.0
+  clip_norm: float = 20.0         # 0: no clipping
+  unlearning_milestones: tuple[int, ...] = (10, 20)  # epochs after which the lr falls x0.1
   clean_threshold: float = 20.0   # stop unlearning at this clean accuracy (%) or below
-  max_unlearning_epochs: int = 20
+  max_unlearning_epochs: int = 21
   recovering_lr: float = 0.2
   recovering_epochs: int = 20
   alpha: float = 0.2
@@ -217,13 +225,23 @@ def _ascent_step(params, opt_state, images, labels, *, optimizer, precision):
   return optax.apply_updates(params, updates), opt_state, loss, accuracy
 
 
+def unlearning_optimizer(settings: RnpSettings, steps_per_epoch: int
+                         ) -> optax.GradientTransformation:
+  """RNP's unlearning SGD (of the negated gradient): PyTorch's weight decay and momentum, the
+  rate x0.1 from the first step after each milestone epoch, the gradient clipped if asked."""
+  rate = optax.piecewise_constant_schedule(settings.unlearning_lr, {
+      int(epochs) * steps_per_epoch: 0.1
+      for epochs in config_lib.values(settings.unlearning_milestones)})
+  clip = [optax.clip_by_global_norm(settings.clip_norm)] if settings.clip_norm else []
+  return optax.chain(*clip, optax.add_decayed_weights(settings.weight_decay),
+                     optax.sgd(rate, momentum=settings.unlearning_momentum))
+
+
 def unlearn(params: Params, images: np.ndarray, labels: np.ndarray, settings: RnpSettings,
             precision: str = model_lib.DEFAULT_PRECISION) -> tuple[Params, list[dict]]:
   """RNP's first stage: ascend the clean loss until training accuracy is <= ``clean_threshold`` %;
   the params and per-epoch {epoch, loss, train_acc}."""
-  optimizer = optax.chain(optax.clip_by_global_norm(settings.clip_norm),
-                          optax.add_decayed_weights(settings.weight_decay),
-                          optax.sgd(settings.unlearning_lr, momentum=settings.unlearning_momentum))
+  optimizer = unlearning_optimizer(settings, math.ceil(len(labels) / settings.batch_size))
   step = backend.jit(functools.partial(_ascent_step, optimizer=optimizer, precision=precision))
   params = jax.tree.map(jnp.asarray, params)
   opt_state = optimizer.init(params)
@@ -240,13 +258,17 @@ def unlearn(params: Params, images: np.ndarray, labels: np.ndarray, settings: Rn
       losses.append(float(loss))
     history.append({'epoch': epoch, 'loss': float(np.mean(losses)),
                     'train_acc': 100.0 * correct / len(labels)})
+    if not np.isfinite(history[-1]['loss']):
+      raise TrainingError(f'rnp: unlearning diverged in epoch {epoch} (the loss is '
+                          f'{history[-1]["loss"]}); clip its gradient (config.rnp.clip_norm) or '
+                          f'lower config.rnp.unlearning_lr')
     if history[-1]['train_acc'] <= settings.clean_threshold:
       break
   return jax.tree.map(np.asarray, params), history
 
 
 def learn_rnp(params: Params, images: np.ndarray, labels: np.ndarray, settings: RnpSettings,
-              layers: Sequence[str] = model_lib.NEURON_LAYERS,
+              layers: Sequence[str] = model_lib.PRUNABLE_LAYERS,
               precision: str = model_lib.DEFAULT_PRECISION) -> tuple[Learned, list[dict]]:
   """RNP's masks, learned on the unlearned net to recover clean loss; the unlearning's history."""
   labels = np.asarray(labels, np.int32)
@@ -273,31 +295,63 @@ def learn_rnp(params: Params, images: np.ndarray, labels: np.ndarray, settings: 
 DEPTHS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 # Without fine-tuning, stop below this fraction of B's held-out accuracy: deeper is of no use.
 STOP_FRACTION = 0.5
+SELECTIONS = ('threshold', 'holdout')
+# The originals' report: every neuron with mask <= t pruned, t = 0, 0.05, ..., 0.9
+# (ANP prune_neuron_cifar.py:31-33,83-92; RNP main.py:155-174).
+THRESHOLDS = tuple(round(0.05 * step, 2) for step in range(19))
 
 
 @dataclasses.dataclass(frozen=True)
 class Common:
-  """The settings ANP and RNP share (each defence's ``Settings`` adds its own): the
-  ``holdout_fraction`` of the clean validation split that chooses the depth, which may cost
-  ``max_clean_drop`` points of held-out clean accuracy; ``finetune`` fine-tunes each candidate,
-  its pruned neurons held at zero (epochs 0: pruning alone, as published)."""
-  layers: tuple[str, ...] = model_lib.NEURON_LAYERS
+  """The settings ANP and RNP share (each defence's ``Settings`` adds its own).
+
+  ``selection`` 'threshold' (published): prune every neuron whose mask is at most ``threshold``.
+  'holdout' (ours): the deepest of ``DEPTHS`` whose held-out clean accuracy loses at most
+  ``max_clean_drop`` points of B's, counted in whole held-out images. ``holdout_fraction`` of the
+  clean split is held out either way (the masks never see it: it reports each candidate's clean
+  accuracy). ``finetune`` (epochs 0, published: none) fine-tunes the chosen net ('threshold') or
+  each candidate ('holdout') for a fixed number of epochs, its pruned neurons held at zero."""
+  layers: tuple[str, ...] = model_lib.PRUNABLE_LAYERS
+  selection: str = 'threshold'
+  threshold: float = 0.2
   holdout_fraction: float = 0.2
   max_clean_drop: float = 3.0
   seed: int = 0
-  finetune: base.Tuning = base.Tuning()
+  finetune: base.Tuning = base.Tuning(epochs=0)
 
   FIELDS: ClassVar[config_lib.Fields] = {
       'layers': config_lib.Each(config_lib.Choice(model_lib.NEURON_LAYERS, 'layer')),
+      'selection': config_lib.Choice(SELECTIONS, 'selection'),
+      'threshold': config_lib.Number(0, 1),
       'holdout_fraction': config_lib.Number(0, 1, low_open=True, high_open=True),
       'max_clean_drop': config_lib.Number(0, 100),
       'seed': config_lib.Integer(),
   }
 
 
+def method(name: str, settings: Common) -> str:
+  """What ran, by name: the published rule, or the options that depart from it."""
+  rule = (f'mask <= {settings.threshold:g}' if settings.selection == 'threshold' else
+          f'depth on held-out clean data (at most {settings.max_clean_drop:g} points lost)')
+  epochs = settings.finetune.epochs
+  return f'{name.upper()}, {rule}' + (f', fine-tuned {epochs} epochs' if epochs else '')
+
+
 def candidate_depths(neurons: int) -> list[int]:
   """The depths tried (neurons pruned, > 0): ``DEPTHS`` below ``neurons``, then all of them."""
   return [*(depth for depth in DEPTHS if depth < neurons), neurons]
+
+
+def threshold_depths(mask: dict[str, np.ndarray], chosen: float) -> dict[float, int]:
+  """Each of ``THRESHOLDS`` and ``chosen`` -> neurons with mask <= it; one threshold per depth
+  (the smallest, or ``chosen``)."""
+  values = np.concatenate([np.ravel(value) for value in mask.values()])
+  by_depth: dict[int, float] = {}
+  for threshold in sorted({*THRESHOLDS, chosen}):
+    depth = int((values <= threshold).sum())
+    if depth not in by_depth or threshold == chosen:
+      by_depth[depth] = threshold
+  return {threshold: depth for depth, threshold in sorted(by_depth.items())}
 
 
 def deepest_by_bisection(depths: Sequence[int], within: Callable[[int], bool]) -> None:
@@ -313,76 +367,102 @@ def deepest_by_bisection(depths: Sequence[int], within: Callable[[int], bool]) -
 
 def choose(params: Params, clean: base.Clean, fit_rows: np.ndarray, holdout_rows: np.ndarray,
            variant_masks: dict[str, Learned], settings: Common) -> base.Outcome:
-  """Candidates by depth for each variant, and the one recommended on held-out clean data.
+  """Candidates for each variant, and the one ``settings.selection`` picks on clean data.
 
-  Neurons are pruned smallest mask first. Fine-tuned depths are tried by bisection, as each costs
-  a fine-tuning; without, every depth until held-out accuracy is below ``STOP_FRACTION`` of B's.
-  The recommended one is the deepest (ties: more accurate) within ``max_clean_drop`` of B's."""
+  Neurons are pruned smallest mask first, their kernel slices zeroed and biases kept.
+  'threshold': a candidate per threshold of ``THRESHOLDS`` (a report, as the originals'); the
+  one at ``settings.threshold`` is chosen (a grid: the variant with the best held-out accuracy).
+  'holdout': fine-tuned depths are tried by bisection, as each costs a fine-tuning; without,
+  every depth until held-out accuracy is below ``STOP_FRACTION`` of B's; the deepest within the
+  budget (ties: more accurate) is chosen. A fine-tuned candidate's figure is its last epoch's,
+  never a maximum over epochs, so it can be compared with the budget."""
   fit = clean.images[fit_rows], clean.labels[fit_rows]
   held = clean.images[holdout_rows], clean.labels[holdout_rows]
   accuracy = lambda net: evaluate.accuracy(net, *held, clean.batch_size, precision=clean.precision)
+  images = len(holdout_rows)
   b_acc = accuracy(params)
-  tune = settings.finetune.epochs > 0
-  tried, allowed = [], []  # (variant index, depth, name, candidate)
+  # The budget in whole held-out images: a figure's resolution is one image, 100 / n points.
+  lost = lambda acc: round((b_acc - acc) * images / 100)
+  allowed = math.floor(settings.max_clean_drop * images / 100 + 1e-9)
+  by_threshold, tune = settings.selection == 'threshold', settings.finetune.epochs > 0
+  tried, allowed_names = [], []  # (variant index, depth, name, candidate); (depth, value, name)
   for index, (variant, learned) in enumerate(variant_masks.items()):
     order = pruning_order(learned.masks, learned.means)
 
-    def score(depth: int) -> float:
+    def score(depth: int, mask_at_most: float | None, tuned: bool, name: str) -> float:
       pruned = pruned_at(order, depth)
-      net = jax.tree.map(np.asarray, masks.prune_neurons(params, pruned))
-      last = order[depth - 1] if depth else None
-      figures = {'neurons_pruned': depth,
-                 'mask_at_most': float(learned.masks[last[0]][last[1]]) if last else None,
+      net = jax.tree.map(np.asarray, masks.prune_neurons(params, pruned, keep_bias=True))
+      figures = {'neurons_pruned': depth, 'mask_at_most': mask_at_most,
                  'holdout_clean_acc': accuracy(net)}
       value = figures['holdout_clean_acc']
-      if tune and depth:
+      if tuned and depth:
         net, figures['fine_tuned'] = fine_tune(net, pruned, *fit, held, settings.finetune)
         value = figures['fine_tuned']['holdout_clean_acc']
-      name = f'{variant}{depth} neurons'
       tried.append((index, depth, name, base.Candidate(
           net, {k: np.array(v) for k, v in pruned.items()}, figures)))
-      if value >= b_acc - settings.max_clean_drop:
-        allowed.append((depth, value, name))
+      if by_threshold and mask_at_most == settings.threshold or (
+          not by_threshold and lost(value) <= allowed):
+        allowed_names.append((depth, value, name))
       return value
 
-    score(0)
-    if tune:
+    def at_depth(depth: int) -> float:
+      last = order[depth - 1] if depth else None
+      return score(depth, float(learned.masks[last[0]][last[1]]) if last else None, tune,
+                   f'{variant}{depth} neurons')
+
+    if by_threshold:
+      for threshold, depth in threshold_depths(learned.masks, settings.threshold).items():
+        score(depth, threshold, tune and threshold == settings.threshold,
+              f'{variant}mask<={threshold:g}')
+    elif tune:
+      at_depth(0)
       deepest_by_bisection(candidate_depths(len(order)),
-                           lambda depth: score(depth) >= b_acc - settings.max_clean_drop)
+                           lambda depth: lost(at_depth(depth)) <= allowed)
     else:
-      for depth in candidate_depths(len(order)):
-        if score(depth) < STOP_FRACTION * b_acc:
+      for depth in [0, *candidate_depths(len(order))]:
+        if at_depth(depth) < STOP_FRACTION * b_acc:
           break
   tried.sort(key=lambda entry: entry[:2])
   candidates = {name: candidate for _, _, name, candidate in tried}
   tradeoffs = {variant: [{'candidate': name, **candidate.figures}
                          for index, _, name, candidate in tried if index == position]
                for position, variant in enumerate(variant_masks)}
-  return base.Outcome(candidates, {'b_holdout_acc': b_acc, 'holdout_images': len(holdout_rows),
-                                   'tradeoff': tradeoffs}, max(allowed)[2] if allowed else None)
+  # 'threshold': one name per variant, the most accurate chosen; 'holdout': the deepest.
+  key = (lambda entry: (entry[1], -entry[0])) if by_threshold else (lambda entry: entry[:2])
+  chosen = max(allowed_names, key=key)[2] if allowed_names else None
+  return base.Outcome(candidates, {'b_holdout_acc': b_acc, 'holdout_images': images,
+                                   'allowed_images_lost': allowed, 'tradeoff': tradeoffs},
+                      chosen)
 
 
 def fine_tune(net: Params, pruned: dict[str, list[int]], images: np.ndarray,
               labels: np.ndarray, holdout: tuple[np.ndarray, np.ndarray],
               tuning: base.Tuning) -> tuple[Params, dict]:
-  """A pruned net fine-tuned on clean data, its pruned neurons held at 0; best held-out epoch."""
+  """A pruned net fine-tuned on clean data for ``tuning.epochs``, its pruned neurons' kernel
+  slices held at 0; the last epoch's net and held-out figure (a fixed epoch count, not a best)."""
   held = {layer: np.ones(net[layer]['bias'].shape, np.float32) for layer in pruned}
   for layer, indices in pruned.items():
     held[layer][indices] = 0.0
   tuned, history = train.fit(net, images, labels, tuning.recipe(), holdout=holdout, held=held,
+                             held_keep_bias=True, best_epoch=False,
                              name=f'fine-tune ({sum(map(len, pruned.values()))} neurons pruned)')
-  return tuned, train.summary(history, 'holdout_clean_acc')
+  return tuned, train.summary(history, 'holdout_clean_acc', best_epoch=False)
 
 
 def defend(name: str, params: Params, clean: base.Clean, settings: Common,
            learn: Callable[[Params, np.ndarray, np.ndarray], tuple[dict[str, Learned], dict]]
            ) -> base.Outcome:
-  """Masks by ``learn`` (the method's) on part of ``clean``; the depth chosen on the rest."""
+  """Masks by ``learn`` (the method's) on part of ``clean``; candidates scored on the rest."""
   fit_rows, holdout_rows = base.split_for_fine_tuning(clean.labels, settings.holdout_fraction,
                                                  settings.seed)
   variant_masks, extra = learn(params, clean.images[fit_rows], clean.labels[fit_rows])
+  for variant, learned in variant_masks.items():
+    if not all(np.isfinite(value).all() for value in learned.masks.values()):
+      raise TrainingError(f'{name}: {variant or "the"} masks are not finite: the mask learning '
+                          f'diverged; lower its learning rate (config.{name})')
   outcome = choose(params, clean, fit_rows, holdout_rows, variant_masks, settings)
-  outcome.figures.update(defence=name, masks=variant_masks, **extra)
+  outcome.figures.update(defence=name, method=method(name, settings), masks=variant_masks,
+                         **extra)
   return outcome
 
 
@@ -396,10 +476,11 @@ def report(outcome: base.Outcome, scorer, settings: Common, out: pathlib.Path | 
       'base': {'valid': {'clean_acc': scorer.accuracy(scorer.params, clean.images, clean.labels),
                          'asr': scorer.percent(b_classes['poisoned_valid'], 'poisoned_valid')},
                'test': base_test},
-      'b_holdout_acc': outcome.figures['b_holdout_acc'],
-      'holdout_images': outcome.figures['holdout_images'],
-      'max_clean_drop': settings.max_clean_drop, 'recommended': outcome.recommended,
-      'tradeoff': []}
+      'method': outcome.figures['method'], 'selection': settings.selection,
+      'threshold': settings.threshold, 'max_clean_drop': settings.max_clean_drop,
+      **{key: outcome.figures[key] for key in ('b_holdout_acc', 'holdout_images',
+                                               'allowed_images_lost')},
+      'recommended': outcome.recommended, 'tradeoff': []}
   for candidate_name, candidate in outcome.candidates.items():
     classes = scorer.classes(candidate.params, REPORT_FILES)
     net, good = scorer.figures(classes)
@@ -429,7 +510,8 @@ def report(outcome: base.Outcome, scorer, settings: Common, out: pathlib.Path | 
     report_io.write_masks(out / results['masks_file'], variant_masks,
                           {variant: found.means for variant, found in learned.items()})
     report_io.plot_mask_tradeoff(out / 'plots' / 'tradeoff.png', {**results, 'defence': name})
-    report_io.plot_masks(out / 'plots' / 'masks.png', variant_masks, name.upper())
+    report_io.plot_masks(out / 'plots' / 'masks.png', variant_masks, name.upper(),
+                         settings.threshold)
   return results
 
 

@@ -2,8 +2,8 @@
 
 Unlearn by gradient ascent on the clean loss until clean accuracy falls to ``clean_threshold``
 percent, then learn per-neuron masks in [0, 1] on the unlearned net that recover the clean loss:
-neurons whose masks stay low carry the backdoor and are pruned from the original net. The depth is
-chosen on held-out clean data."""
+neurons whose masks stay at most 0.2 carry the backdoor and are pruned from the original net
+(the threshold of the original's README run; the options of ``learned_masks.Common`` depart)."""
 
 import dataclasses
 from typing import ClassVar
@@ -28,7 +28,8 @@ class Settings(learned_masks.RnpSettings, learned_masks.Common):
       'unlearning_lr': config_lib.Number(0, 10, low_open=True),
       'unlearning_momentum': config_lib.Number(0, 1, high_open=True),
       'weight_decay': config_lib.Number(0, 1),
-      'clip_norm': config_lib.Number(0, 1e6, low_open=True),
+      'clip_norm': config_lib.Number(0, 1e6),
+      'unlearning_milestones': config_lib.Each(config_lib.Integer(1)),
       'clean_threshold': config_lib.Number(0, 100),
       'max_unlearning_epochs': config_lib.Integer(1),
       'recovering_lr': config_lib.Number(0, 10, low_open=True),

@@ -8,12 +8,10 @@ The clean validation split is divided into the overlay pool and the inputs the t
 fitted to, so no input is blended with itself; overlays are drawn with replacement from a seeded
 generator, so the detector is deterministic. ``Outcome.detector`` is a ``Detector``.
 
-Departures:
-
-- 'add' saturates at 255, as ``cv2.addWeighted`` does to uint8 images (the paper's code adds
-  floats in [0, 1]).
-- 'average' (0.5 x + 0.5 o) is the default: with 'add' bright faces saturate to white and a
-  dark trigger (sunglasses) adds nothing.
+Blends: 'add' (the default) is the paper's, the unclipped sum of two images (its notebook adds
+float images with ``cv2.addWeighted``, which does not saturate floats), so B sees 0..510.
+Departures, as named options: 'saturate' clips the sum at 255 (``cv2.addWeighted`` on uint8
+images) and 'average' is 0.5 x + 0.5 o.
 """
 
 import dataclasses
@@ -40,7 +38,10 @@ from badnet.io.tables import fmt
 
 NAME = 'strip'
 Params = model_lib.Params
-BLENDS = ('add', 'average')
+BLENDS = ('add', 'saturate', 'average')
+# Blends linear in their two images (weight of each): conv_1 before its bias is linear too, so
+# each image and overlay goes through conv_1 once, not once per blend.
+LINEAR_BLENDS = {'add': 1.0, 'average': 0.5}
 RULES = ('normal', 'quantile')  # how the threshold is set (see ``threshold``)
 TEST_FILES = REPORT_FILES = ('clean_test', 'poisoned_test')  # never the poisoned valid file
 
@@ -59,7 +60,7 @@ class Settings:
   """
   overlays: int = 100
   frr: float = 1.0
-  blend: str = 'average'
+  blend: str = 'add'
   threshold: str = 'normal'
   overlay_fraction: float = 0.5
   seed: int = 0
@@ -87,7 +88,7 @@ def check(settings: Settings, config: config_lib.Config) -> None:
 class Blending:
   """How inputs are perturbed and scored; ``batch_size`` counts blended images a forward pass."""
   overlays: int
-  blend: str = 'average'
+  blend: str = 'add'
   seed: int = 0
   batch_size: int = 100
   precision: str = model_lib.DEFAULT_PRECISION
@@ -96,10 +97,10 @@ class Blending:
 def superimpose(images: jax.Array, overlays: jax.Array, blend: str) -> jax.Array:
   """``images`` with ``overlays`` superimposed (broadcast against each other), float32 0..255."""
   images, overlays = jnp.asarray(images, jnp.float32), jnp.asarray(overlays, jnp.float32)
-  if blend == 'add':
+  if blend == 'saturate':
     return jnp.minimum(images + overlays, 255.0)
-  if blend == 'average':
-    return 0.5 * images + 0.5 * overlays
+  if blend in LINEAR_BLENDS:
+    return LINEAR_BLENDS[blend] * (images + overlays)
   raise ValueError(f'unknown blend {blend!r}; expected one of {", ".join(BLENDS)}')
 
 
@@ -133,16 +134,11 @@ def _mean_entropy(params: Params, terms: jax.Array, count: int, precision: str) 
   return prediction_entropy(logits).reshape(count, -1).mean(axis=1)
 
 
-def averaged_entropy(params: Params, image_terms: jax.Array, overlay_terms: jax.Array,
-                     precision: str = model_lib.DEFAULT_PRECISION) -> jax.Array:
-  """``entropy(..., blend='average')`` from conv_1's linear parts (``model.linear``) of images and
-  their overlays.
-
-  conv_1 is linear before its bias, so the average of two images gives the average of their conv_1
-  outputs: each image and overlay goes through conv_1 once, not once per blend. ``image_terms`` is
-  [B, ...], ``overlay_terms`` [B, N, ...].
-  """
-  terms = 0.5 * image_terms[:, None] + 0.5 * overlay_terms
+def linear_blend_entropy(params: Params, image_terms: jax.Array, overlay_terms: jax.Array,
+                         blend: str, precision: str = model_lib.DEFAULT_PRECISION) -> jax.Array:
+  """``entropy(..., blend)`` for a blend of ``LINEAR_BLENDS`` from conv_1's linear parts
+  (``model.linear``) of images [B, ...] and their overlays [B, N, ...]."""
+  terms = LINEAR_BLENDS[blend] * (image_terms[:, None] + overlay_terms)
   return _mean_entropy(params, terms.reshape(-1, *terms.shape[2:]), image_terms.shape[0],
                        precision)
 
@@ -151,9 +147,9 @@ def _entropy_step(params_and_pool: tuple[Params, jax.Array], images: jax.Array,
                   draws: jax.Array, *, blend: str, precision: str) -> jax.Array:
   # Overlays are gathered on the device from the replicated pool: only indices travel.
   params, pool = params_and_pool
-  if blend == 'average':
-    return averaged_entropy(params, model_lib.linear(params, 'conv_1', images, precision),
-                            pool[draws], precision)
+  if blend in LINEAR_BLENDS:
+    return linear_blend_entropy(params, model_lib.linear(params, 'conv_1', images, precision),
+                                pool[draws], blend, precision)
   return entropy(params, images, pool[draws], blend, precision)
 
 
@@ -171,7 +167,7 @@ def entropies(params: Params, images: np.ndarray, pool: np.ndarray,
   """Host images' STRIP entropies (float32 [M]), their overlays drawn from ``pool``."""
   precision = model_lib.check_precision(settings.precision)
   draws = draw_overlays(len(images), len(pool), settings.overlays, settings.seed)
-  if settings.blend == 'average':
+  if settings.blend in LINEAR_BLENDS:
     pool = evaluate.map_batches(cache.bind(_conv_1_step, precision=precision), params, (pool,),
                                 settings.batch_size)
   step = cache.bind(_entropy_step, blend=settings.blend, precision=precision)

@@ -65,22 +65,25 @@ def _fine_pruning_lines(results: dict) -> list[str]:
   tune = results['finetune']
   lines = [f'Fine-pruning: {tune["optimizer"]}, learning rate {tune["learning_rate"]:g} '
            f'({tune["schedule"]}), {tune["epochs"]} epochs of batch {tune["batch_size"]}, weight '
-           f'decay {tune["weight_decay"]:g}, on {tune["train_images"]} clean validation images; '
-           f'the epoch chosen on {tune["holdout_images"]} held-out clean images. Test split:', '']
+           f'decay {tune["weight_decay"]:g}, on {tune["train_images"]} clean validation images, '
+           f'the last epoch kept; {tune["holdout_images"]} clean images held out. Test split:', '']
   only = results['fine_tuned_only']
-  rows = [['B fine-tuned alone', 0, *_cells(only), *['—'] * 4, only['chosen_epoch']]]
+  rows = [['B fine-tuned alone', 0, *_cells(only), *['—'] * 4, fmt(only['holdout_acc'])]]
   rows += [[f'X={x} fine-pruned', entry['channels_pruned'], *_cells(entry['fine_pruned']),
-            *_cells(entry['goodnet_fine_pruned'], _GOODNET), entry['fine_pruned']['chosen_epoch']]
+            *_cells(entry['goodnet_fine_pruned'], _GOODNET),
+            fmt(entry['fine_pruned']['holdout_acc'])]
            if entry.get('fine_pruned') is not None
            else [f'X={x} fine-pruned', 'not reached', *['—'] * 7]
            for x, entry in results['thresholds'].items()]
   lines += tables.markdown(['net', 'channels pruned', 'clean %', 'ASR %', 'G clean %', 'G ASR %',
-                            'G detection %', 'G false alarm %', 'epoch'], rows, 'l' + 'r' * 8)
+                            'G detection %', 'G false alarm %', 'held-out clean %'], rows,
+                          'l' + 'r' * 8)
   if chosen := results.get('recommended'):
     lines += ['', f'Recommended on clean data alone: X={chosen["x"]} ({chosen["channels_pruned"]} '
                   f'channels), the deepest X whose fine-pruned net keeps held-out clean accuracy '
                   f'({fmt(chosen["holdout_acc"])} %) within {chosen["max_clean_drop"]:g} points '
-                  f'of B\'s ({fmt(chosen["b_holdout_acc"])} %).']
+                  f'of B\'s ({fmt(chosen["b_holdout_acc"])} %), counted in whole images of the '
+                  f'{tune["holdout_images"]} held out.']
   else:
     lines += ['', 'No fine-pruned net keeps held-out clean accuracy within '
                   f'{results["finetune"]["max_clean_drop"]:g} points of B\'s.']
@@ -204,7 +207,7 @@ def plot_ablation_tradeoff(path: pathlib.Path, rows: list[dict]) -> None:
     return
   figure, panels = _panels(rows)
   colours = dict(zip(sorted({_variant(row) for row in done}), plt.get_cmap('tab10').colors))
-  markers = dict(zip(sorted({row['x'] for row in done}, key=float), 'os^DvP*Xph'))
+  markers = dict(zip(sorted({row['x'] for row in done}, key=tables.number_first), 'os^DvP*Xph'))
   for row in done:
     colour, tuned = colours[_variant(row)], row['finetune_epochs'] != '0'
     panels[row['model'], row['layer']].scatter(
@@ -212,7 +215,8 @@ def plot_ablation_tradeoff(path: pathlib.Path, rows: list[dict]) -> None:
         facecolors=colour if tuned else 'none', edgecolors=colour, linewidths=1.4)
   for (model, layer), axes in panels.items():
     missed = sorted({row['x'] for row in rows if not row['clean_acc']
-                     and (row['model'], row['layer']) == (model, layer)}, key=float)
+                     and (row['model'], row['layer']) == (model, layer)},
+                    key=tables.number_first)
     if missed:  # rows whose X no pruning level reaches have no point to draw
       axes.text(0.02, 0.03, 'not reached: ' + ', '.join(f'X={x}' for x in missed),
                 transform=axes.transAxes, fontsize=8, color='dimgrey')
@@ -271,73 +275,92 @@ def write_masks(path: pathlib.Path, variant_masks: dict[str, dict[str, np.ndarra
     np.savez(handle, **arrays)
 
 
+def _learned_choice(results: dict, defended: dict) -> str:
+  """How a learned-mask defence chose its net, in a sentence."""
+  if results['selection'] == 'threshold':
+    return (f'Chosen by the published rule: every neuron whose mask is at most '
+            f'{results["threshold"]:g} pruned ({defended["candidate"]}); held-out clean accuracy '
+            f'{fmt(defended["valid"]["clean_acc"])} % (B: {fmt(results["b_holdout_acc"])} %).')
+  return (f'Chosen on {results["holdout_images"]} held-out clean images: {defended["candidate"]} '
+          f'pruned, the deepest candidate that loses at most {results["allowed_images_lost"]} '
+          f'of them ({results["max_clean_drop"]:g} points; one image is '
+          f'{fmt(100 / results["holdout_images"])} points): held-out clean accuracy '
+          f'{fmt(defended["valid"]["clean_acc"])} % (B: {fmt(results["b_holdout_acc"])} %).')
+
+
 def learned_mask_markdown(results: dict) -> str:
   """results.json of a learned-mask defence as readable tables."""
   name = results['defence'].upper()
-  lines = _head(f'{name} results', results)
+  lines = _head(f'{name} results', results, f'Method: {results["method"]}.')
   if defended := results.get('defended'):
-    lines += [f'Chosen on {results["holdout_images"]} held-out clean images: '
-              f'{defended["candidate"]} pruned, the deepest candidate whose held-out clean '
-              f'accuracy ({fmt(defended["valid"]["clean_acc"])} %) stays within '
-              f'{results["max_clean_drop"]:g} points of B\'s ({fmt(results["b_holdout_acc"])} %).',
-              '', 'On the test split:', '',
+    lines += [_learned_choice(results, defended), '', 'On the test split:', '',
               *tables.markdown(['net', 'clean %', 'ASR %', 'detection %', 'false alarm %'],
                                [[f'{name}-pruned', *_cells(defended['test']), '—', '—'],
                                 [f'GoodNet (B, {name}-pruned)',
                                  *_cells(results['goodnet']['test'], _GOODNET)]], 'lrrrr'), '']
   tuned = lambda row: fmt(row['fine_tuned']['holdout_clean_acc']) if 'fine_tuned' in row else '—'
-  rows = [[row['candidate'], fmt(row['mask_at_most'], 3), fmt(row['holdout_clean_acc']), tuned(row),
+  rows = [[row['candidate'], row['neurons_pruned'], fmt(row['mask_at_most'], 3),
+           fmt(row['holdout_clean_acc']), tuned(row),
            *_cells(row, ('test_clean_acc', 'test_asr', 'valid_asr'))]
           for row in results['tradeoff']]
-  lines += ['Every candidate (neurons pruned, smallest masks first; test figures of the net as '
-            'offered, fine-tuned where it was; ASR for reporting only):', '',
-            *tables.markdown(['candidate', 'mask at most', 'held-out clean %, pruned',
+  lines += ['Every candidate (smallest masks pruned first; held-out clean images are never seen '
+            'by the masks; test figures of the net as offered, fine-tuned where it was; ASR for '
+            'reporting only):', '',
+            *tables.markdown(['candidate', 'neurons', 'mask at most', 'held-out clean %, pruned',
                               'held-out clean %, fine-tuned', 'test clean %', 'test ASR %',
-                              'valid ASR %'], rows, 'lrrrrrr')]
+                              'valid ASR %'], rows, 'lrrrrrrr')]
   return '\n'.join(lines) + '\n'
 
 
 def plot_mask_tradeoff(path: pathlib.Path, results: dict) -> None:
-  """Clean accuracy (held-out, test) and ASR (test) against neurons pruned; the choice marked."""
+  """Clean accuracy (held-out, test) and ASR (test) against the mask threshold (the published
+  rule) or the neurons pruned ('holdout'); B's held-out accuracy and the choice marked."""
   figure, axes = plt.subplots(figsize=(7.5, 4.4))
+  by_threshold = results['selection'] == 'threshold'
+  x_key = 'mask_at_most' if by_threshold else 'neurons_pruned'
   by_variant: dict[str, list[dict]] = {}  # a grid's candidates: 'eps=0.4 seed=0: 12 neurons'
   for row in results['tradeoff']:
-    by_variant.setdefault(row['candidate'].rpartition(': ')[0], []).append(row)
+    if row[x_key] is not None:  # depth 0 has no mask value
+      by_variant.setdefault(row['candidate'].rpartition(': ')[0], []).append(row)
   chosen = results.get('defended')
   # The legend names the chosen variant (else the first); the others are drawn faded.
   shown = chosen['candidate'].rpartition(': ')[0] if chosen else next(iter(by_variant), '')
   for variant, mine in by_variant.items():
-    depth = [row['neurons_pruned'] for row in mine]
+    x = [row[x_key] for row in mine]
     label = lambda text: text + (f' ({variant})' if variant else '') if variant == shown else None
     alpha = 1.0 if not chosen or variant == shown else 0.35
     style = dict(marker='o', markersize=3, alpha=alpha, linewidth=1.2)
-    axes.plot(depth, [r['holdout_clean_acc'] for r in mine], color='tab:blue', linestyle=':',
+    axes.plot(x, [r['holdout_clean_acc'] for r in mine], color='tab:blue', linestyle=':',
               label=label('clean, held-out valid, pruned'), **style)
-    tuned = [(r['neurons_pruned'], r['fine_tuned']['holdout_clean_acc']) for r in mine
-             if 'fine_tuned' in r]
-    if tuned:  # what the choice is made on when candidates are fine-tuned
+    tuned = [(r[x_key], r['fine_tuned']['holdout_clean_acc']) for r in mine if 'fine_tuned' in r]
+    if tuned:
       axes.plot(*zip(*tuned), color='tab:cyan', linestyle='--',
                 label=label('clean, held-out valid, fine-tuned'), **style)
-    axes.plot(depth, [r['test_clean_acc'] for r in mine], color='tab:blue',
+    axes.plot(x, [r['test_clean_acc'] for r in mine], color='tab:blue',
               label=label('clean, test (the net offered)'), **style)
-    axes.plot(depth, [r['test_asr'] for r in mine], color='tab:red',
+    axes.plot(x, [r['test_asr'] for r in mine], color='tab:red',
               label=label('attack success, test'), **style)
-  axes.axhline(results['b_holdout_acc'] - results['max_clean_drop'], color='grey', linestyle='--',
-               linewidth=1, label=f'B\'s held-out clean accuracy - {results["max_clean_drop"]:g}')
+  axes.axhline(results['b_holdout_acc'], color='grey', linestyle=':', linewidth=1,
+               label='B\'s held-out clean accuracy')
+  if not by_threshold:  # the budget the depth is chosen against
+    axes.axhline(results['b_holdout_acc'] - results['max_clean_drop'], color='grey',
+                 linestyle='--', linewidth=1,
+                 label=f'B\'s held-out clean accuracy - {results["max_clean_drop"]:g}')
   if chosen:
-    axes.axvline(chosen['neurons_pruned'], color='black', linewidth=1)
-    axes.annotate(f'chosen: {chosen["neurons_pruned"]} neurons', (chosen['neurons_pruned'], 50),
+    row = next(r for r in results['tradeoff'] if r['candidate'] == chosen['candidate'])
+    axes.axvline(row[x_key] or 0, color='black', linewidth=1)
+    axes.annotate(f'chosen: {chosen["neurons_pruned"]} neurons', (row[x_key] or 0, 50),
                   rotation=90, ha='right', va='center', fontsize=8)
-  axes.set(xlabel='neurons pruned (smallest masks first)', ylabel='%', ylim=(-2, 102),
-           title=f'{results["defence"].upper()}: pruning by learned masks '
-                 f'(depth chosen on held-out clean data)')
+  axes.set(xlabel='mask threshold (every neuron with a mask at most it pruned)' if by_threshold
+           else 'neurons pruned (smallest masks first)', ylabel='%', ylim=(-2, 102),
+           title=results['method'])
   axes.legend(loc='upper left', bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
   axes.grid(alpha=0.3)
   save_figure(figure, path)
 
 
 def plot_masks(path: pathlib.Path, variant_masks: dict[str, dict[str, np.ndarray]],
-               name: str) -> None:
+               name: str, threshold: float) -> None:
   """The learned masks, one panel per layer: each neuron's mask, sorted (a grid's first variant)."""
   variant, layer_masks = next(iter(variant_masks.items()))
   layers = list(layer_masks)
@@ -348,8 +371,9 @@ def plot_masks(path: pathlib.Path, variant_masks: dict[str, dict[str, np.ndarray
   for axes, layer in zip(panels.ravel(), layers):
     values = np.sort(np.asarray(layer_masks[layer]))
     axes.bar(np.arange(len(values)), values, width=1.0, color='tab:purple')
-    axes.set_title(f'{layer}: {int((values < 0.2).sum())} of {len(values)} below 0.2',
-                   fontsize=9)
+    axes.set_title(f'{layer}: {int((values <= threshold).sum())} of {len(values)} at most '
+                   f'{threshold:g}', fontsize=9)
+    axes.axhline(threshold, color='grey', linestyle=':', linewidth=1)
     axes.set(ylim=(0, 1.02), xlabel='neurons, sorted')
   for axes in panels.ravel()[len(layers):]:
     axes.axis('off')

@@ -37,3 +37,11 @@ def markdown(header: Sequence[str], rows: Iterable[Sequence[Any]], align: str) -
 def fmt(value: float | None, digits: int = 2) -> str:
   """A figure in a table: ``digits`` decimals, '—' for none."""
   return '—' if value is None else f'{value:.{digits}f}'
+
+
+def number_first(text: str) -> tuple[int, float, str]:
+  """A sort key: numbers by value, then other text ('mask<=0.2', an X of ANP's) by itself."""
+  try:
+    return 0, float(text), ''
+  except ValueError:
+    return 1, 0.0, text

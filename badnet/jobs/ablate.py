@@ -21,7 +21,7 @@ import numpy as np
 from badnet import config as config_lib
 from badnet import defences, defend, inputs
 from badnet.core import distributed, masks, model, train
-from badnet.defences import base, goodnet, sweep
+from badnet.defences import base, goodnet, learned_masks, sweep
 from badnet.io import data, keras_io, report, tables, workdir
 
 # The channel grid is the pruning and fine-pruning defences' (reached, as every
@@ -209,7 +209,7 @@ def run(config: ml_collections.ConfigDict, out: pathlib.Path) -> list[dict]:
       return rows
     tables.write_csv(out / 'curves.csv', CURVE_FIELDS, curves)
   rows.sort(key=lambda r: (r['defence'], r['model'], r['layer'], r['order'], r['seed'],
-                           float(r['x']), int(r['finetune_epochs'])))
+                           tables.number_first(r['x']), int(r['finetune_epochs'])))
   tables.write_csv(out / 'ablation.csv', ROW_FIELDS, rows)
   markdown = _markdown(rows, shipped)
   workdir.write_text(out / 'ablation.md', markdown)
@@ -301,9 +301,11 @@ def _model_layer(grid: _Grid, name: str, params: model.Params, layer: str) -> li
 
 
 def layers_text(layers: tuple[str, ...]) -> str:
-  """A learned-mask row's layer: 'conv_1-fc_2' for every neuron layer, else 'conv_3+fc_1'..."""
-  return (f'{model.NEURON_LAYERS[0]}-{model.NEURON_LAYERS[-1]}'
-          if tuple(layers) == model.NEURON_LAYERS else '+'.join(layers))
+  """A learned-mask row's layer: 'conv_1-conv_4' or 'conv_1-fc_2' for a run of layers from
+  conv_1, else 'conv_3+fc_1'..."""
+  layers = tuple(layers)
+  runs = layers == model.NEURON_LAYERS[:len(layers)] and len(layers) > 1
+  return f'{layers[0]}-{layers[-1]}' if runs else '+'.join(layers)
 
 
 def _learned_row(grid: _Grid, defence_name: str, name: str, params: model.Params) -> None:
@@ -311,13 +313,14 @@ def _learned_row(grid: _Grid, defence_name: str, name: str, params: model.Params
   config = grid.config
   defence, settings = defences.get(defence_name), defend.settings_of(config, defence_name)
   layers = config_lib.values(settings.layers)
-  key = (defence.NAME, name, layers_text(layers), '', '', pruning.label(settings.max_clean_drop),
+  budget = (f'mask<={settings.threshold:g}' if settings.selection == 'threshold' else
+            pruning.label(settings.max_clean_drop))
+  key = (defence.NAME, name, layers_text(layers), '', '', budget,
          str(settings.finetune.epochs))
   if key in grid.done:
     logging.info('%s / %s: already done.', name, defence.NAME)
     return
-  print(f'{name} / {defence.NAME}: masks on clean data, depth on held-out clean data...',
-        flush=True)
+  print(f'{name} / {defence.NAME}: {learned_masks.method(defence.NAME, settings)}...', flush=True)
   start = time.perf_counter()
   # The defence sees the clean validation split only, as in its own job.
   clean = grid.splits['clean_valid']
@@ -357,9 +360,9 @@ def _markdown(rows: list[dict], shipped: bool) -> str:
   lines = ['# Ablation', '',
            'Shipped synthetic benchmark.' if shipped else '', '',
            'Test split, percent. G = GoodNet (B with the pruned or fine-pruned net). '
-           'X: the clean-accuracy budget (pruning\'s X; ANP\'s and RNP\'s max_clean_drop, '
-           'their depth chosen on held-out clean data); channels pruned: neurons for ANP '
-           'and RNP.', '',
+           'X: the clean-accuracy budget (pruning\'s X; ANP\'s and RNP\'s mask threshold, '
+           'or their max_clean_drop where the depth is chosen on held-out clean data); channels '
+           'pruned: neurons for ANP and RNP.', '',
            *tables.markdown(['defence', 'model', 'layer', 'order', 'seed', 'X',
                              'fine-tune epochs', 'channels pruned', 'clean', 'ASR', 'G clean',
                              'G ASR', 'detection', 'false alarm'], cells, 'llll' + 'r' * 10)]
