@@ -21,7 +21,7 @@ import numpy as np
 from badnet import config as config_lib
 from badnet import defences, defend, inputs
 from badnet.core import distributed, masks, model, train
-from badnet.defences import base, goodnet, learned_masks, sweep
+from badnet.defences import base, goodnet, sweep
 from badnet.io import data, keras_io, report, tables, workdir
 
 # The channel grid is the pruning and fine-pruning defences' (reached, as every
@@ -320,7 +320,7 @@ def _learned_row(grid: _Grid, defence_name: str, name: str, params: model.Params
   if key in grid.done:
     logging.info('%s / %s: already done.', name, defence.NAME)
     return
-  print(f'{name} / {defence.NAME}: {learned_masks.method(defence.NAME, settings)}...', flush=True)
+  print(f'{name} / {defence.NAME}: masks on clean data...', flush=True)
   start = time.perf_counter()
   # The defence sees the clean validation split only, as in its own job.
   clean = grid.splits['clean_valid']
@@ -329,8 +329,8 @@ def _learned_row(grid: _Grid, defence_name: str, name: str, params: model.Params
   chosen = outcome.candidates[outcome.recommended]
   scorer = grid.scorer(params)
   net, good = scorer.figures(scorer.classes(chosen.params))
-  logging.info('%s / %s: %s chosen in %.1f s.', name, defence.NAME, outcome.recommended,
-               time.perf_counter() - start)
+  logging.info('%s / %s (%s): %s chosen in %.1f s.', name, defence.NAME,
+               outcome.figures['method'], outcome.recommended, time.perf_counter() - start)
   grid.record({**dict(zip(KEY_FIELDS, key)),
                'channels_pruned': str(chosen.figures['neurons_pruned']),
                'pruned_channels': ' '.join(f'{layer}:{int(i)}' for layer in layers
