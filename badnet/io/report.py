@@ -223,7 +223,8 @@ def plot_ablation_tradeoff(path: pathlib.Path, rows: list[dict]) -> None:
   legend_key = lambda label, **style: plt.Line2D(
       [], [], **{'color': 'grey', 'marker': 'o', 'linestyle': '', **style}, label=label)
   handles = [legend_key(v, color=c) for v, c in colours.items()]
-  handles += [legend_key(f'X={x}', marker=m, markerfacecolor='none') for x, m in markers.items()]
+  handles += [legend_key(f'X={x}' if tables.number_first(x)[0] == 0 else x.replace('<=', ' <= '),
+                         marker=m, markerfacecolor='none') for x, m in markers.items()]
   handles.append(legend_key('pruned only', markerfacecolor='none'))
   epochs = sorted({int(row['finetune_epochs']) for row in done} - {0})
   if epochs:
