@@ -352,6 +352,8 @@ def test_the_rnp_job_runs_and_reports_its_unlearning(world, tmp_path):
     ('anp.learning_rate', 0.0, r'config.anp.learning_rate must be in \(0, 10\]'),
     ('anp.iterations', 0, 'config.anp.iterations must be a positive integer'),
     ('anp.layers', ('conv_9',), "config.anp.layers: unknown layer 'conv_9'"),
+    ('anp.selection', 'best', "config.anp.selection: unknown selection 'best'"),
+    ('anp.threshold', 1.5, r'config.anp.threshold must be in \[0, 1\], got 1.5'),
 ])
 def test_bad_anp_values_stop_before_any_work(world, tmp_path, field, value, message):
   root, _ = world
