@@ -315,9 +315,20 @@ def test_fine_tuned_candidates_hold_their_pruned_kernels_at_zero(world, tmp_path
   assert results['pruned'], 'the test needs a net with pruned neurons'
   for layer, indices in results['pruned'].items():
     assert not saved[layer]['kernel'][..., indices].any()
+    assert saved[layer]['bias'][indices].any()  # kept (and trained), as BatchNorm's beta
   moved = [layer for layer in saved if not np.array_equal(saved[layer]['kernel'],
                                                              np.asarray(params[layer]['kernel']))]
   assert moved  # it did train
+
+
+def test_a_grid_under_the_threshold_chooses_its_most_accurate_variant(world, tmp_path):
+  root, _ = world
+  results = runner.run(_anp(root, **{'anp.seeds': (0, 1, 2)}), tmp_path / 'grid')
+  chosen = [row for row in results['tradeoff'] if row['candidate'].endswith(': mask<=0.2')]
+  assert len(chosen) == 3  # one per variant, each at the threshold
+  best = max(chosen, key=lambda row: (row['holdout_clean_acc'], -row['neurons_pruned']))
+  assert results['defended']['candidate'] == best['candidate']
+  assert len({row['holdout_clean_acc'] for row in chosen}) > 1, 'the variants should differ'
 
 
 def test_with_the_threshold_only_the_chosen_net_is_fine_tuned(world, tmp_path):

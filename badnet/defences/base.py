@@ -93,6 +93,17 @@ class Outcome:
   detector: Callable[[np.ndarray], np.ndarray] | None = None
 
 
+def images_allowed(max_drop: float, images: int) -> int:
+  """The held-out images ``within_budget`` lets a candidate lose."""
+  return math.floor(max_drop * images / 100 + 1e-9)
+
+
+def within_budget(b_acc: float, acc: float, max_drop: float, images: int) -> bool:
+  """Whether accuracy ``acc`` (%) loses at most ``max_drop`` points of ``b_acc`` on ``images``
+  held-out images, counted in whole images: a figure's resolution is one, 100 / images points."""
+  return round((b_acc - acc) * images / 100) <= images_allowed(max_drop, images)
+
+
 def holdout_split(labels: np.ndarray, fraction: float, seed: int
                   ) -> tuple[np.ndarray, np.ndarray]:
   """Row indices (training, held out): ``fraction`` of each class held out, stratified, seeded."""

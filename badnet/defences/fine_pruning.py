@@ -8,7 +8,6 @@ held-out images), so no poisoned input informs a choice.
 """
 
 import dataclasses
-import math
 import pathlib
 from collections.abc import Sequence
 import time
@@ -116,9 +115,8 @@ def recommend(holdout_accs: dict[str, tuple[tuple, float]], b_holdout_acc: float
   ``holdout_accs``: name -> (depth, a tuple compared in order; held-out clean accuracy).
   Clean data only, so a defender without poisoned data can choose; None if none qualifies.
   """
-  allowed = math.floor(max_clean_drop * images / 100 + 1e-9)
   qualified = [(depth, name) for name, (depth, acc) in holdout_accs.items()
-               if round((b_holdout_acc - acc) * images / 100) <= allowed]
+               if base.within_budget(b_holdout_acc, acc, max_clean_drop, images)]
   return max(qualified)[1] if qualified else None
 
 

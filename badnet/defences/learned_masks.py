@@ -381,9 +381,7 @@ def choose(params: Params, clean: base.Clean, fit_rows: np.ndarray, holdout_rows
   accuracy = lambda net: evaluate.accuracy(net, *held, clean.batch_size, precision=clean.precision)
   images = len(holdout_rows)
   b_acc = accuracy(params)
-  # The budget in whole held-out images: a figure's resolution is one image, 100 / n points.
-  lost = lambda acc: round((b_acc - acc) * images / 100)
-  allowed = math.floor(settings.max_clean_drop * images / 100 + 1e-9)
+  within = lambda acc: base.within_budget(b_acc, acc, settings.max_clean_drop, images)
   by_threshold, tune = settings.selection == 'threshold', settings.finetune.epochs > 0
   tried, allowed_names = [], []  # (variant index, depth, name, candidate); (depth, value, name)
   for index, (variant, learned) in enumerate(variant_masks.items()):
@@ -401,7 +399,7 @@ def choose(params: Params, clean: base.Clean, fit_rows: np.ndarray, holdout_rows
       tried.append((index, depth, name, base.Candidate(
           net, {k: np.array(v) for k, v in pruned.items()}, figures)))
       if by_threshold and mask_at_most == settings.threshold or (
-          not by_threshold and lost(value) <= allowed):
+          not by_threshold and within(value)):
         allowed_names.append((depth, value, name))
       return value
 
@@ -417,7 +415,7 @@ def choose(params: Params, clean: base.Clean, fit_rows: np.ndarray, holdout_rows
     elif tune:
       at_depth(0)
       deepest_by_bisection(candidate_depths(len(order)),
-                           lambda depth: lost(at_depth(depth)) <= allowed)
+                           lambda depth: within(at_depth(depth)))
     else:
       for depth in [0, *candidate_depths(len(order))]:
         if at_depth(depth) < STOP_FRACTION * b_acc:
@@ -431,7 +429,9 @@ def choose(params: Params, clean: base.Clean, fit_rows: np.ndarray, holdout_rows
   key = (lambda entry: (entry[1], -entry[0])) if by_threshold else (lambda entry: entry[:2])
   chosen = max(allowed_names, key=key)[2] if allowed_names else None
   return base.Outcome(candidates, {'b_holdout_acc': b_acc, 'holdout_images': images,
-                                   'allowed_images_lost': allowed, 'tradeoff': tradeoffs},
+                                   'allowed_images_lost': base.images_allowed(
+                                       settings.max_clean_drop, images),
+                                   'tradeoff': tradeoffs},
                       chosen)
 
 
