@@ -23,7 +23,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from badnet import runner
-from badnet.core import distributed
+from badnet.core import distributed, interrupts
 from badnet.errors import BadnetError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -97,6 +97,7 @@ def main(argv: list[str]) -> None:
                          _AUTO.value)
   # JAX probes for a TPU on every start and logs its absence; that is no news.
   py_logging.getLogger('jax._src.xla_bridge').setLevel(py_logging.WARNING)
+  interrupts.install()
   try:
     runner.run(config, _WORKDIR.value)
   except BadnetError as error:

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from badnet import runner
-from badnet.core import evaluate, masks, train
+from badnet.core import evaluate, interrupts, masks, train
 from badnet.defences import fine_pruning, goodnet
 from badnet.errors import DataError, TrainingError, WorkdirError
 from badnet.io import keras_io, workdir
@@ -105,6 +105,38 @@ def test_ctrl_c_is_one_line_exit_130_and_leaves_no_half_written_file(world, tmp_
   assert json.loads((out / 'config.json').read_text())['badnet_job'] == 'fine_pruning'
   assert not (out / 'models' / 'repaired_X=2.h5').exists()
   assert not (out / 'models' / 'fine_pruned_X=2.h5').exists()
+
+
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')  # the drop
+def test_a_ctrl_c_that_a_finaliser_drops_is_raised_at_the_next_batch(world):
+  """Python drops an exception raised inside ``__del__``: the job would run on after Ctrl-C."""
+  _, params = world
+
+  class Finaliser:
+    def __del__(self):
+      os.kill(os.getpid(), signal.SIGINT)  # the handler runs in here, and its raise is dropped
+      sum(range(10_000))
+
+  previous = signal.getsignal(signal.SIGINT)
+  signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    interrupts.install()
+    Finaliser()
+    images = np.zeros((8, 55, 47, 3), np.float32)
+    with pytest.raises(KeyboardInterrupt):
+      evaluate.predict(params, images, batch_size=4)
+  finally:
+    signal.signal(signal.SIGINT, previous)
+    interrupts._requested = False  # noqa: SLF001 (this process goes on to other tests)
+
+
+def test_a_job_started_with_ctrl_c_ignored_keeps_ignoring_it():
+  previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+  try:
+    interrupts.install()
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+  finally:
+    signal.signal(signal.SIGINT, previous)
 
 
 def test_a_file_that_cannot_be_written_is_one_line_naming_it(world, tmp_path):

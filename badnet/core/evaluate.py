@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from badnet.core import backend, cache
+from badnet.core import backend, cache, interrupts
 from badnet.core import model as model_lib
 
 Params = model_lib.Params
@@ -40,6 +40,7 @@ def _padded_batches(arrays: tuple[np.ndarray, ...], batch_size: int
   """Yields fixed-size batches of ``arrays`` (padded with zeros) and the real row count."""
   count = len(arrays[0])
   for start in range(0, count, batch_size):
+    interrupts.check()
     rows = min(batch_size, count - start)
     batch = []
     for array in arrays:

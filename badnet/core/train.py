@@ -16,7 +16,7 @@ import optax
 import tqdm
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from badnet.core import backend, evaluate, masks, model
+from badnet.core import backend, evaluate, interrupts, masks, model
 from badnet.errors import DataError, TrainingError
 
 Params = model.Params
@@ -205,6 +205,7 @@ def fit_many(params: Sequence[Params], images: np.ndarray, labels: np.ndarray, r
     with tqdm.tqdm(total=steps, desc=f'{label}: epoch {epoch}/{recipe.epochs}', unit='step',
                    leave=False, file=sys.stderr, disable=not sys.stderr.isatty()) as bar:
       for index in range(steps):
+        interrupts.check()
         batch = order[index * batch_size:(index + 1) * batch_size]
         x, y = jax.device_put((images[batch], labels[batch].astype(np.int32)), rows)
         for i, weight in enumerate(weights):  # one stacked step, or each net's in turn

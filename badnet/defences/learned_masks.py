@@ -20,7 +20,7 @@ import numpy as np
 import optax
 
 from badnet import config as config_lib
-from badnet.core import backend, evaluate, masks, train
+from badnet.core import backend, evaluate, interrupts, masks, train
 from badnet.core import model as model_lib
 from badnet.defences import base
 from badnet.errors import TrainingError
@@ -162,6 +162,7 @@ def _learn_anp(params, images, labels, variants, *, layers, iterations, batch_si
   velocity = mask_sum = jax.tree.map(jnp.zeros_like, mask)
   step = _anp_steps(optimizer, precision, stacked)
   for iteration in range(iterations):
+    interrupts.check()
     batch = rows[:, iteration]
     step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, iteration)
     inputs = (images[batch], labels[batch], step_keys, eps, alpha)
@@ -251,6 +252,7 @@ def unlearn(params: Params, images: np.ndarray, labels: np.ndarray, settings: Rn
     order = rng.permutation(len(labels))
     correct, losses = 0.0, []
     for start in range(0, len(labels), settings.batch_size):
+      interrupts.check()
       rows = order[start:start + settings.batch_size]
       params, opt_state, loss, accuracy = step(params, opt_state, images[rows],
                                                labels[rows].astype(np.int32))
@@ -284,6 +286,7 @@ def learn_rnp(params: Params, images: np.ndarray, labels: np.ndarray, settings: 
   for _ in range(settings.recovering_epochs):
     order = rng.permutation(len(labels))
     for start in range(0, len(labels), settings.batch_size):
+      interrupts.check()
       rows = order[start:start + settings.batch_size]
       mask, velocity, _ = step(unlearned, mask, velocity, images[rows], labels[rows])
       mask_sum, steps = jax.tree.map(jnp.add, mask_sum, mask), steps + 1

@@ -26,7 +26,7 @@ import numpy as np
 import optax
 
 from badnet import config as config_lib
-from badnet.core import backend, cache, evaluate, train
+from badnet.core import backend, cache, evaluate, interrupts, train
 from badnet.core import model as model_lib
 from badnet.benchmark import shipped
 from badnet.defences import base
@@ -274,6 +274,7 @@ def reverse_engineer_labels(params: Params, images: np.ndarray, labels: Sequence
   outputs: dict[int, Trigger] = {}
   start, reported = time.perf_counter(), 0
   while len(outputs) < len(labels):
+    interrupts.check()
     state = ticks(state, params, images, jnp.asarray(slot_labels), seed)
     ended = np.flatnonzero(np.asarray(finished(state)))
     fresh = [slot for slot in ended if slot_rows[slot] not in outputs]
