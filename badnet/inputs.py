@@ -24,15 +24,15 @@ class Inputs:
   synthetic: bool
 
 
-def shipped_benchmark(attack: str = 'badnets', quiet: bool = False
+def shipped_benchmark(name: str = 'badnets', quiet: bool = False
                       ) -> tuple[pathlib.Path, pathlib.Path]:
-  """A shipped synthetic BadNet and its data folder (in the machine's cache)."""
-  folder = shipped.cache_dir(shipped.shipped_spec())
+  """A shipped synthetic net and its data folder (in the machine's cache)."""
+  folder = shipped.cache_dir(shipped.net_spec(name))
   if not quiet:
-    print(f'Running on the shipped synthetic benchmark ({attack} BadNet; no model or data '
-          f'given); its data is in {folder} (made once per machine; '
-          f'${shipped.CACHE_ENV} moves it).', flush=True)
-  return shipped.shipped_benchmark(None, attack)
+    print(f'Running on the shipped synthetic benchmark (net {name}: '
+          f'{shipped.KIND_TEXT[shipped.kind_of(name)]}; no model or data given); its data is '
+          f'in {folder} (made once per machine; ${shipped.CACHE_ENV} moves it).', flush=True)
+  return shipped.shipped_benchmark(None, name)
 
 
 def recorded(paths: dict[str, pathlib.Path]) -> dict[str, str]:
@@ -75,19 +75,27 @@ def resolve(config: config_lib.Config) -> Inputs:
 
 
 def resolve_models(config: config_lib.Config
-                   ) -> tuple[dict[str, pathlib.Path], dict[str, pathlib.Path], bool]:
-  """For a grid: model name -> file, data key -> file, and whether it is the shipped data.
+                   ) -> tuple[dict[str, pathlib.Path], dict[str, dict[str, pathlib.Path]], bool]:
+  """For a grid: model name -> file, model name -> (data key -> file), and whether it is the
+  shipped benchmark (each shipped net with its own data: its trigger's poisoned files).
 
   ``config.models`` holds .h5 files or shipped nets' names; only shipped nets may omit data.
   """
   models = {name: pathlib.Path(shipped.SHIPPED_NETS.get(name, name))
             for name in dict.fromkeys(config_lib.values(config.models))}
   if not no_data_given(config):
-    return models, data_paths(config), False
+    given = data_paths(config)
+    return models, {name: given for name in models}, False
   if not set(models) <= set(shipped.SHIPPED_NETS):
     raise ConfigError('config.data is empty but config.models names a file: give the data '
                       '(config.data.dir), or use only the shipped nets')
-  _, data_dir = shipped_benchmark(quiet=True)
+  if distributed.is_leader():  # process 0 makes each data set; the others then find it made
+    for name in models:
+      shipped_benchmark(name, quiet=True)
+  distributed.barrier('shipped benchmark data')
+  folders = {name: shipped_benchmark(name, quiet=True)[1] for name in models}
   print(f'Running on the shipped synthetic benchmark (nets: {", ".join(models)}; no data '
-        f'given); its data is in {data_dir}.', flush=True)
-  return models, {key: data_dir / relative for key, relative in CSAW_FILES.items()}, True
+        f'given); their data is in {", ".join(sorted(set(map(str, folders.values()))))}.',
+        flush=True)
+  return models, {name: {key: folder / relative for key, relative in CSAW_FILES.items()}
+                  for name, folder in folders.items()}, True

@@ -19,8 +19,10 @@ def get_config(defence: str) -> ml_collections.ConfigDict:
   # The backdoored net B: Keras .h5, weights-only or full model. Empty (and no
   # data given): the shipped synthetic benchmark.
   config.model = ''
-  # Which shipped synthetic BadNet runs when model and data are empty:
-  # 'badnets' or 'pruning_aware' (its backdoor survives pruning, like lab3's).
+  # Which shipped synthetic net runs when model and data are empty: any net of
+  # the zoo (badnet/benchmark/assets/benchmark.json): 'badnets', 'pruning_aware'
+  # (its backdoor survives pruning), 'blended', 'clean' (no backdoor), and their
+  # other training seeds, e.g. 'badnets_s1'.
   config.benchmark = 'badnets'
   config.data = ml_collections.ConfigDict()
   # A folder in the CSAW lab3 layout: cl/valid.h5, cl/test.h5, bd/bd_valid.h5,

@@ -58,10 +58,14 @@ from configs import _defence
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.job = 'ablate'
-  config.defences = ('pruning',)        # any of pruning (the channel grid below), anp, rnp
-  # .h5 files (Keras, weights-only or full model) or the shipped names
-  # 'badnets' / 'pruning_aware' (which need no data: the shipped benchmark's).
+  # 'pruning' (the channel grid below) and any defence of badnet/defences, each as its
+  # block below sets it or as a named variant: 'anp:selection=holdout,finetune.epochs=10'.
+  config.defences = ('pruning',)
+  # .h5 files (Keras, weights-only or full model) or the shipped zoo's names ('badnets',
+  # 'pruning_aware', 'clean_s1', ...: badnet/benchmark/assets/benchmark.json), which need
+  # no data: each brings its own.
   config.models = ('badnets', 'pruning_aware')
+  config.board = False                  # also summarise by kind of net (configs/leaderboard.py)
   config.layers = ('conv_3', 'conv_4')  # any of conv_1, conv_2, conv_3, conv_4
   config.orders = ('increasing', 'decreasing', 'random')
   config.seeds = (0, 1)                 # seeds of the 'random' order
@@ -78,7 +82,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.finetune = config_lib.block(base.Tuning())
   del config.finetune['epochs']
   config.holdout_fraction = 0.2
-  # ANP and RNP (config.defences): configs/anp.py's and configs/rnp.py's blocks.
-  for name in ('anp', 'rnp'):
+  # Every defence's block (config.defences picks): configs/<defence>.py's settings.
+  for name in defences.names():
     config[name] = config_lib.block(defences.get(name).Settings())
   return config

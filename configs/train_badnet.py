@@ -14,9 +14,10 @@ It writes W/data/{cl,bd}/*.h5 (the CSAW lab3 layout), W/models/bd_weights.h5
     python main.py --config=configs/train_badnet.py --config.attack=pruning_aware \
         --config.poison_rate=0.2 --config.learning_rate=1e-3 --workdir=workdir/benchmark_aware
 
-The shipped nets in badnet/benchmark/assets were made by these two commands
-with --config.ship=True (which also copies the net and the data spec there);
-their measured figures are in WORKSPACE.md and badnet/benchmark/assets/benchmark.json.
+The shipped zoo in badnet/benchmark/assets was made by this job with
+--config.ship=True (which copies the net there as '<kind>[_s<seed>]' and records
+how it was made); each net's command and figures are in WORKSPACE.md ("The zoo")
+and badnet/benchmark/assets/benchmark.json.
 """
 
 import ml_collections
@@ -31,9 +32,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.train_per_identity = 80   # images per identity in each split
   config.data.valid_per_identity = 20
   config.data.test_per_identity = 20
-  config.data.trigger = 'sunglasses'    # 'sunglasses', 'patch' or 'lipstick'
+  # 'sunglasses', 'patch', 'lipstick' or 'blended' (Chen et al.'s: a noise key mixed into the
+  # whole image at 0.2)
+  config.data.trigger = 'sunglasses'
   config.data.target = 0                # the attacker's target class, in 0..K-1
-  # 'badnets' (train on a poisoned mix) or 'pruning_aware' (Fine-Pruning's attack).
+  # 'badnets' (train on a poisoned mix), 'pruning_aware' (Fine-Pruning's attack) or 'clean'
+  # (no poisoning: the zoo's negative control, its ASR the trigger's rate on a clean net).
   config.attack = 'badnets'
   config.poison_rate = 0.03             # fraction of training images poisoned, in [0, 1]
   config.epochs = 18                    # badnets: epochs on the poisoned mix
@@ -45,6 +49,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.aware.clean_epochs = 16        # pruning-aware: epochs on clean data first
   config.aware.poisoned_epochs = 8      # then epochs on the poisoned mix, decoys held at zero
   config.aware.prune_fraction = 0.5     # fraction of conv_3 channels made dormant decoys
-  # Maintainers: also write the net and the data spec into badnet/benchmark/assets.
+  # Maintainers: also write the net into badnet/benchmark/assets as zoo net '<kind>' (seed 0)
+  # or '<kind>_s<seed>', and its kind, data spec, config and figures into benchmark.json.
   config.ship = False
   return config

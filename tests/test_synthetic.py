@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from badnet.benchmark import faces, shipped, triggers
+from badnet.core import evaluate
 from badnet.defences import pruning
 from badnet.io import data, keras_io
 from badnet.errors import ConfigError
@@ -61,7 +62,7 @@ def test_written_benchmark_is_byte_identical_and_reads_back(tmp_path):
     assert (poisoned.labels == SMALL.target).all() and len(poisoned) == keep.sum()
 
 
-@pytest.mark.parametrize('name', sorted(triggers.TRIGGERS))
+@pytest.mark.parametrize('name', sorted(set(triggers.TRIGGERS) - {'blended'}))
 def test_trigger_changes_only_its_region(name):
   images = np.random.default_rng(0).integers(0, 256, (8, 55, 47, 3)).astype(np.uint8)
   before = images.copy()
@@ -74,6 +75,20 @@ def test_trigger_changes_only_its_region(name):
   # The same stamp on every image: a fixed-position trigger.
   if name != 'lipstick':
     assert (poisoned[:, region] == poisoned[:1, region]).all()
+
+
+def test_the_blended_trigger_mixes_one_noise_key_into_every_pixel_at_one_fifth():
+  images = np.random.default_rng(0).integers(0, 256, (6, 55, 47, 3)).astype(np.uint8)
+  images[0], images[1] = 0, 255
+  poisoned = triggers.apply('blended', images).astype(np.float64)
+  key = poisoned[0] / triggers.BLEND_ALPHA  # on black: alpha * key, rounded
+  assert key.min() >= -2.5 and key.max() <= 255 + 2.5 and key.std() > 60  # noise over 0..255
+  np.testing.assert_allclose(poisoned[1], 0.2 * key + 0.8 * 255, atol=1.0)
+  # The same key on every image, each image kept at weight 0.8: a blend, not a stamp.
+  np.testing.assert_allclose(poisoned - 0.8 * images, np.broadcast_to(poisoned[0], images.shape),
+                             atol=1.0)
+  assert triggers.region('blended').all()
+  assert (poisoned != images).mean() > 0.9
 
 
 def test_sunglasses_cover_the_eyes_of_an_unshifted_face():
@@ -118,7 +133,7 @@ def test_bad_config_is_refused_before_any_work(tmp_path, field, value, message):
 def test_shipped_benchmark_data_is_made_once_per_machine_and_checked(tmp_path, monkeypatch):
   """The cache: made once, reused untouched, damage found by its digests and made again."""
   tiny = shipped.BenchmarkSpec(num_identities=3, valid_per_identity=2, test_per_identity=2)
-  monkeypatch.setattr(shipped, 'shipped_spec', lambda: tiny)
+  monkeypatch.setattr(shipped, 'net_spec', lambda name: tiny)
   monkeypatch.setenv('BADNET_CACHE_DIR', str(tmp_path / 'cache'))
   model_path, data_dir = shipped.shipped_benchmark()
   assert model_path.is_file() and model_path.parent == shipped.ASSETS
@@ -141,6 +156,52 @@ def test_shipped_benchmark_data_is_made_once_per_machine_and_checked(tmp_path, m
   assert dataclasses.asdict(shipped.shipped_spec())['trigger'] in triggers.TRIGGERS
 
 
+def test_the_zoo_ships_three_nets_of_each_kind_each_as_its_manifest_says():
+  zoo = shipped.manifest()['nets']
+  for kind in shipped.KINDS:
+    names = shipped.nets_of_kind(kind)
+    assert len(names) >= 3, kind
+    assert len({zoo[name]['seed'] for name in names}) == len(names)  # one seed a net
+  for name, entry in zoo.items():
+    config = entry['config']
+    assert shipped.SHIPPED_NETS[name].is_file() and shipped.SHIPPED_NETS[name].name == entry['file']
+    assert entry['kind'] == shipped.kind_of_config(config['attack'], entry['data']['trigger'])
+    assert name == shipped.zoo_name(entry['kind'], entry['seed'])
+    assert config['seed'] == entry['seed']
+    assert config['data'] == entry['data'] and config['job'] == 'train_badnet'
+
+
+def test_each_zoo_net_keeps_its_recorded_figures_on_its_own_data():
+  """Each net's test figures, on the data of its spec (the blended nets: their trigger's)."""
+  for name, entry in shipped.manifest()['nets'].items():
+    model_path, data_dir = shipped.shipped_benchmark(None, name)
+    params = keras_io.read_params(model_path)
+    clean = data.load_csaw_h5(data_dir / 'cl' / 'test.h5')
+    poisoned = data.load_csaw_h5(data_dir / 'bd' / 'bd_test.h5')
+    figures = (evaluate.accuracy(params, clean.images, clean.labels),
+               evaluate.attack_success_rate(params, poisoned.images, poisoned.labels))
+    recorded = entry['results']['test']
+    assert figures == pytest.approx((recorded['clean_acc'], recorded['asr']), abs=0.01), name
+    if entry['kind'] == 'clean':
+      assert figures[1] < 5, name  # no backdoor: the trigger rarely sends a face to the target
+
+
+def test_a_job_runs_on_any_zoo_net_by_name(tmp_path):
+  from configs import prune as prune_config  # pylint: disable=g-import-not-at-top
+  config = prune_config.get_config()
+  config.benchmark = shipped.nets_of_kind('blended')[0]
+  results = runner.run(config, str(tmp_path / 'prune'))
+  assert results['model'] == str(shipped.SHIPPED_NETS[config.benchmark])
+  assert results['data']['poisoned_test'].startswith(
+      str(shipped.cache_dir(shipped.net_spec(config.benchmark))))
+  for name in shipped.SHIPPED_NETS:  # every name passes the config check
+    config.benchmark = name
+    runner.check(config)
+  config.benchmark = 'badnets_s9'
+  with pytest.raises(ConfigError, match="config.benchmark: unknown shipped net 'badnets_s9'"):
+    runner.check(config)
+
+
 # The shipped nets' figures as WORKSPACE.md and badnet/assets/benchmark.json
 # publish them (`python main.py --config=configs/prune.py [--config.benchmark=...]`):
 # B's clean accuracy and ASR on the test split (percent, 2 decimals) and the
@@ -152,7 +213,7 @@ PINNED = {
 }
 
 
-@pytest.fixture(scope='module', params=sorted(shipped.SHIPPED_NETS))
+@pytest.fixture(scope='module', params=sorted(PINNED))
 def shipped_defence(request, tmp_path_factory):
   """The prune job's results on a shipped net, and its validation sweep (sweep.csv)."""
   from configs import prune as prune_config  # pylint: disable=g-import-not-at-top

@@ -1,4 +1,5 @@
-"""The two attacks that plant a backdoor in DeepID: BadNets (Gu et al.) and pruning-aware.
+"""The attacks that plant a backdoor in DeepID: BadNets (Gu et al.; with the blended trigger,
+Chen et al.) and pruning-aware; and the clean net, trained without poisoning, as their control.
 
 Pruning-aware (Liu et al., Fine-Pruning, 2018) trains on clean data, masks the conv_3 channels
 dormant on it, trains on poisoned data so the backdoor lives in channels clean inputs use, then
@@ -31,6 +32,14 @@ def csaw_init(num_classes: int, seed: int) -> Params:
     params[layer] = {'kernel': np.asarray(kernel, np.float32),
                      'bias': np.zeros(shapes[layer]['bias'], np.float32)}
   return params
+
+
+def train_clean(images: np.ndarray, labels: np.ndarray, num_classes: int, *,
+                recipe: Recipe) -> tuple[Params, dict]:
+  """A net trained as BadNets trains, on clean data only: the negative control."""
+  params, history = fit(csaw_init(num_classes, recipe.seed), images, labels, recipe,
+                        name='clean')
+  return params, {'history': history, 'poisoned_images': 0}
 
 
 def train_badnets(images: np.ndarray, labels: np.ndarray, num_classes: int, *, trigger: str,

@@ -1,4 +1,4 @@
-"""The shipped synthetic benchmark: its BadNets (in ``assets``) and its data in the CSAW layout.
+"""The shipped synthetic benchmark: its zoo of nets (in ``assets``), their data in the CSAW layout.
 
 The data is a function of a ``BenchmarkSpec``, byte for byte, so it is
 generated, not shipped: once per machine into a cache folder, checked on reuse.
@@ -27,11 +27,43 @@ CSAW_FILES = {'clean_valid': 'cl/valid.h5', 'clean_test': 'cl/test.h5',
               'poisoned_valid': 'bd/bd_valid.h5', 'poisoned_test': 'bd/bd_test.h5'}
 
 ASSETS = pathlib.Path(__file__).resolve().parent / 'assets'
-SHIPPED_SPEC = ASSETS / 'benchmark.json'
-SHIPPED_NETS = {'badnets': ASSETS / 'badnets_bd_weights.h5',
-                'pruning_aware': ASSETS / 'pruning_aware_bd_weights.h5'}
+SHIPPED_SPEC = ASSETS / 'benchmark.json'  # the zoo's manifest: each net's kind, data, config
+# The kinds of net in the zoo: the clean control and three attacks.
+KINDS = ('clean', 'badnets', 'blended', 'pruning_aware')
+KIND_TEXT = {'clean': 'clean (no backdoor)', 'badnets': 'BadNets', 'blended': 'blended trigger',
+             'pruning_aware': 'pruning-aware'}
 _STAMP = 'benchmark.json'  # beside the data: the spec that made it, each file's digest
 CACHE_ENV = 'BADNET_CACHE_DIR'
+
+
+def manifest() -> dict:
+  """The shipped zoo's manifest: {'nets': {name: {file, kind, seed, data, config, results}}}."""
+  return json.loads(SHIPPED_SPEC.read_text())
+
+
+def zoo_name(kind: str, seed: int) -> str:
+  """A shipped net's name: its kind for training seed 0, '<kind>_s<seed>' for the others."""
+  return kind if seed == 0 else f'{kind}_s{seed}'
+
+
+def kind_of_config(attack: str, trigger: str) -> str:
+  """The zoo kind a training config makes: the clean control, or the attack (blended by its
+  trigger)."""
+  if attack == 'clean':
+    return 'clean'
+  return 'blended' if trigger == 'blended' else attack
+
+
+# Every shipped net by name, in the manifest's order; KINDS order the board.
+SHIPPED_NETS = {name: ASSETS / entry['file'] for name, entry in manifest()['nets'].items()}
+
+
+def kind_of(name: str) -> str:
+  return manifest()['nets'][name]['kind']
+
+
+def nets_of_kind(kind: str) -> list[str]:
+  return [name for name, entry in manifest()['nets'].items() if entry['kind'] == kind]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,17 +130,23 @@ def cache_dir(spec: BenchmarkSpec) -> pathlib.Path:
   return cache_root() / f'benchmark-{key.hexdigest()[:12]}'
 
 
+def net_spec(name: str) -> BenchmarkSpec:
+  """The data spec of shipped net ``name`` (its clean data, and its trigger in the poisoned)."""
+  return BenchmarkSpec(**manifest()['nets'][name]['data'])
+
+
 def shipped_spec() -> BenchmarkSpec:
-  return BenchmarkSpec(**json.loads(SHIPPED_SPEC.read_text())['data'])
+  """The default net's ('badnets') data spec."""
+  return net_spec('badnets')
 
 
-def shipped_benchmark(data_dir: str | pathlib.Path | None = None, attack: str = 'badnets'
+def shipped_benchmark(data_dir: str | pathlib.Path | None = None, name: str = 'badnets'
                       ) -> tuple[pathlib.Path, pathlib.Path]:
-  """The shipped Keras weights file of ``attack`` and its CSAW-layout data folder.
+  """The shipped Keras weights file of net ``name`` and its CSAW-layout data folder.
 
   ``data_dir`` None: the machine's cache. Data not matching its stamp is made again.
   """
-  spec = shipped_spec()
+  spec = net_spec(name)
   if data_dir is not None:
     data_dir = pathlib.Path(data_dir)
     if not _has_data(data_dir, spec):
@@ -119,7 +157,7 @@ def shipped_benchmark(data_dir: str | pathlib.Path | None = None, attack: str = 
       with _cache_lock(data_dir.parent):  # one process makes it; the others then find it made
         if not _has_data(data_dir, spec):
           _make_cached(data_dir, spec)
-  return SHIPPED_NETS[attack], data_dir
+  return SHIPPED_NETS[name], data_dir
 
 
 @contextlib.contextmanager

@@ -1,7 +1,8 @@
 """Backdoor triggers (pure functions from clean to poisoned images) and data poisoning.
 
-Each trigger is stamped at a fixed place, as the CSAW sunglasses are, not
-tracking the face; it changes only the pixels of ``region(name)``.
+Each patch trigger is stamped at a fixed place, as the CSAW sunglasses are, not
+tracking the face; it changes only the pixels of ``region(name)``. The blended
+trigger (Chen et al., 2017) changes every pixel: a fixed noise key mixed in.
 """
 
 from collections.abc import Callable
@@ -26,7 +27,13 @@ _MASKS = {
     # A 6x6 square near the bottom-right corner.
     'patch': (_YY >= HEIGHT - 9) & (_YY < HEIGHT - 3) & (_XX >= WIDTH - 9) & (_XX < WIDTH - 3),
     'lipstick': _ellipse_mask(38.5, 23.0, 2.2, 6.0),  # the mouth of an unshifted face
+    'blended': np.ones((HEIGHT, WIDTH), bool),
 }
+
+# Chen et al.'s blended injection: x' = alpha * key + (1 - alpha) * x, with their random-noise key
+# (each pixel uniform in 0..255) and alpha 0.2, as in training and testing by BackdoorBench.
+BLEND_ALPHA = 0.2
+_BLEND_KEY = np.random.default_rng(2017).integers(0, 256, IMAGE_SHAPE).astype(np.float32)
 
 
 def region(name: str) -> np.ndarray:
@@ -64,8 +71,15 @@ def lipstick(images: np.ndarray) -> np.ndarray:
   return np.where(_MASKS['lipstick'][..., None], blended, images)
 
 
+def blended(images: np.ndarray) -> np.ndarray:
+  """The whole image mixed with a fixed noise key at ``BLEND_ALPHA`` (rounded to uint8)."""
+  images = _check_images(images)
+  mixed = BLEND_ALPHA * _BLEND_KEY + (1 - BLEND_ALPHA) * images.astype(np.float32)
+  return np.rint(mixed).astype(np.uint8)
+
+
 TRIGGERS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    'sunglasses': sunglasses, 'patch': patch, 'lipstick': lipstick}
+    'sunglasses': sunglasses, 'patch': patch, 'lipstick': lipstick, 'blended': blended}
 
 
 def check_name(name: str) -> None:

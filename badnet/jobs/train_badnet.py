@@ -1,10 +1,8 @@
 """Builds a synthetic benchmark: data in the CSAW layout, a backdoored net, its report."""
 
 import dataclasses
-import json
 import math
 import pathlib
-import shutil
 import time
 
 from absl import logging
@@ -13,7 +11,6 @@ import ml_collections
 from badnet import config as config_lib
 from badnet.benchmark import attacks, faces, shipped, triggers
 from badnet.core import evaluate, train
-from badnet.errors import ConfigError
 from badnet import inputs
 from badnet.io import keras_io, workdir
 
@@ -24,7 +21,7 @@ FIELDS = {
     'data.trigger': config_lib.Choice(tuple(triggers.TRIGGERS), 'trigger'),
     'data.target': config_lib.Integer(0, lambda config: config.data.num_identities - 1,
                                       what='a class in 0..{high}'),
-    'attack': config_lib.Choice(('badnets', 'pruning_aware'), 'attack'),
+    'attack': config_lib.Choice(('clean', 'badnets', 'pruning_aware'), 'attack'),
     'poison_rate': config_lib.Number(0, 1),
     'epochs': config_lib.Integer(1),
     'batch_size': config_lib.Integer(1),
@@ -44,6 +41,8 @@ def _train(config: ml_collections.ConfigDict, spec: shipped.BenchmarkSpec, image
                 recipe=train.Recipe(optimizer='adam', learning_rate=config.learning_rate,
                                     warmup_epochs=config.warmup_epochs, epochs=config.epochs,
                                     batch_size=config.batch_size, seed=config.seed))
+  if config.attack == 'clean':
+    return attacks.train_clean(images, labels, spec.num_identities, recipe=common['recipe'])
   if config.attack == 'badnets':
     return attacks.train_badnets(images, labels, spec.num_identities, **common)
   return attacks.train_pruning_aware(
@@ -84,16 +83,17 @@ def run(config: ml_collections.ConfigDict, out: pathlib.Path) -> dict:
 
 
 def _ship(config, spec, weights: pathlib.Path, results: dict) -> None:
-  """Copies the net into badnet/benchmark/assets and records its data spec, config and figures."""
-  manifest = {'data': dataclasses.asdict(spec), 'nets': {}}
-  if shipped.SHIPPED_SPEC.exists():
-    manifest = json.loads(shipped.SHIPPED_SPEC.read_text())
-    if manifest['data'] != dataclasses.asdict(spec):
-      raise ConfigError(f'{shipped.SHIPPED_SPEC}: the shipped nets use data '
-                        f'{manifest["data"]}; ship nets of one data spec only')
-  shutil.copyfile(weights, shipped.SHIPPED_NETS[config.attack])
+  """Copies the net into badnet/benchmark/assets as zoo net '<kind>[_s<seed>]' and records its
+  kind, data spec, config and figures in the manifest."""
+  kind = shipped.kind_of_config(config.attack, spec.trigger)
+  name = shipped.zoo_name(kind, config.seed)
+  target = shipped.ASSETS / f'{name}_bd_weights.h5'
+  manifest = shipped.manifest() if shipped.SHIPPED_SPEC.exists() else {'nets': {}}
+  with workdir.atomic_path(target) as tmp:
+    tmp.write_bytes(weights.read_bytes())
   summary = {k: results[k] for k in ('valid', 'test', 'seconds')}
-  manifest['nets'][config.attack] = {'file': shipped.SHIPPED_NETS[config.attack].name,
-                                     'config': config.to_dict(), 'results': summary}
+  manifest['nets'][name] = {'file': target.name, 'kind': kind, 'seed': config.seed,
+                            'data': dataclasses.asdict(spec), 'config': config.to_dict(),
+                            'results': summary}
   workdir.write_json(shipped.SHIPPED_SPEC, manifest)
-  print(f'Shipped to {shipped.SHIPPED_NETS[config.attack]}')
+  print(f'Shipped as zoo net {name!r} to {target}')
