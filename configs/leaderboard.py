@@ -25,7 +25,7 @@ with the time left, then leaderboard.md; it writes
 A rerun into the same workdir runs only the cells not done (a new defence, a
 new net). Fewer nets or defences: --config.models="('badnets', 'clean')"
 --config.defences="('pruning', 'strip')". The committed board and its time
-are in benchmarks/leaderboard.md and WORKSPACE.md.
+are in results/leaderboard.md (with .csv and .png) and WORKSPACE.md.
 """
 
 import ml_collections
@@ -43,8 +43,9 @@ def get_config() -> ml_collections.ConfigDict:
   config = ablate.get_config()
   config.board = True
   config.models = zoo()
-  config.defences = ('pruning', 'fine_pruning', 'anp', 'anp:selection=holdout', 'rnp',
-                     'rnp:selection=holdout', 'neural_cleanse', 'strip')
+  # The quick ones first: an interrupted board has whole defences done.
+  config.defences = ('pruning', 'fine_pruning', 'rnp', 'rnp:selection=holdout', 'strip',
+                     'neural_cleanse', 'anp', 'anp:selection=holdout')
   # The channel grid as the pruning defence's defaults (configs/prune.py).
   pruning = config.pruning
   config.layers = (pruning.layer,)

@@ -36,3 +36,5 @@ def test_the_library_section_runs(tmp_path, monkeypatch, capsys):
   depths = [c.figures['channels_pruned'] for c in outcome.candidates.values()]
   assert depths[0] <= depths[1]
   assert (names['data_dir'] / 'cl' / 'valid.h5').is_file()
+  assert all(len(nets) >= 3 for nets in names['zoo'].values()) and 'blended' in names['zoo']
+  assert names['blended_trigger'] == 'blended'

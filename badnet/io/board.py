@@ -209,8 +209,9 @@ def markdown(board: list[dict], made: str) -> str:
   lines = ['# Leaderboard', '', made, '',
            'Test split, percent: mean ± the half-width of its 95 % t-interval over the nets of '
            'a kind (n). DER: BackdoorBench\'s defence effectiveness rating (50: no change; 100: '
-           'ASR to 0 at no cost in clean accuracy). Each net\'s own row is in leaderboard.csv; '
-           'seconds: one cell (one defence on one net).', '',
+           'ASR to 0 at no cost in clean accuracy). Each net\'s own row is in leaderboard.csv '
+           '(a net where an X is not reached counts in n, not in the mean); seconds: one cell '
+           '(one defence on one net).', '',
            '## Repairing defences', '',
            *tables.markdown(['defence', 'variant', 'layer', 'kind', 'n', 'clean acc', 'ASR',
                              'DER', 'seconds'],

@@ -95,5 +95,7 @@ def _ship(config, spec, weights: pathlib.Path, results: dict) -> None:
   manifest['nets'][name] = {'file': target.name, 'kind': kind, 'seed': config.seed,
                             'data': dataclasses.asdict(spec), 'config': config.to_dict(),
                             'results': summary}
+  order = lambda item: (shipped.KINDS.index(item[1]['kind']), item[1]['seed'])
+  manifest['nets'] = dict(sorted(manifest['nets'].items(), key=order))
   workdir.write_json(shipped.SHIPPED_SPEC, manifest)
   print(f'Shipped as zoo net {name!r} to {target}')
