@@ -197,8 +197,8 @@ def _variant(row: dict) -> str:
     parts.append(f'X={row["x"]}' if tables.number_first(row['x'])[0] == 0 else row['x'])
   if row['order'] and row['order'] != 'increasing':
     parts.append(f'{row["order"]}{row["seed"]}')
-  if row['finetune_epochs'] not in ('', '0'):
-    parts.append(f'{row["finetune_epochs"]} ep')
+  if row['order'] and row['finetune_epochs'] not in ('', '0'):  # the channel grid's axis
+    parts.append(f'fine-tuned {row["finetune_epochs"]} epochs')
   return ', '.join(parts) or 'default'
 
 
@@ -251,9 +251,13 @@ def plot(path: pathlib.Path, board: list[dict]) -> None:
   label_of = lambda row: f'{_defence(row)} ({_variant(row)})'
   labels = list(dict.fromkeys(label_of(row) for row in sorted(summaries, key=_order)))
   colours = dict(zip(labels, plt.get_cmap('tab20').colors * 3))
-  figure, axes = plt.subplots(1, len(kinds), figsize=(4.6 * len(kinds) + 2.8, 4.4),
-                              squeeze=False, sharey=True)
-  for panel, kind in zip(axes[0], kinds):
+  columns = min(2, len(kinds))
+  rows = math.ceil(len(kinds) / columns)
+  width = 4.6 * columns + 3.2  # the legend's column on the right
+  figure, axes = plt.subplots(rows, columns, figsize=(width, 4.2 * rows), squeeze=False)
+  for panel in axes.flat[len(kinds):]:
+    panel.set_visible(False)
+  for panel, kind in zip(axes.flat, kinds):
     for row in (r for r in summaries if r['kind'] == kind):
       label = label_of(row)
       half = lambda field, row=row: float(row[f'{field}_ci95'] or 0)
@@ -265,13 +269,13 @@ def plot(path: pathlib.Path, board: list[dict]) -> None:
     panel.set_xlabel('clean accuracy % (test)')
     panel.set_xlim(-3, 103)  # an interval of few nets may pass 0 or 100: cut at the axes
     panel.set_ylim(-3, 103)
+    panel.set_ylabel('attack success rate % (test)')
     panel.grid(alpha=0.3)
-  axes[0][0].set_ylabel('attack success rate % (test)')
   handles = {label: plt.Line2D([], [], color=colour, marker='o', linestyle='', label=label)
              for label, colour in colours.items()}
   figure.legend(handles=list(handles.values()), loc='center right', fontsize=8, frameon=False)
   figure.suptitle('Leaderboard: mean over the nets of a kind, 95 % intervals')
-  figure.tight_layout(rect=(0, 0, 1 - 2.8 / (4.6 * len(kinds) + 2.8), 0.95))
+  figure.tight_layout(rect=(0, 0, 1 - 3.2 / width, 0.96))
   report.save_figure(figure, path)
 
 
