@@ -20,7 +20,7 @@ with the time left, then leaderboard.md; it writes
                       commit and machine
     leaderboard.csv   each net's row and each group's mean with its 95 % half-width
     ablation.csv      every row of every cell (the ablation job's columns)
-    plots/leaderboard.png, plots/tradeoff.png, results.json, config.json
+    plots/leaderboard.png, plots/curves.png (the pruning sweeps), results.json, config.json
 
 A rerun into the same workdir runs only the cells not done (a new defence, a
 new net). Fewer nets or defences: --config.models="('badnets', 'clean')"

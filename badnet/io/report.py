@@ -1,5 +1,6 @@
 """Reports of the pruning defences: sweep.csv, results.json, results.md and plots."""
 
+import itertools
 import pathlib
 
 import matplotlib
@@ -164,52 +165,68 @@ def plot_fine_pruning(path: pathlib.Path, results: dict) -> None:
 
 
 def _panels(rows: list[dict]):
-  """A grid of small multiples: one row per model, one column per layer."""
+  """A grid of small multiples: one row per model, one column per layer; one layer's many
+  models wrap into rows of three."""
   keys = sorted({(row['model'], row['layer']) for row in rows})
   models = list(dict.fromkeys(model for model, _ in keys))
   layers = list(dict.fromkeys(layer for _, layer in keys))
-  figure, axes = plt.subplots(len(models), len(layers), squeeze=False, sharex=True, sharey=True,
-                              figsize=(4.2 * len(layers) + 1, 3.4 * len(models) + 1))
-  return figure, {(model, layer): axes[row, column] for row, model in enumerate(models)
-                  for column, layer in enumerate(layers)}
+  if len(layers) == 1 and len(models) > 3:
+    columns, places = 3, {key: divmod(i, 3) for i, key in enumerate(keys)}
+  else:
+    columns = len(layers)
+    places = {(model, layer): (models.index(model), layers.index(layer)) for model, layer in keys}
+  grid_rows = max(row for row, _ in places.values()) + 1
+  figure, axes = plt.subplots(grid_rows, columns, squeeze=False, sharex=True, sharey=True,
+                              figsize=(4.2 * columns + 1, 3.4 * grid_rows + 1))
+  for row, column in set(np.ndindex(grid_rows, columns)) - set(places.values()):
+    axes[row, column].set_visible(False)
+  return figure, {key: axes[place] for key, place in places.items()}
 
 
 def _finish_panels(path: pathlib.Path, figure: plt.Figure, panels: dict, title: str,
                    xlabel: str, ylabel: str, handles: list) -> None:
   """Titles the panels, labels the outer axes, adds the legend on the right and saves."""
-  first_layer = next(iter(panels))[1]
+  bottom = {}  # column -> the lowest panel in it
   for (model, layer), axes in panels.items():
     axes.set_title(f'{model} / {layer}', fontsize=10)
     axes.grid(alpha=0.3)
-    if layer == first_layer:
+    spec = axes.get_subplotspec()
+    if spec.colspan.start == 0:
       axes.set_ylabel(ylabel)
-  for axes in list(panels.values())[-len({layer for _, layer in panels}):]:  # the bottom row
+    if spec.rowspan.start >= bottom.get(spec.colspan.start, (-1, None))[0]:
+      bottom[spec.colspan.start] = (spec.rowspan.start, axes)
+  for _, axes in bottom.values():
     axes.set_xlabel(xlabel)
+    axes.xaxis.set_tick_params(labelbottom=True)  # shared x: a wrapped grid's last row may be short
   figure.suptitle(title)
   figure.legend(handles=handles, loc='center left', bbox_to_anchor=(1.0, 0.5), fontsize=8,
                 frameon=False)
-  figure.tight_layout()
+  figure.tight_layout(rect=(0, 0, 1, 1 - 0.45 / figure.get_figheight()))  # room for the title
   save_figure(figure, path)
 
 
 def _variant(row: dict) -> str:
   """A point's colour key: the pruning order (and seed), or the learned-mask defence."""
-  if not row['order']:  # ANP, RNP
-    return row['defence'].upper()
+  if not row['order']:  # a defence entry: 'ANP', 'ANP selection=holdout'
+    name, _, overrides = row['defence'].partition(':')
+    return f'{name.upper()} {overrides}'.strip()
   return row['order'] + (f' (seed {row["seed"]})' if row['seed'] else '')
 
 
 def plot_ablation_tradeoff(path: pathlib.Path, rows: list[dict]) -> None:
   """The ablation's trade-off, one panel per (model, layer): ASR against clean accuracy (test).
-  Colour: the order (and seed); marker: X; hollow: pruned only, filled: fine-tuned."""
+  Colour: the order (and seed); marker: X; hollow: pruned only, filled: fine-tuned. Rows of
+  defences that prune no layer (Neural Cleanse) and input detectors' rows have no panel."""
+  rows = [row for row in rows if row['layer'] and row['x'] != 'detector']
   done = [row for row in rows if row['clean_acc']]
   if not done:
     return
   figure, panels = _panels(rows)
   colours = dict(zip(sorted({_variant(row) for row in done}), plt.get_cmap('tab10').colors))
-  markers = dict(zip(sorted({row['x'] for row in done}, key=tables.number_first), 'os^DvP*Xph'))
+  markers = dict(zip(sorted({row['x'] for row in done}, key=tables.number_first),
+                     itertools.cycle('os^DvP*Xph')))
   for row in done:
-    colour, tuned = colours[_variant(row)], row['finetune_epochs'] != '0'
+    colour, tuned = colours[_variant(row)], row['finetune_epochs'] not in ('0', '')
     panels[row['model'], row['layer']].scatter(
         float(row['clean_acc']), float(row['asr']), marker=markers[row['x']], s=46,
         facecolors=colour if tuned else 'none', edgecolors=colour, linewidths=1.4)
@@ -226,7 +243,7 @@ def plot_ablation_tradeoff(path: pathlib.Path, rows: list[dict]) -> None:
   handles += [legend_key(f'X={x}' if tables.number_first(x)[0] == 0 else x.replace('<=', ' <= '),
                          marker=m, markerfacecolor='none') for x, m in markers.items()]
   handles.append(legend_key('pruned only', markerfacecolor='none'))
-  epochs = sorted({int(row['finetune_epochs']) for row in done} - {0})
+  epochs = sorted({int(row['finetune_epochs'] or 0) for row in done} - {0})  # '': none
   if epochs:
     handles.append(legend_key(f'fine-tuned ({"/".join(map(str, epochs))} epoch'
                               f'{"" if epochs == [1] else "s"})'))

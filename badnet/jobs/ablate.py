@@ -329,7 +329,8 @@ def run(config: ml_collections.ConfigDict, out: pathlib.Path) -> list[dict]:
              'kinds': kinds, 'synthetic_benchmark': shipped,
              'data': {name: inputs.recorded(paths) for name, paths in data_paths.items()},
              'points': len(rows), 'table': 'ablation.csv'}
-  report.plot_ablation_tradeoff(out / 'plots' / 'tradeoff.png', rows)
+  if not config.board:  # (a board's nets are too many for a panel each: leaderboard.png)
+    report.plot_ablation_tradeoff(out / 'plots' / 'tradeoff.png', rows)
   report.plot_ablation_curves(out / 'plots' / 'curves.png', curves)
   if config.board:
     results['leaderboard'] = board.write(out, rows, [e.text for e in entries(config)], kinds)
