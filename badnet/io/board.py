@@ -179,10 +179,10 @@ def _cpu() -> str:
   return platform.processor() or platform.machine()
 
 
-def _cell(summary: dict, field: str) -> str:
+def _cell(summary: dict, field: str, interval: bool = True) -> str:
   if not summary.get(field):
     return '—'
-  half = summary.get(f'{field}_ci95')
+  half = summary.get(f'{field}_ci95') if interval else None
   return f'{float(summary[field]):.1f}' + (f' ± {float(half):.1f}' if half else '')
 
 
@@ -202,22 +202,24 @@ def _variant(row: dict) -> str:
   return ', '.join(parts) or 'default'
 
 
-def markdown(board: list[dict], made: str) -> str:
-  summaries = sorted((row for row in board if row['model'] == 'mean'), key=_order)
+def markdown(board: list[dict], made: str, entries: Sequence[str] = ()) -> str:
+  """leaderboard.md: the means of ``board`` (``summarise``'s), defences in ``entries``' order."""
+  summaries = sorted((row for row in board if row['model'] == 'mean'),
+                     key=lambda row: _order(row, entries))
   repairs = [row for row in summaries if row['x'] != 'detector' and row['clean_acc']]
   detectors = [row for row in summaries if row['x'] == 'detector' or row['any_flagged']]
   lines = ['# Leaderboard', '', made, '',
            'Test split, percent: mean ± the half-width of its 95 % t-interval over the nets of '
            'a kind (n). DER: BackdoorBench\'s defence effectiveness rating (50: no change; 100: '
            'ASR to 0 at no cost in clean accuracy). Each net\'s own row is in leaderboard.csv '
-           '(a net where an X is not reached counts in n, not in the mean); seconds: one cell '
-           '(one defence on one net).', '',
+           '(a net where an X is not reached counts in n, not in the mean); seconds: the mean '
+           'time of a cell (one defence on one net).', '',
            '## Repairing defences', '',
            *tables.markdown(['defence', 'variant', 'layer', 'kind', 'n', 'clean acc', 'ASR',
                              'DER', 'seconds'],
                             [[_defence(r), _variant(r), r['layer'] or '—', r['kind'], r['nets'],
                               _cell(r, 'clean_acc'), _cell(r, 'asr'), _cell(r, 'der'),
-                              _cell(r, 'seconds')] for r in repairs], 'llllrrrrr')]
+                              _cell(r, 'seconds', False)] for r in repairs], 'llllrrrrr')]
   if detectors:
     lines += ['', '## Detectors', '',
               'Labels flagged (Neural Cleanse): nets whose target label was flagged, and nets '
@@ -228,14 +230,16 @@ def markdown(board: list[dict], made: str) -> str:
                                 'any label flagged', 'FRR', 'FAR', 'seconds'],
                                [[_defence(r), _variant(r), r['kind'], r['nets'],
                                  r['target_flagged'] or '—', r['any_flagged'] or '—',
-                                 _cell(r, 'frr'), _cell(r, 'far'), _cell(r, 'seconds')]
+                                 _cell(r, 'frr'), _cell(r, 'far'), _cell(r, 'seconds', False)]
                                 for r in detectors], 'llllrrrrr')]
   return '\n'.join(lines) + '\n'
 
 
-def _order(row: dict) -> tuple:
+def _order(row: dict, entries: Sequence[str] = ()) -> tuple:
+  """Defences as the config lists them (else by name), then X, order, seed, epochs, kind."""
   kind = KIND_ORDER.index(row['kind']) if row['kind'] in KIND_ORDER else len(KIND_ORDER)
-  return (row['defence'], tables.number_first(row['x']), row['order'], row['seed'],
+  listed = list(entries).index(row['defence']) if row['defence'] in entries else len(entries)
+  return (listed, row['defence'], tables.number_first(row['x']), row['order'], row['seed'],
           tables.number_first(row['finetune_epochs']), kind)
 
 
@@ -286,7 +290,7 @@ def write(out: pathlib.Path, rows: list[dict], entries: Sequence[str], kinds: di
   board = summarise(rows)
   made = _made()
   tables.write_csv(out / 'leaderboard.csv', BOARD_FIELDS, board)
-  workdir.write_text(out / 'leaderboard.md', markdown(board, made))
+  workdir.write_text(out / 'leaderboard.md', markdown(board, made, entries))
   plot(out / 'plots' / 'leaderboard.png', board)
   nets = collections.Counter(kinds.values())
   return {'table': 'leaderboard.md', 'csv': 'leaderboard.csv', 'made': made,
