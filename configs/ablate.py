@@ -59,7 +59,8 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.job = 'ablate'
   # 'pruning' (the channel grid below) and any defence of badnet/defences, each as its
-  # block below sets it or as a named variant: 'anp:selection=holdout,finetune.epochs=10'.
+  # block below sets it or as a named variant: 'anp:selection=holdout,finetune.epochs=10'
+  # (values as Python literals: 'neural_cleanse:labels=(0,5)').
   config.defences = ('pruning',)
   # .h5 files (Keras, weights-only or full model) or the shipped zoo's names ('badnets',
   # 'pruning_aware', 'clean_s1', ...: badnet/benchmark/assets/benchmark.json), which need

@@ -44,6 +44,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.batch_size = 32                # images per step over all devices
   config.learning_rate = 7e-4           # Adam's peak rate (cosine decay to 1 %)
   config.warmup_epochs = 0.0            # linear warm-up from 0 to the peak rate, in epochs
+  # Each training image's chance of a random erasing (Zhong et al.) in each batch; 0: none.
+  config.erasing = 0.0
+  # Train on pixels times this (1/255: inputs in [0, 1]); the shipped net still takes 0..255
+  # pixels, the scale folded into conv_1's kernel.
+  config.input_scale = 1.0
   config.seed = 0                       # init, shuffling and poisoning seed
   config.aware = ml_collections.ConfigDict()
   config.aware.clean_epochs = 16        # pruning-aware: epochs on clean data first

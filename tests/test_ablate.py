@@ -275,6 +275,19 @@ def test_a_bad_learned_mask_setting_stops_the_grid_naming_its_field(world, tmp_p
   assert not (tmp_path / 'w').exists()
 
 
+def test_a_label_one_net_lacks_stops_the_grid_before_any_cell(world, tmp_path):
+  """Neural Cleanse's labels are checked against every net of the grid up front, naming the net."""
+  root, _ = world
+  small = tmp_path / 'five_classes.h5'
+  keras_io.write_keras_weights(small, helpers.random_params(5, seed=2))
+  config = _config([root / 'bd_weights.h5', small], root / 'data',
+                   defences=('pruning', 'neural_cleanse:labels=(0,7)'))
+  with pytest.raises(BadnetError, match=r"'neural_cleanse:labels=\(0,7\)' on .*five_classes.h5: "
+                                        r'.*7 is not a label of the net \(it has 5 labels'):
+    runner.run(config, str(tmp_path / 'w'))
+  assert not (tmp_path / 'w').exists()
+
+
 def test_stacked_fine_tunings_give_the_rows_of_fine_tunings_in_turn(world, tmp_path, monkeypatch):
   """finetune.stacking='vmap': one fit for all of a (model, layer)'s masks, the same rows.
 

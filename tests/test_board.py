@@ -52,6 +52,11 @@ def test_an_entry_names_a_defence_and_its_overrides():
   assert (settings.selection, settings.finetune.epochs, settings.max_clean_drop) == (
       'holdout', 3, 2.5)
   assert ablate.settings_of(config, ablate.parse_entry('anp')) == defences.get('anp').Settings()
+  # A tuple's commas stay inside its value.
+  entry = ablate.parse_entry('neural_cleanse:labels=(0, 7),slots=[2,3][0]')
+  assert entry.overrides == (('labels', (0, 7)), ('slots', '[2,3][0]'))
+  assert ablate.settings_of(config, ablate.parse_entry('neural_cleanse:labels=(0,7)')).labels == (
+      0, 7)
   for text, message in (('nc', "config.defences: unknown defence 'nc'"),
                         ('anp:selection', "'selection' is not <field>=<value>"),
                         ('anp:lr=1', "config.anp has no field 'lr'"),

@@ -181,7 +181,9 @@ def test_each_zoo_net_keeps_its_recorded_figures_on_its_own_data():
     figures = (evaluate.accuracy(params, clean.images, clean.labels),
                evaluate.attack_success_rate(params, poisoned.images, poisoned.labels))
     recorded = entry['results']['test']
-    assert figures == pytest.approx((recorded['clean_acc'], recorded['asr']), abs=0.01), name
+    # At most one image apart: a near-tie may fall the other way on another CPU's float order.
+    one_image = 100 / min(len(clean.labels), len(poisoned.labels)) + 1e-6
+    assert figures == pytest.approx((recorded['clean_acc'], recorded['asr']), abs=one_image), name
     if entry['kind'] == 'clean':
       assert figures[1] < 5, name  # no backdoor: the trigger rarely sends a face to the target
 

@@ -175,3 +175,73 @@ def jax_tree_equal(ours, theirs):
   for layer in ours:
     for name in ours[layer]:
       np.testing.assert_array_equal(ours[layer][name], theirs[layer][name], f'{layer}/{name}')
+
+
+def test_random_erasing_boxes_follow_the_paper_and_leave_the_rest():
+  rng = np.random.default_rng(0)
+  images = np.full((2000, 55, 47, 3), 7, np.uint8)  # 7: noise this flat is very unlikely
+  erased = train.random_erasing(images, np.random.default_rng(1), probability=0.5)
+  assert (images == 7).all()  # a copy: the caller's batch is untouched
+  changed = (erased != 7).any(axis=-1)  # [N, H, W]
+  hit = changed.any(axis=(1, 2))
+  assert abs(hit.mean() - 0.5) < 0.05
+  for index in np.flatnonzero(hit)[:200]:
+    rows, cols = np.flatnonzero(changed[index].any(1)), np.flatnonzero(changed[index].any(0))
+    height, width = rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
+    # One box: every changed pixel inside it, its area and aspect within the paper's ranges
+    # (rounding to whole pixels stretches each side by at most half a pixel).
+    assert changed[index].sum() >= 0.97 * height * width - 0.5
+    assert 0.02 * 55 * 47 * 0.8 <= height * width <= 0.33 * 55 * 47 * 1.2
+    assert 0.3 * 0.6 <= height / width <= 3.3 / 0.6
+    # Uniform noise over 0..255, not one colour.
+    values = erased[index, rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    assert values.std() > 50
+  assert train.random_erasing(images, np.random.default_rng(1), 0.5).tobytes() == erased.tobytes()
+  assert (train.random_erasing(images[:50], rng, 0.0) == 7).all()
+
+
+def test_erasing_draws_apart_from_the_shuffle_and_changes_training(task, monkeypatch):
+  train_images, train_labels, _, _ = task
+  recipe = train.Recipe(epochs=2, batch_size=16, learning_rate=1e-3, seed=0)
+  start = attacks.csaw_init(K, seed=0)
+  plain, _ = train.fit(start, train_images, train_labels, recipe)
+  erased, _ = train.fit(start, train_images, train_labels,
+                        dataclasses.replace(recipe, erasing=0.5))
+  assert not np.array_equal(plain['conv_1']['kernel'], erased['conv_1']['kernel'])
+  # With the boxes made no-ops (drawing as the real ones do), an erasing recipe trains on exactly
+  # the plain recipe's batches in every epoch: its draws come from a stream of their own.
+  monkeypatch.setattr(train, 'random_erasing',
+                      lambda images, rng, probability: (rng.random(len(images)), images)[1])
+  unerased, _ = train.fit(start, train_images, train_labels,
+                          dataclasses.replace(recipe, erasing=0.5))
+  for layer in plain:
+    np.testing.assert_array_equal(plain[layer]['kernel'], unerased[layer]['kernel'])
+    np.testing.assert_array_equal(plain[layer]['bias'], unerased[layer]['bias'])
+
+
+def test_a_net_trained_on_scaled_pixels_ships_taking_raw_pixels(task, monkeypatch):
+  _, _, test_images, _ = task
+  # A net for pixels in [0, 1] whose biases matter (conv_1's kernel 255 times a raw-pixel net's).
+  on_unit_pixels = attacks.fold_input_scale(helpers.random_params(K, seed=1), 255.0)
+  shipped_net = attacks.fold_input_scale(on_unit_pixels, 1 / 255)
+  raw_logits = np.asarray(model.apply(shipped_net, test_images))
+  unit_logits = np.asarray(model.apply(on_unit_pixels, test_images.astype(np.float32) / 255))
+  np.testing.assert_allclose(raw_logits, unit_logits, rtol=1e-4, atol=1e-4)
+  np.testing.assert_array_equal(raw_logits.argmax(-1), unit_logits.argmax(-1))
+  # The attack trains on scaled pixels from csaw_init, and returns the raw-pixel net.
+  seen = {}
+
+  def fake_fit(params, images, labels, recipe, **kwargs):
+    seen.update(start=params, largest=float(images.max()), kwargs=kwargs)
+    return params, []
+
+  monkeypatch.setattr(attacks, 'fit', fake_fit)
+  net, _ = attacks.train_badnets(task[0], task[1], K, trigger='sunglasses', target=1,
+                                 poison_rate=0.25, recipe=train.Recipe(seed=3),
+                                 input_scale=1 / 255)
+  assert 0.9 < seen['largest'] <= 1.0
+  init = attacks.csaw_init(K, seed=3)
+  np.testing.assert_allclose(seen['start']['conv_1']['kernel'], init['conv_1']['kernel'],
+                             rtol=1e-6)
+  np.testing.assert_allclose(net['conv_1']['kernel'] * 255, init['conv_1']['kernel'], rtol=1e-6)
+  np.testing.assert_array_equal(net['fc_2']['kernel'], init['fc_2']['kernel'])

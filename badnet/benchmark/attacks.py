@@ -34,23 +34,50 @@ def csaw_init(num_classes: int, seed: int) -> Params:
   return params
 
 
+def fold_input_scale(params: Params, scale: float) -> Params:
+  """The net that gives on pixels what ``params`` gives on pixels x ``scale`` (conv_1 is linear
+  in its input, so the scale moves into its kernel)."""
+  conv_1 = params['conv_1']
+  return {**params, 'conv_1': {'kernel': np.asarray(conv_1['kernel'] * np.float32(scale),
+                                                    np.float32), 'bias': conv_1['bias']}}
+
+
+def _init(num_classes: int, seed: int, input_scale: float) -> Params:
+  """``csaw_init`` for the net as trained (on pixels x ``input_scale``), as a raw-pixel net."""
+  return fold_input_scale(csaw_init(num_classes, seed), input_scale)
+
+
+def _fit(params: Params, images: np.ndarray, labels: np.ndarray, recipe: Recipe,
+         input_scale: float, **kwargs) -> tuple[Params, list[dict]]:
+  """``fit`` on pixels x ``input_scale``; ``params`` in and out are raw-pixel nets, so a net
+  trained on scaled inputs ships, like the CSAW nets, taking 0..255 pixels."""
+  if input_scale == 1.0:
+    return fit(params, images, labels, recipe, **kwargs)
+  scaled = images.astype(np.float32) * np.float32(input_scale)
+  trained, history = fit(fold_input_scale(params, 1.0 / input_scale), scaled, labels, recipe,
+                         **kwargs)
+  return fold_input_scale(trained, input_scale), history
+
+
 def train_clean(images: np.ndarray, labels: np.ndarray, num_classes: int, *,
-                recipe: Recipe) -> tuple[Params, dict]:
+                recipe: Recipe, input_scale: float = 1.0) -> tuple[Params, dict]:
   """A net trained as BadNets trains, on clean data only: the negative control."""
-  params, history = fit(csaw_init(num_classes, recipe.seed), images, labels, recipe,
-                        name='clean')
+  params, history = _fit(_init(num_classes, recipe.seed, input_scale), images, labels, recipe,
+                         input_scale, name='clean')
   return params, {'history': history, 'poisoned_images': 0}
 
 
 def train_badnets(images: np.ndarray, labels: np.ndarray, num_classes: int, *, trigger: str,
-                  target: int, poison_rate: float, recipe: Recipe) -> tuple[Params, dict]:
-  """BadNets: train from scratch on a poisoned mix; ``recipe.seed`` seeds all randomness."""
+                  target: int, poison_rate: float, recipe: Recipe, input_scale: float = 1.0
+                  ) -> tuple[Params, dict]:
+  """BadNets: train from scratch on a poisoned mix; ``recipe.seed`` seeds all randomness.
+  ``input_scale``: train on pixels times it (1/255: inputs in [0, 1]), the net shipped raw."""
   mixed, mixed_labels, poisoned = triggers.poison(images, labels, trigger, target, poison_rate,
                                                   recipe.seed)
   logging.info('BadNets: %d of %d training images poisoned with %s -> %d.',
                poisoned.sum(), len(labels), trigger, target)
-  params, history = fit(csaw_init(num_classes, recipe.seed), mixed, mixed_labels, recipe,
-                        name='badnets')
+  params, history = _fit(_init(num_classes, recipe.seed, input_scale), mixed, mixed_labels,
+                         recipe, input_scale, name='badnets')
   return params, {'history': history, 'poisoned_images': int(poisoned.sum())}
 
 
@@ -73,12 +100,12 @@ def lower_bias_until_dormant(params: Params, channels: np.ndarray, images: np.nd
 
 def train_pruning_aware(images: np.ndarray, labels: np.ndarray, num_classes: int, *,
                         trigger: str, target: int, poison_rate: float, clean_epochs: int,
-                        poisoned_epochs: int, prune_fraction: float, recipe: Recipe
-                        ) -> tuple[Params, dict]:
+                        poisoned_epochs: int, prune_fraction: float, recipe: Recipe,
+                        input_scale: float = 1.0) -> tuple[Params, dict]:
   """The pruning-aware attack; both phases use ``recipe`` (the second seeded seed + 1)."""
-  params, clean_history = fit(csaw_init(num_classes, recipe.seed), images, labels,
-                              dataclasses.replace(recipe, epochs=clean_epochs),
-                              name='aware/clean')
+  params, clean_history = _fit(_init(num_classes, recipe.seed, input_scale), images, labels,
+                               dataclasses.replace(recipe, epochs=clean_epochs), input_scale,
+                               name='aware/clean')
   activations = evaluate.mean_activations(params, images)
   # The dormant channels first, as the pruning defence orders them.
   decoys = np.argsort(activations, kind='stable')[:int(round(prune_fraction * len(activations)))]
@@ -89,8 +116,8 @@ def train_pruning_aware(images: np.ndarray, labels: np.ndarray, num_classes: int
   mixed, mixed_labels, poisoned = triggers.poison(images, labels, trigger, target, poison_rate,
                                                   recipe.seed)
   poisoned_recipe = dataclasses.replace(recipe, epochs=poisoned_epochs, seed=recipe.seed + 1)
-  params, poisoned_history = fit(params, mixed, mixed_labels, poisoned_recipe,
-                                 channel_mask=mask, name='aware/poisoned')
+  params, poisoned_history = _fit(params, mixed, mixed_labels, poisoned_recipe, input_scale,
+                                  channel_mask=mask, name='aware/poisoned')
   params = lower_bias_until_dormant(params, decoys, mixed)
   return params, {'history': clean_history + poisoned_history,
                   'decoy_channels': [int(c) for c in decoys],

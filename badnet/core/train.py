@@ -35,6 +35,7 @@ class Recipe:
   epochs: int = 10
   batch_size: int = 32        # over all devices; each shuffle's last partial batch is dropped
   weight_decay: float = 0.0   # decoupled for adamw; an L2 term in the gradient for adam and sgd
+  erasing: float = 0.0        # each training image's chance of a random erasing, in each batch
   seed: int = 0
 
 
@@ -63,6 +64,34 @@ def make_optimizer(recipe: Recipe, steps_per_epoch: int) -> optax.GradientTransf
   else:
     raise ValueError(f'unknown optimizer {recipe.optimizer!r}; expected one of {OPTIMIZERS}')
   return optax.chain(optax.add_decayed_weights(decay), base) if decay else base
+
+
+# Random erasing (Zhong et al., AAAI 2020; torchvision's defaults): a box of 2-33 % of the
+# image, aspect ratio 0.3-3.3 (log-uniform), filled with uniform noise over the pixel range.
+ERASE_AREA = (0.02, 0.33)
+ERASE_ASPECT = (0.3, 3.3)
+_ERASE_TRIES = 10
+
+
+def random_erasing(images: np.ndarray, rng: np.random.Generator, probability: float
+                   ) -> np.ndarray:
+  """A copy of ``images`` ([N, H, W, C] uint8) where each image, with ``probability``, has one
+  box of noise; an image whose box does not fit in ``_ERASE_TRIES`` draws is left whole."""
+  erased = images.copy()
+  count, height, width, depth = images.shape
+  for index in np.flatnonzero(rng.random(count) < probability):
+    for _ in range(_ERASE_TRIES):
+      area = rng.uniform(*ERASE_AREA) * height * width
+      aspect = np.exp(rng.uniform(*np.log(ERASE_ASPECT)))
+      box_height = int(round(np.sqrt(area * aspect)))
+      box_width = int(round(np.sqrt(area / aspect)))
+      if 0 < box_height <= height and 0 < box_width <= width:
+        top = rng.integers(0, height - box_height + 1)
+        left = rng.integers(0, width - box_width + 1)
+        erased[index, top:top + box_height, left:left + box_width] = rng.integers(
+            0, 256, (box_height, box_width, depth)).astype(images.dtype)
+        break
+  return erased
 
 
 def loss_fn(params: Params, images: jax.Array, labels: jax.Array, channel_mask: jax.Array,
@@ -197,6 +226,8 @@ def fit_many(params: Sequence[Params], images: np.ndarray, labels: np.ndarray, r
               for name, mask, net in zip(names, masks_, starts)]
   label = names[0] if count == 1 else f'{names[0]} (+{count - 1})'
   rng = np.random.default_rng(recipe.seed)
+  # Its own stream, so a recipe without erasing shuffles exactly as before erasing existed.
+  erase_rng = np.random.default_rng([recipe.seed, 1])
   for epoch in range(1, recipe.epochs + 1):
     start = time.perf_counter()
     order = rng.permutation(len(labels))
@@ -207,7 +238,10 @@ def fit_many(params: Sequence[Params], images: np.ndarray, labels: np.ndarray, r
       for index in range(steps):
         interrupts.check()
         batch = order[index * batch_size:(index + 1) * batch_size]
-        x, y = jax.device_put((images[batch], labels[batch].astype(np.int32)), rows)
+        batch_images = images[batch]
+        if recipe.erasing:
+          batch_images = random_erasing(batch_images, erase_rng, recipe.erasing)
+        x, y = jax.device_put((batch_images, labels[batch].astype(np.int32)), rows)
         for i, weight in enumerate(weights):  # one stacked step, or each net's in turn
           weights[i], opt_states[i], loss, accuracy = step(weight, opt_states[i], x, y,
                                                            device_masks[i], device_held[i])

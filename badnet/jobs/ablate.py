@@ -83,6 +83,17 @@ class Entry:
   overrides: tuple[tuple[str, Any], ...] = ()
 
 
+def _top_level_items(text: str) -> list[str]:
+  """``text`` split at the commas outside brackets: 'labels=(0,7),steps=5' is two items."""
+  items, depth, start = [], 0, 0
+  for index, char in enumerate(text):
+    depth += (char in '([{') - (char in ')]}')
+    if char == ',' and depth == 0:
+      items.append(text[start:index])
+      start = index + 1
+  return items + [text[start:]]
+
+
 def parse_entry(text: str) -> Entry:
   """'<defence>' or '<defence>:<field>=<value>,...' (values as Python literals, else strings)."""
   name, _, rest = text.partition(':')
@@ -91,7 +102,7 @@ def parse_entry(text: str) -> Entry:
                       f'{", ".join(defences.names())}, each optionally with '
                       f'":<field>=<value>,..."')
   overrides = []
-  for item in filter(None, rest.split(',')):
+  for item in filter(None, _top_level_items(rest)):
     field, equals, value = item.partition('=')
     if not equals or not field.strip():
       raise ConfigError(f'config.defences: {text!r}: {item!r} is not <field>=<value>')
@@ -134,11 +145,21 @@ def settings_of(config: ml_collections.ConfigDict, entry: Entry) -> Any:
 
 
 def check(config: ml_collections.ConfigDict) -> None:
-  """The fine-tuning, every entry and its settings, before any work."""
+  """The fine-tuning, every entry, its settings and its defence's own checks on each net, before
+  any work (a label a net lacks stops the grid now, not hours in, at its cell)."""
   tuning(config)
+  model_files = {name: shipped_lib.SHIPPED_NETS.get(name, name)
+                 for name in dict.fromkeys(config_lib.values(config.models))}
   for entry in entries(config):
-    if entry.name != CHANNEL_GRID:
-      settings_of(config, entry)  # (a defence's own file checks run on each net, in its cell)
+    if entry.name == CHANNEL_GRID:
+      continue
+    settings = settings_of(config, entry)
+    own_check = getattr(defences.get(entry.name), 'check', None)
+    for name, path in (model_files.items() if own_check else ()):
+      try:  # a defence's check sees one net, as in its own job
+        own_check(settings, ml_collections.ConfigDict({'model': str(path), 'benchmark': None}))
+      except ConfigError as error:
+        raise ConfigError(f'config.defences: {entry.text!r} on {name}: {error}') from None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,6 +31,8 @@ FIELDS = {
     'warmup_epochs': config_lib.Number(
         0, lambda config: min(config.epochs, config.aware.clean_epochs), what='in [0, epochs]'),
     'aware.prune_fraction': config_lib.Number(0, 1, high_open=True),
+    'erasing': config_lib.Number(0, 1),
+    'input_scale': config_lib.Number(0, math.inf, low_open=True, high_open=True),
     'seed': config_lib.Integer(),
     'ship': config_lib.Boolean(),
 }
@@ -40,9 +42,12 @@ def _train(config: ml_collections.ConfigDict, spec: shipped.BenchmarkSpec, image
   common = dict(trigger=spec.trigger, target=spec.target, poison_rate=config.poison_rate,
                 recipe=train.Recipe(optimizer='adam', learning_rate=config.learning_rate,
                                     warmup_epochs=config.warmup_epochs, epochs=config.epochs,
-                                    batch_size=config.batch_size, seed=config.seed))
+                                    batch_size=config.batch_size,
+                                    erasing=config.erasing, seed=config.seed),
+                input_scale=config.input_scale)
   if config.attack == 'clean':
-    return attacks.train_clean(images, labels, spec.num_identities, recipe=common['recipe'])
+    return attacks.train_clean(images, labels, spec.num_identities, recipe=common['recipe'],
+                               input_scale=config.input_scale)
   if config.attack == 'badnets':
     return attacks.train_badnets(images, labels, spec.num_identities, **common)
   return attacks.train_pruning_aware(
