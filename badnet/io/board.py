@@ -22,6 +22,7 @@ from collections.abc import Iterable, Sequence
 import jax
 import matplotlib.pyplot as plt
 
+from badnet import config as config_lib
 from badnet.io import report, tables, workdir
 
 ROW_FIELDS = ('defence', 'model', 'kind', 'layer', 'order', 'seed', 'x', 'finetune_epochs',
@@ -192,7 +193,8 @@ def _defence(row: dict) -> str:
 
 def _variant(row: dict) -> str:
   """A board row's variant: the entry's overrides, and X (or the order, fine-tuning) of a grid."""
-  parts = [part for part in row['defence'].partition(':')[2].split(',') if part]
+  parts = [part for part in config_lib.split_top_level(row['defence'].partition(':')[2])
+           if part]
   if row['x'] not in ('chosen', 'detector', ''):
     parts.append(f'X={row["x"]}' if tables.number_first(row['x'])[0] == 0 else row['x'])
   if row['order'] and row['order'] != 'increasing':
@@ -243,7 +245,10 @@ def _order(row: dict, entries: Sequence[str] = ()) -> tuple:
           tables.number_first(row['finetune_epochs']), kind)
 
 
-def plot(path: pathlib.Path, board: list[dict]) -> None:
+_MARKERS = ('o', 's', '^', 'D', 'v', 'P')
+
+
+def plot(path: pathlib.Path, board: list[dict], entries: Sequence[str] = ()) -> None:
   """One panel per kind of net: each repairing defence's mean ASR against mean clean accuracy,
   with its 95 % intervals as error bars."""
   summaries = [row for row in board if row['model'] == 'mean' and row['x'] != 'detector'
@@ -253,8 +258,17 @@ def plot(path: pathlib.Path, board: list[dict]) -> None:
   kinds = sorted({row['kind'] for row in summaries},
                  key=lambda k: KIND_ORDER.index(k) if k in KIND_ORDER else len(KIND_ORDER))
   label_of = lambda row: f'{_defence(row)} ({_variant(row)})'
-  labels = list(dict.fromkeys(label_of(row) for row in sorted(summaries, key=_order)))
-  colours = dict(zip(labels, plt.get_cmap('tab20').colors * 3))
+  ordered = sorted(summaries, key=lambda row: _order(row, entries))  # the config's order
+  # A colour a defence, a marker a variant of it: pruning's X values read as one family.
+  defence_colours = dict(zip(dict.fromkeys(_defence(row) for row in ordered),
+                             plt.get_cmap('tab10').colors * 3))
+  variants_seen = collections.Counter()
+  styles = {}
+  for row in ordered:
+    if label_of(row) not in styles:
+      styles[label_of(row)] = (defence_colours[_defence(row)],
+                               _MARKERS[variants_seen[_defence(row)] % len(_MARKERS)])
+      variants_seen[_defence(row)] += 1
   columns = min(2, len(kinds))
   rows = math.ceil(len(kinds) / columns)
   width = 4.6 * columns + 3.2  # the legend's column on the right
@@ -265,9 +279,10 @@ def plot(path: pathlib.Path, board: list[dict]) -> None:
     for row in (r for r in summaries if r['kind'] == kind):
       label = label_of(row)
       half = lambda field, row=row: float(row[f'{field}_ci95'] or 0)
+      colour, marker = styles[label]
       panel.errorbar(float(row['clean_acc']), float(row['asr']), xerr=half('clean_acc'),
-                     yerr=half('asr'), fmt='o', color=colours[label], capsize=3, ms=6,
-                     label=label)
+                     yerr=half('asr'), fmt=marker, color=colour, capsize=3, ms=6, label=label,
+                     alpha=0.85)
     nets = max(int(r['nets']) for r in summaries if r['kind'] == kind)
     panel.set_title(f'{kind} nets (n = {nets})')
     panel.set_xlabel('clean accuracy % (test)')
@@ -275,11 +290,14 @@ def plot(path: pathlib.Path, board: list[dict]) -> None:
     panel.set_ylim(-3, 103)
     panel.set_ylabel('attack success rate % (test)')
     panel.grid(alpha=0.3)
-  handles = {label: plt.Line2D([], [], color=colour, marker='o', linestyle='', label=label)
-             for label, colour in colours.items()}
-  figure.legend(handles=list(handles.values()), loc='center right', fontsize=8, frameon=False)
+  handles = {label: plt.Line2D([], [], color=colour, marker=marker, linestyle='', label=label)
+             for label, (colour, marker) in styles.items()}
+  panels_right = 1 - 3.2 / width
   figure.suptitle('Leaderboard: mean over the nets of a kind, 95 % intervals')
-  figure.tight_layout(rect=(0, 0, 1 - 3.2 / width, 0.96))
+  figure.tight_layout(rect=(0, 0, panels_right, 0.96))
+  # Beside the panels, in the column kept for it (not at the figure's far edge).
+  figure.legend(handles=list(handles.values()), loc='center left', fontsize=8, frameon=False,
+                bbox_to_anchor=(panels_right, 0.5))
   report.save_figure(figure, path)
 
 
@@ -291,7 +309,7 @@ def write(out: pathlib.Path, rows: list[dict], entries: Sequence[str], kinds: di
   made = _made()
   tables.write_csv(out / 'leaderboard.csv', BOARD_FIELDS, board)
   workdir.write_text(out / 'leaderboard.md', markdown(board, made, entries))
-  plot(out / 'plots' / 'leaderboard.png', board)
+  plot(out / 'plots' / 'leaderboard.png', board, entries)
   nets = collections.Counter(kinds.values())
   return {'table': 'leaderboard.md', 'csv': 'leaderboard.csv', 'made': made,
           'defences': list(entries), 'nets_by_kind': dict(nets)}

@@ -83,17 +83,6 @@ class Entry:
   overrides: tuple[tuple[str, Any], ...] = ()
 
 
-def _top_level_items(text: str) -> list[str]:
-  """``text`` split at the commas outside brackets: 'labels=(0,7),steps=5' is two items."""
-  items, depth, start = [], 0, 0
-  for index, char in enumerate(text):
-    depth += (char in '([{') - (char in ')]}')
-    if char == ',' and depth == 0:
-      items.append(text[start:index])
-      start = index + 1
-  return items + [text[start:]]
-
-
 def parse_entry(text: str) -> Entry:
   """'<defence>' or '<defence>:<field>=<value>,...' (values as Python literals, else strings)."""
   name, _, rest = text.partition(':')
@@ -102,7 +91,7 @@ def parse_entry(text: str) -> Entry:
                       f'{", ".join(defences.names())}, each optionally with '
                       f'":<field>=<value>,..."')
   overrides = []
-  for item in filter(None, _top_level_items(rest)):
+  for item in filter(None, config_lib.split_top_level(rest)):
     field, equals, value = item.partition('=')
     if not equals or not field.strip():
       raise ConfigError(f'config.defences: {text!r}: {item!r} is not <field>=<value>')
