@@ -21,17 +21,6 @@ def values(value: Any) -> tuple:
   return tuple(value) if isinstance(value, (tuple, list)) else (value,)
 
 
-def split_top_level(text: str) -> list[str]:
-  """``text`` split at the commas outside brackets: 'labels=(0,7),steps=5' is two items."""
-  items, depth, start = [], 0, 0
-  for index, char in enumerate(text):
-    depth += (char in '([{') - (char in ')]}')
-    if char == ',' and depth == 0:
-      items.append(text[start:index])
-      start = index + 1
-  return items + [text[start:]]
-
-
 def _bound(bound: Bound, config: Config) -> float:
   return bound(config) if callable(bound) else bound
 

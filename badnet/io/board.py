@@ -22,7 +22,6 @@ from collections.abc import Iterable, Sequence
 import jax
 import matplotlib.pyplot as plt
 
-from badnet import config as config_lib
 from badnet.io import report, tables, workdir
 
 ROW_FIELDS = ('defence', 'model', 'kind', 'layer', 'order', 'seed', 'x', 'finetune_epochs',
@@ -193,7 +192,7 @@ def _defence(row: dict) -> str:
 
 def _variant(row: dict) -> str:
   """A board row's variant: the entry's overrides, and X (or the order, fine-tuning) of a grid."""
-  parts = [part for part in config_lib.split_top_level(row['defence'].partition(':')[2])
+  parts = [part for part in tables.split_top_level(row['defence'].partition(':')[2])
            if part]
   if row['x'] not in ('chosen', 'detector', ''):
     parts.append(f'X={row["x"]}' if tables.number_first(row['x'])[0] == 0 else row['x'])

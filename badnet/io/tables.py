@@ -45,3 +45,14 @@ def number_first(text: str) -> tuple[int, float, str]:
     return 0, float(text), ''
   except ValueError:
     return 1, 0.0, text
+
+
+def split_top_level(text: str) -> list[str]:
+  """``text`` split at the commas outside brackets: 'labels=(0,7),steps=5' is two items."""
+  items, depth, start = [], 0, 0
+  for index, char in enumerate(text):
+    depth += (char in '([{') - (char in ')]}')
+    if char == ',' and depth == 0:
+      items.append(text[start:index])
+      start = index + 1
+  return items + [text[start:]]

@@ -91,7 +91,7 @@ def parse_entry(text: str) -> Entry:
                       f'{", ".join(defences.names())}, each optionally with '
                       f'":<field>=<value>,..."')
   overrides = []
-  for item in filter(None, config_lib.split_top_level(rest)):
+  for item in filter(None, tables.split_top_level(rest)):
     field, equals, value = item.partition('=')
     if not equals or not field.strip():
       raise ConfigError(f'config.defences: {text!r}: {item!r} is not <field>=<value>')
